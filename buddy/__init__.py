@@ -1,0 +1,84 @@
+"""reference-api-buddy: a caching, rate-limiting HTTP proxy for reference APIs, as a Flask app factory."""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import redis
+from flask import Flask
+
+from buddy.embedded import EmbeddedRedis
+from buddy.http_errors import register_error_handlers
+from buddy.redis_keys import RedisKeys
+from buddy.service import ProxyService
+from buddy.settings import Settings, load_settings
+from buddy.store.guard import StoreGuard
+from buddy.store.response_cache import ResponseCache
+from buddy.upstream import UpstreamClient
+
+__version__ = "0.2.0"
+__all__ = ["create_app", "Buddy", "__version__"]
+
+log = logging.getLogger("buddy")
+
+
+@dataclass
+class Buddy:
+    """Everything one app instance wires together; lives in `app.extensions["buddy"]`."""
+
+    settings: Settings
+    redis: redis.Redis
+    guard: StoreGuard
+    service: ProxyService
+    redis_url: str
+
+
+def connect_redis(settings: Settings) -> tuple[redis.Redis, str]:
+    """The configured Redis, or the embedded one for this data folder (started here if nobody runs it yet)."""
+    url = settings.redis["url"]
+    if not url:
+        embedded = EmbeddedRedis(settings.data_dir, settings.redis["maxmemory"])
+        if embedded.ensure():
+            atexit.register(embedded.stop)
+        url = embedded.url
+    timeout = settings.redis["socket_timeout"]
+    client = redis.Redis.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
+    )
+    return client, url
+
+
+def create_app(
+    config: Mapping[str, Any] | None = None,
+    *,
+    redis_client: redis.Redis | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Flask:
+    """Build the proxy app: settings from defaults, BUDDY_CONFIG, environment, then `config`."""
+    settings = load_settings(config, os.environ if environ is None else environ)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.server["max_request_body"]
+    app.url_map.merge_slashes = False  # `/x//y` must reach the upstream as sent, not be redirected
+    app.url_map.strict_slashes = False
+
+    url = "(injected)"
+    if redis_client is None:
+        redis_client, url = connect_redis(settings)
+    guard = StoreGuard()
+    keys = RedisKeys(settings.redis["prefix"])
+    service = ProxyService(
+        settings,
+        keys,
+        ResponseCache(redis_client, guard),
+        UpstreamClient(settings.cache["max_cache_response_size"]),
+    )
+    app.extensions["buddy"] = Buddy(settings, redis_client, guard, service, url)
+
+    from buddy import views
+
+    register_error_handlers(app)
+    app.register_blueprint(views.bp)
+    return app

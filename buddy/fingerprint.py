@@ -1,0 +1,74 @@
+"""Request -> cache key: method (HEAD as GET), domain, path, query, body, Content-Type, vary headers, credentials."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Iterable
+
+KEY_VERSION = "v1"
+
+# Headers whose values are upstream credentials: a response bought with them is partitioned by their hash.
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-auth-token", "cookie")
+
+
+@dataclass(frozen=True)
+class RequestShape:
+    """What the cache key is made of, already normalized."""
+
+    method: str
+    domain: str
+    path: str
+    query: str
+    body: bytes
+    content_type: str
+    vary: tuple[tuple[str, str], ...]
+    credentials: str
+
+
+def normalize_method(method: str) -> str:
+    """HEAD shares GET's entry."""
+    method = method.upper()
+    return "GET" if method == "HEAD" else method
+
+
+def sorted_query(query: str) -> tuple[str, ...]:
+    """Query items sorted by name only, so repeated names keep their order (`a=1&a=2` is not `a=2&a=1`).
+
+    Items stay exactly as sent (`flag` is not `flag=`); empty items (`&&`) carry nothing and are dropped.
+    """
+    items = [item for item in query.split("&") if item]
+    return tuple(sorted(items, key=lambda item: item.split("=", 1)[0]))
+
+
+def credentials_digest(headers: Iterable[tuple[str, str]]) -> str:
+    """A hash of the credential headers a request carries; '' when it carries none."""
+    found = sorted((name.lower(), value) for name, value in headers if name.lower() in CREDENTIAL_HEADERS)
+    if not found:
+        return ""
+    return hashlib.sha256(json.dumps(found).encode()).hexdigest()
+
+
+def vary_values(headers: Iterable[tuple[str, str]], names: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """The values of the domain's vary headers, in a fixed order; repeated headers are joined."""
+    wanted = {name.lower(): [] for name in names}
+    for name, value in headers:
+        if name.lower() in wanted:
+            wanted[name.lower()].append(value.strip())
+    return tuple((name, ", ".join(values)) for name, values in sorted(wanted.items()))
+
+
+def fingerprint(shape: RequestShape) -> str:
+    """The hex SHA-256 digest that names a response in the cache."""
+    material = [
+        KEY_VERSION,
+        normalize_method(shape.method),
+        shape.domain,
+        shape.path,
+        list(sorted_query(shape.query)),
+        hashlib.sha256(shape.body).hexdigest(),
+        shape.content_type,
+        [list(pair) for pair in shape.vary],
+        shape.credentials,
+    ]
+    return hashlib.sha256(json.dumps(material, separators=(",", ":")).encode()).hexdigest()

@@ -1,0 +1,42 @@
+"""register_error_handlers: every error a client can get is JSON, and no traceback ever reaches one."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+from buddy.errors import BadProxyRequest, UpstreamError
+
+log = logging.getLogger("buddy")
+
+
+def _json(status: int, **body: object) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(UpstreamError)
+    def upstream_error(exc: UpstreamError) -> Response:
+        log.warning("%s (%s)", exc, exc.__cause__ or "")
+        error = "upstream timeout" if exc.status == 504 else "upstream unavailable"
+        return _json(exc.status, error=error, domain=exc.domain, message=str(exc))
+
+    @app.errorhandler(BadProxyRequest)
+    def bad_request(exc: BadProxyRequest) -> Response:
+        return _json(400, error="bad request", message=str(exc))
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        response = _json(exc.code or 500, error=(exc.name or "error").lower(), message=exc.description)
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error while handling a request")
+        return _json(500, error="internal error", message="the proxy failed to handle this request; see its log")

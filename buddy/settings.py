@@ -1,0 +1,367 @@
+"""Configuration: marshmallow schemas, load order (defaults, file, env, overrides), frozen settings."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+
+from buddy.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+RESERVED_NAMES = frozenset({"admin", "metrics"})
+DOMAIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+EXAMPLE_MAPPINGS: dict[str, dict[str, Any]] = {
+    "conceptnet": {"upstream": "https://api.conceptnet.io"},
+    "dbpedia": {"upstream": "https://lookup.dbpedia.org"},
+    "wikidata": {"upstream": "https://www.wikidata.org"},
+    "wikidata-sparql": {"upstream": "https://query.wikidata.org"},
+}
+
+
+def _positive_int(**kwargs: Any) -> fields.Integer:
+    message = "must be a positive integer"
+    return fields.Integer(
+        strict=True,
+        validate=validate.Range(min=1, error=message),
+        error_messages={"invalid": message, "null": message},
+        **kwargs,
+    )
+
+
+def _positive_number(**kwargs: Any) -> fields.Float:
+    message = "must be a positive number"
+    return fields.Float(
+        validate=validate.Range(min=0, min_inclusive=False, error=message),
+        error_messages={"invalid": message, "null": message},
+        **kwargs,
+    )
+
+
+def _boolean(**kwargs: Any) -> fields.Boolean:
+    return fields.Boolean(
+        truthy={True}, falsy={False}, error_messages={"invalid": "must be true or false"}, **kwargs
+    )
+
+
+def _string(**kwargs: Any) -> fields.String:
+    return fields.String(error_messages={"invalid": "must be a string"}, **kwargs)
+
+
+def _check_upstream(value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationError("must be an http:// or https:// URL with a host")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValidationError("must not carry credentials, a query or a fragment")
+    try:
+        parts.port
+    except ValueError as exc:
+        raise ValidationError("has an invalid port") from exc
+
+
+class _Section(Schema):
+    class Meta:
+        # Unknown keys are errors: a typo must never be silently ignored.
+        unknown = "raise"
+
+
+class DomainSchema(_Section):
+    upstream = _string(required=True, validate=_check_upstream)
+    ttl_seconds = _positive_int(load_default=None, allow_none=True)
+    negative_ttl_seconds = _positive_int(load_default=None, allow_none=True)
+    vary_headers = fields.List(_string(), load_default=None, allow_none=True)
+    share_across_credentials = _boolean(load_default=False)
+    connect_timeout = _positive_number(load_default=None, allow_none=True)
+    read_timeout = _positive_number(load_default=None, allow_none=True)
+    max_requests_per_second = _positive_int(load_default=None, allow_none=True)
+    max_requests_per_minute = _positive_int(load_default=None, allow_none=True)
+
+
+class ServerSchema(_Section):
+    host = _string(load_default="127.0.0.1")
+    port = fields.Integer(
+        strict=True,
+        load_default=8080,
+        validate=validate.Range(min=1, max=65535, error="must be a port number (1-65535)"),
+        error_messages={"invalid": "must be a port number (1-65535)"},
+    )
+    request_timeout = _positive_number(load_default=30.0)
+    connect_timeout = _positive_number(load_default=10.0)
+    max_request_body = _positive_int(load_default=10 * 1024 * 1024)
+
+
+class SecuritySchema(_Section):
+    require_secure_key = _boolean(load_default=False)
+    secure_key = _string(load_default=None, allow_none=True, validate=validate.Length(min=16, error="must be at least 16 characters"))
+    log_security_events = _boolean(load_default=True)
+
+
+class CacheSchema(_Section):
+    default_ttl_seconds = _positive_int(load_default=86400)
+    negative_ttl_seconds = _positive_int(load_default=300)
+    max_cache_response_size = _positive_int(load_default=10 * 1024 * 1024)
+    coalesce_timeout_seconds = _positive_number(load_default=60.0)
+    # Accepted so that seed configurations keep loading; the cache now lives in Redis.
+    database_path = _string(load_default=None, allow_none=True)
+    max_cache_entries = _positive_int(load_default=None, allow_none=True)
+
+
+class ThrottlingSchema(_Section):
+    default_requests_per_hour = _positive_int(load_default=1000)
+    progressive_max_delay = _positive_number(load_default=300.0)
+    domain_limits = fields.Dict(keys=fields.String(), values=_positive_int(), load_default=dict)
+
+
+class LoggingSchema(_Section):
+    level = _string(
+        load_default="INFO",
+        validate=validate.OneOf(
+            ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], error="must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+        ),
+    )
+    parent_logger = _string(load_default=None, allow_none=True)
+    format = _string(load_default="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    date_format = _string(load_default="%Y-%m-%d %H:%M:%S")
+    enable_console = _boolean(load_default=True)
+    enable_file = _boolean(load_default=False)
+    file_path = _string(load_default=None, allow_none=True)
+    max_file_size = _positive_int(load_default=10 * 1024 * 1024)
+    backup_count = fields.Integer(strict=True, load_default=5, validate=validate.Range(min=0, error="must be 0 or more"))
+
+
+class RedisSchema(_Section):
+    url = _string(load_default=None, allow_none=True)
+    prefix = _string(load_default="buddy:", validate=validate.Length(max=64, error="must be at most 64 characters"))
+    data_dir = _string(load_default=None, allow_none=True)
+    maxmemory = _string(
+        load_default="1gb",
+        validate=validate.Regexp(r"^\d+(b|kb|mb|gb)?$", flags=re.I, error="must be a size such as 512mb or 2gb"),
+    )
+    socket_timeout = _positive_number(load_default=5.0)
+
+    @validates_schema
+    def _check_url(self, data: dict[str, Any], **_: Any) -> None:
+        url = data.get("url")
+        if url and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise ValidationError("must start with redis://, rediss:// or unix://", "url")
+
+
+class ConfigSchema(_Section):
+    domain_mappings = fields.Dict(
+        keys=fields.String(
+            validate=validate.Regexp(DOMAIN_NAME, error="is not a valid name (letters, digits, '.', '_', '-')")
+        ),
+        values=fields.Nested(DomainSchema),
+        required=True,
+        validate=validate.Length(min=1, error="must map at least one domain"),
+    )
+    server = fields.Nested(ServerSchema)
+    security = fields.Nested(SecuritySchema)
+    cache = fields.Nested(CacheSchema)
+    throttling = fields.Nested(ThrottlingSchema)
+    logging = fields.Nested(LoggingSchema)
+    redis = fields.Nested(RedisSchema)
+
+    @validates_schema(skip_on_field_errors=False)
+    def _check_names(self, data: dict[str, Any], **_: Any) -> None:
+        errors: dict[str, Any] = {}
+        for name in (data.get("domain_mappings") or {}):
+            if name.lower() in RESERVED_NAMES:
+                errors[name] = [f"'{name}' is reserved for the proxy's own routes"]
+        limits = (data.get("throttling") or {}).get("domain_limits") or {}
+        mapped = data.get("domain_mappings") or {}
+        unknown = {n: ["names no configured domain"] for n in limits if n not in mapped}
+        if errors:
+            raise ValidationError({"domain_mappings": errors})
+        if unknown:
+            raise ValidationError({"throttling": {"domain_limits": unknown}})
+
+
+@dataclass(frozen=True)
+class DomainSettings:
+    """One upstream mapping, with every default already resolved."""
+
+    name: str
+    upstream: str
+    scheme: str
+    netloc: str
+    base_path: str
+    ttl_seconds: int
+    negative_ttl_seconds: int
+    vary_headers: tuple[str, ...]
+    share_across_credentials: bool
+    connect_timeout: float
+    read_timeout: float
+    max_requests_per_second: int | None
+    max_requests_per_minute: int | None
+    max_requests_per_hour: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated configuration; `raw` keeps the section dictionaries for the CLI and sub-parts."""
+
+    domains: Mapping[str, DomainSettings]
+    server: Mapping[str, Any]
+    security: Mapping[str, Any]
+    cache: Mapping[str, Any]
+    throttling: Mapping[str, Any]
+    logging: Mapping[str, Any]
+    redis: Mapping[str, Any]
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.redis["data_dir"] or default_data_dir()).expanduser()
+
+
+def default_data_dir() -> Path:
+    """Where the embedded Redis keeps its files unless `redis.data_dir` or BUDDY_DATA_DIR says otherwise."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "reference-api-buddy"
+
+
+def _flatten(messages: Any, path: str = "") -> list[str]:
+    if isinstance(messages, dict):
+        lines: list[str] = []
+        for key, value in messages.items():
+            if key == "value":  # marshmallow nests Dict value errors one level deeper
+                lines += _flatten(value, path)
+            elif key == "key":
+                lines += _flatten(value, path)
+            elif key == "_schema":
+                lines += _flatten(value, path)
+            else:
+                lines += _flatten(value, f"{path}.{key}" if path else str(key))
+        return lines
+    if isinstance(messages, list):
+        lines = []
+        for item in messages:
+            lines += _flatten(item, path) if isinstance(item, (dict, list)) else [_line(path, item)]
+        return lines
+    return [_line(path, messages)]
+
+
+def _line(path: str, message: Any) -> str:
+    text = str(message)
+    if text == "Unknown field.":
+        text = "unknown key"
+    elif text == "Missing data for required field.":
+        text = "is required"
+    elif text in ("Invalid input type.", "Not a valid mapping type."):
+        text = "must be a table/object"
+    elif text == "Not a valid list.":
+        text = "must be a list"
+    return f"{path or '<config>'}: {text}"
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge override into base, section by section; domain_mappings is replaced, not merged."""
+    result = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if key != "domain_mappings" and isinstance(result.get(key), dict) and isinstance(value, Mapping):
+            result[key] = deep_merge(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a JSON or TOML configuration file (by extension; JSON otherwise)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"BUDDY_CONFIG: cannot read {path}: {exc.strerror}"]) from exc
+    try:
+        data = tomllib.loads(text.decode()) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"BUDDY_CONFIG: {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {exc}"]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([f"BUDDY_CONFIG: {path} must hold an object/table at the top level"])
+    return data
+
+
+def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The few settings people set per machine."""
+    overrides: dict[str, Any] = {}
+    if environ.get("REDIS_URL"):
+        overrides.setdefault("redis", {})["url"] = environ["REDIS_URL"]
+    if environ.get("BUDDY_DATA_DIR"):
+        overrides.setdefault("redis", {})["data_dir"] = environ["BUDDY_DATA_DIR"]
+    if environ.get("BUDDY_SECURE_KEY"):
+        overrides.setdefault("security", {})["secure_key"] = environ["BUDDY_SECURE_KEY"]
+    return overrides
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Defaults, then the BUDDY_CONFIG file, then environment, then `overrides`; raise ConfigError listing every bad field."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    if environ.get("BUDDY_CONFIG"):
+        raw = read_config_file(environ["BUDDY_CONFIG"])
+    raw = deep_merge(raw, environment_overrides(environ))
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    return validate_config(raw)
+
+
+def validate_config(raw: Mapping[str, Any]) -> Settings:
+    """Validate one configuration dictionary in the seed's shape."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(["<config>: must be a dictionary"])
+    raw = dict(raw)
+    if raw.get("domain_mappings") is None:
+        raw["domain_mappings"] = EXAMPLE_MAPPINGS
+    for section in ("server", "security", "cache", "throttling", "logging", "redis"):
+        raw.setdefault(section, {})  # so each section's own defaults apply
+    try:
+        data = ConfigSchema().load(raw)
+    except ValidationError as exc:
+        raise ConfigError(sorted(set(_flatten(exc.messages)))) from None
+    return _build(data)
+
+
+def _build(data: dict[str, Any]) -> Settings:
+    cache, server, throttling = data["cache"], data["server"], data["throttling"]
+    domains: dict[str, DomainSettings] = {}
+    for name, spec in data["domain_mappings"].items():
+        parts = urlsplit(spec["upstream"])
+        vary = spec["vary_headers"] if spec["vary_headers"] is not None else ["Accept", "Accept-Language"]
+        domains[name] = DomainSettings(
+            name=name,
+            upstream=spec["upstream"].rstrip("/"),
+            scheme=parts.scheme,
+            netloc=parts.netloc.lower(),
+            base_path=parts.path.rstrip("/"),
+            ttl_seconds=spec["ttl_seconds"] or cache["default_ttl_seconds"],
+            negative_ttl_seconds=spec["negative_ttl_seconds"] or cache["negative_ttl_seconds"],
+            vary_headers=tuple(sorted({h.lower() for h in vary})),
+            share_across_credentials=spec["share_across_credentials"],
+            connect_timeout=spec["connect_timeout"] or server["connect_timeout"],
+            read_timeout=spec["read_timeout"] or server["request_timeout"],
+            max_requests_per_second=spec["max_requests_per_second"],
+            max_requests_per_minute=spec["max_requests_per_minute"],
+            max_requests_per_hour=throttling["domain_limits"].get(name, throttling["default_requests_per_hour"]),
+        )
+    return Settings(
+        domains=domains,
+        server=server,
+        security=data["security"],
+        cache=cache,
+        throttling=throttling,
+        logging=data["logging"],
+        redis=data["redis"],
+    )

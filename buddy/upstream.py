@@ -1,0 +1,232 @@
+"""The upstream leg: safe URL building, header filtering, and one pooled requests.Session per process."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ReadTimeoutError
+
+from buddy.errors import BadProxyRequest, UpstreamTimeout, UpstreamUnavailable
+from buddy.settings import DomainSettings
+
+log = logging.getLogger("buddy.upstream")
+
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+     "te", "trailer", "trailers", "transfer-encoding", "upgrade"}
+)
+# Request headers the proxy sets itself (or that name the proxy, not the upstream).
+NOT_FORWARDED = frozenset({"host", "content-length", "accept-encoding", "x-api-buddy-key"})
+CHUNK = 64 * 1024
+_SEGMENT_SAFE = "!$&'()*+,;=:@~-._"
+_QUERY_SAFE = "=&;+%/:?@!$'()*,~-._[]"
+_BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+def dropped_headers(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """Hop-by-hop header names, plus every name the message's Connection header lists."""
+    listed = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+        if token.strip()
+    }
+    return HOP_BY_HOP | listed
+
+
+def forwardable_request_headers(headers: list[tuple[str, str]]) -> dict[str, str]:
+    """What the upstream gets: the client's headers less hop-by-hop ones and those the proxy sets."""
+    drop = dropped_headers(headers) | NOT_FORWARDED
+    return {name: value for name, value in headers if name.lower() not in drop}
+
+
+def client_response_headers(headers: Iterable[tuple[str, str]], decoded: bool) -> list[tuple[str, str]]:
+    """What the client gets back; Content-Length is recomputed, Content-Encoding dropped once decoded."""
+    headers = list(headers)
+    drop = dropped_headers(headers) | {"content-length"}
+    if decoded:
+        drop |= {"content-encoding"}
+    return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
+def storable_headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """A stored copy never replays someone's cookies."""
+    return tuple((name, value) for name, value in headers if name.lower() != "set-cookie")
+
+
+def safe_path(raw_rest: bytes) -> str:
+    """Re-encode the path below the domain so that it can only name something under the upstream's base path.
+
+    Each segment is percent-decoded, refused if it is (or hides) `.`/`..` or carries control bytes, and
+    re-encoded with `/` and `\\` escaped, so `%2f` stays inside its segment and `..%2f` cannot climb.
+    """
+    if _BAD_PERCENT.search(raw_rest):
+        raise BadProxyRequest("malformed percent-encoding in the path")
+    out = []
+    for segment in raw_rest.split(b"/"):
+        decoded = unquote_to_bytes(segment)
+        if _CONTROL.search(decoded):
+            raise BadProxyRequest("control characters in the path")
+        if any(part in (b".", b"..") for part in re.split(rb"[/\\]", decoded)):
+            raise BadProxyRequest("the path may not contain '.' or '..' segments")
+        out.append(quote(decoded, safe=_SEGMENT_SAFE))
+    return "/".join(out)
+
+
+def safe_query(raw_query: bytes) -> str:
+    """The query as sent, with stray characters (space, '#', non-ASCII) percent-encoded."""
+    if _BAD_PERCENT.search(raw_query):
+        raise BadProxyRequest("malformed percent-encoding in the query")
+    if _CONTROL.search(unquote_to_bytes(raw_query)):
+        raise BadProxyRequest("control characters in the query")
+    return quote(raw_query, safe=_QUERY_SAFE)
+
+
+def upstream_path(domain: DomainSettings, rest: str | None) -> str:
+    """`/<domain>` maps to the base path itself; `/<domain>/<rest>` to base path + `/` + rest."""
+    if rest is None:
+        return domain.base_path or "/"
+    return f"{domain.base_path}/{rest}"
+
+
+def build_url(domain: DomainSettings, path: str, query: str) -> str:
+    """The upstream URL; refuses anything whose scheme, host, port or base path differ from the mapping's."""
+    url = f"{domain.scheme}://{domain.netloc}{path}" + (f"?{query}" if query else "")
+    parts = urlsplit(url)
+    if (parts.scheme, parts.netloc.lower()) != (domain.scheme, domain.netloc) or not (
+        parts.path == (domain.base_path or "/") or parts.path.startswith(domain.base_path + "/")
+    ):
+        raise BadProxyRequest("the request does not map to the configured upstream")
+    return url
+
+
+def rewrite_location(domain: DomainSettings, request_url: str, location: str) -> str:
+    """Point a redirect within the upstream back through the proxy; leave other redirects alone."""
+    target = urlsplit(urljoin(request_url, location))
+    base = domain.base_path
+    if (target.scheme, target.netloc.lower()) != (domain.scheme, domain.netloc):
+        return location
+    if target.path != base and not target.path.startswith(base + "/"):
+        return location
+    rewritten = f"/{domain.name}{target.path[len(base):]}"
+    return rewritten + (f"?{target.query}" if target.query else "")
+
+
+@dataclass
+class UpstreamResponse:
+    """An upstream answer: `body` when it fit under the size limit, else `stream` (not cacheable)."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes | None = None
+    stream: "BodyStream | None" = None
+    decoded: bool = False
+
+
+@dataclass
+class BodyStream:
+    """The rest of an over-size body, streamed to the client chunk by chunk; closes the upstream when done."""
+
+    prefix: bytes
+    chunks: Iterator[bytes]
+    response: requests.Response
+    domain: str
+    _closed: bool = field(default=False)
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            if self.prefix:
+                yield self.prefix
+            for chunk in self.chunks:
+                yield chunk
+        except requests.RequestException as exc:
+            # Headers are already out: all that can be done is to end the body early and say why in the log.
+            log.warning("upstream %s broke off a streamed body: %s", self.domain, exc)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.response.close()
+
+
+class UpstreamClient:
+    """Sends requests upstream through one pooled Session per process (re-created after a fork)."""
+
+    def __init__(self, max_body: int, pool_size: int = 64) -> None:
+        self.max_body = max_body
+        self.pool_size = pool_size
+        self._session: requests.Session | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    @property
+    def session(self) -> requests.Session:
+        if self._session is None or self._pid != os.getpid():
+            with self._lock:
+                if self._session is None or self._pid != os.getpid():
+                    session = requests.Session()
+                    adapter = HTTPAdapter(pool_connections=16, pool_maxsize=self.pool_size, max_retries=0)
+                    session.mount("https://", adapter)
+                    session.mount("http://", adapter)
+                    session.trust_env = False  # never route through a proxy from the environment
+                    self._session, self._pid = session, os.getpid()
+        return self._session
+
+    def send(
+        self, domain: DomainSettings, method: str, url: str, headers: dict[str, str], body: bytes
+    ) -> UpstreamResponse:
+        headers = {**headers, "Accept-Encoding": "gzip, deflate"}
+        try:
+            response = self.session.request(
+                method, url, headers=headers, data=body or None, stream=True, allow_redirects=False,
+                timeout=(domain.connect_timeout, domain.read_timeout), verify=True,
+            )
+        except requests.Timeout as exc:
+            raise UpstreamTimeout(domain.name, f"upstream '{domain.name}' did not answer in time") from exc
+        except requests.RequestException as exc:
+            raise UpstreamUnavailable(domain.name, f"could not reach upstream '{domain.name}'") from exc
+        return self._read(domain, response)
+
+    def _read(self, domain: DomainSettings, response: requests.Response) -> UpstreamResponse:
+        raw_headers = list(response.raw.headers.items())
+        encodings = [e.strip().lower() for e in response.headers.get("Content-Encoding", "").split(",") if e.strip()]
+        decoded = bool(encodings) and all(e in response.raw.CONTENT_DECODERS for e in encodings)
+        headers = client_response_headers(raw_headers, decoded)
+        result = UpstreamResponse(response.status_code, response.reason or "", headers, decoded=decoded)
+        if "location" in (name.lower() for name, _ in headers):
+            result.headers = [
+                (n, rewrite_location(domain, response.url, v) if n.lower() == "location" else v) for n, v in headers
+            ]
+        declared = response.headers.get("Content-Length", "")
+        chunks = response.iter_content(CHUNK)
+        if not decoded and declared.isdigit() and int(declared) > self.max_body:
+            result.stream = BodyStream(b"", chunks, response, domain.name)
+            result.headers.append(("Content-Length", declared))
+            return result
+        buffer = bytearray()
+        try:
+            for chunk in chunks:
+                buffer += chunk
+                if len(buffer) > self.max_body:
+                    result.stream = BodyStream(bytes(buffer), chunks, response, domain.name)
+                    return result
+        except requests.RequestException as exc:
+            response.close()
+            if isinstance(exc.__context__, ReadTimeoutError) or isinstance(exc, requests.Timeout):
+                raise UpstreamTimeout(domain.name, f"upstream '{domain.name}' stopped sending in time") from exc
+            raise UpstreamUnavailable(domain.name, f"upstream '{domain.name}' sent a broken body") from exc
+        response.close()
+        result.body = bytes(buffer)
+        return result

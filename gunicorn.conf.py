@@ -1,0 +1,42 @@
+"""gunicorn settings: bind and workers from the config (overridable on the command line), embedded Redis hooks.
+
+With no Redis configured, the master starts the embedded redis-server before the workers fork and stops it on exit.
+"""
+import os
+import sys
+
+from buddy.embedded import EmbeddedRedis
+from buddy.errors import ConfigError
+from buddy.settings import load_settings
+
+try:
+    _settings = load_settings()
+except ConfigError as _exc:
+    print(f"reference-api-buddy: {_exc}", file=sys.stderr)
+    raise SystemExit(2)
+
+bind = [f"{_settings.server['host']}:{_settings.server['port']}"]
+workers = int(os.environ.get("WEB_CONCURRENCY", "4"))
+worker_class = "gthread"
+threads = int(os.environ.get("BUDDY_THREADS", "32"))
+graceful_timeout = 10
+timeout = 60
+_embedded = None
+
+
+def on_starting(server):
+    """In the master, before any worker exists: start (or join) the embedded Redis when none is configured."""
+    global _embedded
+    if _settings.redis["url"]:
+        return
+    _embedded = EmbeddedRedis(_settings.data_dir, _settings.redis["maxmemory"])
+    if _embedded.ensure():
+        server.log.info("embedded Redis started: %s (data in %s)", _embedded.url, _embedded.data_dir)
+    else:
+        server.log.info("using the embedded Redis already running at %s", _embedded.url)
+
+
+def on_exit(server):
+    """The master is leaving: save and stop the embedded Redis if this master started it."""
+    if _embedded is not None:
+        _embedded.stop()
