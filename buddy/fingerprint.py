@@ -9,7 +9,9 @@ from typing import Iterable
 KEY_VERSION = "v1"
 
 # Headers whose values are upstream credentials: a response bought with them is partitioned by their hash.
-CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-auth-token", "cookie")
+# Cookie is not among them: reference APIs set tracking cookies, and a client that sends them back would
+# otherwise never hit the entry its first request stored.
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-auth-token")
 
 
 @dataclass(frozen=True)

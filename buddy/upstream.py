@@ -111,12 +111,13 @@ def build_url(domain: DomainSettings, path: str, query: str) -> str:
 
 def rewrite_location(domain: DomainSettings, request_url: str, location: str) -> str:
     """Point a redirect within the upstream back through the proxy; leave other redirects alone."""
-    target = urlsplit(urljoin(request_url, location))
+    absolute = urljoin(request_url, location)
+    target = urlsplit(absolute)
     base = domain.base_path
     if (target.scheme, target.netloc.lower()) != (domain.scheme, domain.netloc):
         return location
     if target.path != base and not target.path.startswith(base + "/"):
-        return location
+        return absolute  # same host, outside the mapping: the client must go there itself
     rewritten = f"/{domain.name}{target.path[len(base):]}"
     return rewritten + (f"?{target.query}" if target.query else "")
 

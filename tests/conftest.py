@@ -1,0 +1,41 @@
+"""Shared fixtures: an upstream stub per test, fakeredis per test, and the app wired to both (pytest-flask's `app`)."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import fakeredis
+import pytest
+from flask import Flask
+
+from buddy import create_app
+from tests.support.upstream_stub import UpstreamStub
+
+
+@pytest.fixture
+def upstream() -> Iterator[UpstreamStub]:
+    stub = UpstreamStub()
+    yield stub
+    stub.stop()
+
+
+@pytest.fixture
+def redis_server_fake() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def fake_redis(redis_server_fake: fakeredis.FakeServer) -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis(server=redis_server_fake)
+
+
+@pytest.fixture
+def buddy_config(upstream: UpstreamStub) -> dict[str, Any]:
+    return {
+        "domain_mappings": {"up": {"upstream": upstream.url, "connect_timeout": 1, "read_timeout": 1}},
+        "cache": {"max_cache_response_size": 64 * 1024},
+    }
+
+
+@pytest.fixture
+def app(buddy_config: dict[str, Any], fake_redis: fakeredis.FakeRedis) -> Flask:
+    return create_app(buddy_config, redis_client=fake_redis, environ={})

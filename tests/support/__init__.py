@@ -1,0 +1,1 @@
+"""Test helpers that start real processes: redis-server, an upstream stub, gunicorn."""

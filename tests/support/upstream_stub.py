@@ -1,0 +1,128 @@
+"""A counting upstream on 127.0.0.1: every request it receives is logged with its start time, headers and body.
+
+Routes (anything else echoes the request as JSON):
+  /status/<code>      answers with that status
+  /slow/<ms>          sleeps, then echoes
+  /cookie             sets a cookie
+  /gzip               a gzip-encoded JSON body (Content-Encoding: gzip)
+  /looks-gzip         gzip bytes served as application/gzip with no Content-Encoding
+  /big/<n>            n bytes of body
+  /redirect           302 to /target on this same server
+  /counter            a body that changes on every call
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Seen:
+    """One request as the upstream saw it."""
+
+    started: float
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    raw_headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "_Server"
+
+    def log_message(self, *args: Any) -> None:  # keep pytest output clean
+        pass
+
+    def _handle(self) -> None:
+        started = time.time()
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        seen = Seen(started, self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body,
+                    list(self.headers.items()))
+        with self.server.lock:
+            self.server.log.append(seen)
+            count = len(self.server.log)
+        self.server.stub.respond(self, seen, count)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = _handle
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class UpstreamStub:
+    """Start with `UpstreamStub()`; `.url`, `.log` (list of Seen), `.paths()`, `.stop()`."""
+
+    def __init__(self) -> None:
+        self.server = _Server(("127.0.0.1", 0), _Handler)
+        self.server.log = []
+        self.server.lock = threading.Lock()
+        self.server.stub = self
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def log(self) -> list[Seen]:
+        with self.server.lock:
+            return list(self.server.log)
+
+    def paths(self) -> list[str]:
+        return [seen.path for seen in self.log]
+
+    def count(self, path_prefix: str = "") -> int:
+        return sum(1 for seen in self.log if seen.path.startswith(path_prefix))
+
+    def clear(self) -> None:
+        with self.server.lock:
+            self.server.log.clear()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def respond(self, handler: _Handler, seen: Seen, count: int) -> None:
+        path = seen.path.split("?", 1)[0]
+        parts = path.strip("/").split("/")
+        headers: list[tuple[str, str]] = [("Content-Type", "application/json")]
+        status = 200
+        body = json.dumps(
+            {"method": seen.method, "path": seen.path, "body": seen.body.decode("latin-1"), "n": count}
+        ).encode()
+        if parts[0] == "status" and len(parts) > 1:
+            status = int(parts[1])
+            body = json.dumps({"status": status, "n": count}).encode()
+        elif parts[0] == "slow" and len(parts) > 1:
+            time.sleep(int(parts[1]) / 1000)
+        elif parts[0] == "cookie":
+            headers += [("Set-Cookie", f"session=secret{count}; Path=/"), ("Set-Cookie", "other=1")]
+        elif parts[0] == "gzip":
+            body = gzip.compress(json.dumps({"compressed": True, "n": count}).encode())
+            headers.append(("Content-Encoding", "gzip"))
+        elif parts[0] == "looks-gzip":
+            body = gzip.compress(b"this is a file that happens to be gzip")
+            headers = [("Content-Type", "application/gzip")]
+        elif parts[0] == "big" and len(parts) > 1:
+            body = (b"0123456789abcdef" * (int(parts[1]) // 16 + 1))[: int(parts[1])]
+            headers = [("Content-Type", "application/octet-stream")]
+        elif parts[0] == "redirect":
+            status = 302
+            headers.append(("Location", f"{self.url}/target"))
+        handler.send_response(status)
+        for name, value in headers:
+            handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.send_header("X-Upstream-Count", str(count))
+        handler.end_headers()
+        if seen.method != "HEAD":
+            handler.wfile.write(body)

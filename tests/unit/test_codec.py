@@ -1,0 +1,47 @@
+"""Stored blobs: exact round trip, compressed, and unreadable blobs are misses rather than crashes."""
+from __future__ import annotations
+
+import json
+
+import fakeredis
+import pytest
+
+from buddy import codec
+from buddy.codec import CachedResponse
+from buddy.store.guard import StoreGuard
+from buddy.store.response_cache import ResponseCache
+
+ENTRY = CachedResponse(
+    status=200, reason="OK",
+    headers=(("Content-Type", "application/json"), ("X-Thing", "a"), ("X-Thing", "b")),
+    body=json.dumps({"edges": [{"rel": "IsA", "weight": i} for i in range(200)]}).encode(),
+    stored_at=1767225600.25,
+)
+
+
+def test_round_trip_is_exact_and_compressed() -> None:
+    blob = codec.encode(ENTRY)
+    assert codec.decode(blob) == ENTRY
+    assert len(blob) < len(ENTRY.body) / 3
+
+
+def test_binary_bodies_survive() -> None:
+    entry = CachedResponse(404, "Not Found", (), bytes(range(256)) * 3, 1.0)
+    assert codec.decode(codec.encode(entry)) == entry
+
+
+@pytest.mark.parametrize("blob", [b"", b"RB", b"XX\x01abc", b"RB\x02" + b"x" * 10, b"RB\x01not zstd"])
+def test_foreign_versions_and_garbage_raise_codec_error(blob: bytes) -> None:
+    with pytest.raises(codec.CodecError):
+        codec.decode(blob)
+
+
+def test_a_truncated_or_old_entry_reads_as_a_miss() -> None:
+    client = fakeredis.FakeRedis()
+    cache = ResponseCache(client, StoreGuard())
+    cache.put("k", ENTRY, 60)
+    assert cache.get("k") == ENTRY
+    client.set("k", codec.encode(ENTRY)[:-20])
+    assert cache.get("k") is None
+    client.set("k", b"RB\x00" + codec.encode(ENTRY)[3:])  # a format version this build does not read
+    assert cache.get("k") is None

@@ -1,0 +1,197 @@
+"""The request flow through the Flask app (fakeredis, a real upstream stub): what a client sees and what upstream sees."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import fakeredis
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from buddy import create_app
+from tests.support.ports import free_port
+from tests.support.upstream_stub import UpstreamStub
+
+
+def test_miss_then_hit_reaches_upstream_once(client: FlaskClient, upstream: UpstreamStub) -> None:
+    first = client.get("/up/c/en/dog?limit=5", headers={"Accept": "application/json"})
+    second = client.get("/up/c/en/dog?limit=5", headers={"Accept": "application/json"})
+    assert first.status_code == second.status_code == 200
+    assert first.headers["X-Cache"] == "MISS" and "Age" not in first.headers
+    assert second.headers["X-Cache"] == "HIT" and int(second.headers["Age"]) >= 0
+    assert second.data == first.data
+    assert upstream.paths() == ["/c/en/dog?limit=5"]
+
+
+def test_hit_returns_status_headers_and_body_byte_for_byte(client: FlaskClient, upstream: UpstreamStub) -> None:
+    first = client.get("/up/status/201")
+    second = client.get("/up/status/201")
+    strip = {"X-Cache", "Age", "Date", "Server"}
+    assert second.status == first.status == "201 Created"
+    assert [(k, v) for k, v in second.headers if k not in strip] == [(k, v) for k, v in first.headers if k not in strip]
+    assert second.data == first.data
+    assert upstream.count() == 1
+
+
+def test_head_is_answered_from_and_fills_the_get_entry(client: FlaskClient, upstream: UpstreamStub) -> None:
+    head = client.head("/up/thing")
+    assert head.status_code == 200 and head.data == b"" and head.headers["X-Cache"] == "MISS"
+    get = client.get("/up/thing")
+    assert get.headers["X-Cache"] == "HIT" and json.loads(get.data)["path"] == "/thing"
+    assert int(head.headers["Content-Length"]) == len(get.data)
+    assert [seen.method for seen in upstream.log] == ["GET"]
+
+
+def test_post_bodies_are_separate_entries(client: FlaskClient, upstream: UpstreamStub) -> None:
+    for body in ('{"q": "dog"}', '{"q": "cat"}', '{"q": "dog"}', '{"q": "cat"}'):
+        response = client.post("/up/sparql", data=body, content_type="application/json")
+        assert json.loads(response.data)["body"] == body
+    assert [seen.body for seen in upstream.log] == [b'{"q": "dog"}', b'{"q": "cat"}']
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "DELETE", "OPTIONS"])
+def test_other_methods_always_go_upstream(client: FlaskClient, upstream: UpstreamStub, method: str) -> None:
+    for _ in range(2):
+        assert client.open("/up/item", method=method, data=b"x").status_code == 200
+    assert [seen.method for seen in upstream.log] == [method, method]
+
+
+def test_server_errors_and_429_are_not_cached(client: FlaskClient, upstream: UpstreamStub) -> None:
+    for path in ("/up/status/500", "/up/status/503", "/up/status/429"):
+        assert [client.get(path).status_code for _ in range(2)] == [int(path[-3:])] * 2
+    assert upstream.count() == 6
+
+
+def test_not_found_is_cached_for_the_negative_ttl(client: FlaskClient, upstream: UpstreamStub,
+                                                  fake_redis: fakeredis.FakeRedis) -> None:
+    assert [client.get("/up/status/404").status_code for _ in range(2)] == [404, 404]
+    assert upstream.count() == 1
+    (key,) = fake_redis.keys("buddy:cache:*")
+    assert 0 < fake_redis.ttl(key) <= 300
+    client.get("/up/ok")
+    fresh = [k for k in fake_redis.keys("buddy:cache:*") if k != key]
+    assert 86000 < fake_redis.ttl(fresh[0]) <= 86400
+
+
+def test_set_cookie_reaches_the_first_client_but_is_never_replayed(client: FlaskClient) -> None:
+    first = client.get("/up/cookie")
+    second = client.get("/up/cookie")
+    assert first.headers.getlist("Set-Cookie") == ["session=secret1; Path=/", "other=1"]
+    assert second.headers["X-Cache"] == "HIT" and "Set-Cookie" not in second.headers
+
+
+def test_gzip_from_upstream_is_decoded_consistently(client: FlaskClient) -> None:
+    for response in (client.get("/up/gzip"), client.get("/up/gzip")):
+        assert json.loads(response.data) == {"compressed": True, "n": 1}
+        assert "Content-Encoding" not in response.headers
+        assert int(response.headers["Content-Length"]) == len(response.data)
+
+
+def test_a_body_that_merely_looks_compressed_is_untouched(client: FlaskClient) -> None:
+    expected = gzip.compress(b"this is a file that happens to be gzip")
+    for response in (client.get("/up/looks-gzip"), client.get("/up/looks-gzip")):
+        assert gzip.decompress(response.data) == b"this is a file that happens to be gzip"
+        assert len(response.data) == len(expected)
+        assert response.headers["Content-Type"] == "application/gzip"
+
+
+def test_oversize_bodies_stream_through_and_are_not_cached(client: FlaskClient, upstream: UpstreamStub,
+                                                           fake_redis: fakeredis.FakeRedis) -> None:
+    size = 200 * 1024  # the test config caps cached bodies at 64 KiB
+    for _ in range(2):
+        response = client.get("/up/big/%d" % size)
+        assert response.status_code == 200 and len(response.data) == size
+        assert response.headers["X-Cache"] == "MISS"
+    assert upstream.count() == 2
+    assert fake_redis.keys("buddy:cache:*") == []
+
+
+def test_range_requests_are_never_served_from_or_stored_in_the_cache(client: FlaskClient, upstream: UpstreamStub) -> None:
+    client.get("/up/file")
+    ranged = client.get("/up/file", headers={"Range": "bytes=0-3"})
+    assert ranged.headers["X-Cache"] == "MISS"
+    assert upstream.count() == 2
+
+
+def test_redirects_are_passed_to_the_client_not_followed(client: FlaskClient, upstream: UpstreamStub) -> None:
+    response = client.get("/up/redirect")
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/up/target"
+    assert upstream.paths() == ["/redirect"]
+
+
+def test_upstream_sees_its_own_host_the_credentials_and_no_hop_by_hop_headers(
+    client: FlaskClient, upstream: UpstreamStub
+) -> None:
+    client.get("/up/h", headers={"Authorization": "Bearer up-token", "X-API-Key": "k1", "Connection": "X-Hop",
+                                 "X-Hop": "secret", "Keep-Alive": "timeout=5", "Accept-Language": "de"})
+    (seen,) = upstream.log
+    assert seen.headers["host"] == f"127.0.0.1:{upstream.port}"
+    assert seen.headers["authorization"] == "Bearer up-token" and seen.headers["x-api-key"] == "k1"
+    assert seen.headers["accept-language"] == "de"
+    assert "x-hop" not in seen.headers and "keep-alive" not in seen.headers
+
+
+def test_responses_bought_with_credentials_are_partitioned(client: FlaskClient, upstream: UpstreamStub) -> None:
+    for token in ("alice", "bob", None, "alice", "bob", None):
+        client.get("/up/paid", headers={"Authorization": f"Bearer {token}"} if token else {})
+    assert upstream.count() == 3
+
+
+def test_vary_headers_separate_entries(client: FlaskClient, upstream: UpstreamStub) -> None:
+    for language in ("de", "en", "de"):
+        client.get("/up/label", headers={"Accept-Language": language})
+    assert upstream.count() == 2
+
+
+def test_unknown_domain_is_a_json_404_listing_the_configured_ones(client: FlaskClient, upstream: UpstreamStub) -> None:
+    response = client.get("/nowhere/x")
+    assert response.status_code == 404
+    assert response.json["configured"] == ["up"] and response.json["domain"] == "nowhere"
+    assert client.get("/").status_code == 404
+    assert upstream.count() == 0
+
+
+def test_traversal_gets_a_json_400_and_never_reaches_upstream(client: FlaskClient, upstream: UpstreamStub) -> None:
+    for path in ("/up/../x", "/up/%2e%2e/x", "/up/a/..%2f..%2fx", "/up/%zz", "/up/a%00b"):
+        response = client.get(path)
+        assert response.status_code == 400, path
+        assert response.is_json and response.json["error"] == "bad request"
+    assert upstream.count() == 0
+
+
+def test_body_over_the_limit_is_413_json(upstream: UpstreamStub, buddy_config: dict) -> None:
+    app = create_app({**buddy_config, "server": {"max_request_body": 100}}, redis_client=fakeredis.FakeRedis(), environ={})
+    response = app.test_client().post("/up/x", data=b"x" * 101)
+    assert response.status_code == 413 and response.is_json
+    assert upstream.count() == 0
+
+
+def test_connection_refused_is_502_naming_the_domain(fake_redis: fakeredis.FakeRedis) -> None:
+    app = create_app({"domain_mappings": {"gone": {"upstream": f"http://127.0.0.1:{free_port()}"}}},
+                     redis_client=fake_redis, environ={})
+    response = app.test_client().get("/gone/x")
+    assert response.status_code == 502
+    assert response.json == {"error": "upstream unavailable", "domain": "gone",
+                             "message": "could not reach upstream 'gone'"}
+
+
+def test_slow_upstream_is_504_naming_the_domain(client: FlaskClient, upstream: UpstreamStub) -> None:
+    response = client.get("/up/slow/1500")  # the test config's read timeout is 1 s
+    assert response.status_code == 504
+    assert response.json["domain"] == "up" and response.json["error"] == "upstream timeout"
+
+
+def test_redis_down_serves_through_with_bypass(app: Flask, client: FlaskClient, upstream: UpstreamStub,
+                                               redis_server_fake: fakeredis.FakeServer, caplog) -> None:
+    redis_server_fake.connected = False
+    responses = [client.get("/up/x") for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert {r.headers["X-Cache"] for r in responses} == {"BYPASS"}
+    assert upstream.count() == 3
+    assert sum("Redis unavailable" in record.message for record in caplog.records) == 1
+    redis_server_fake.connected = True
+    app.extensions["buddy"].guard.failed_at = 0.0  # skip the pause before Redis is tried again
+    assert client.get("/up/x").headers["X-Cache"] == "MISS"
+    assert client.get("/up/x").headers["X-Cache"] == "HIT"

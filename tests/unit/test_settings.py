@@ -1,0 +1,125 @@
+"""Configuration: defaults, files, environment, and one clear message per bad field."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from buddy.errors import ConfigError
+from buddy.settings import EXAMPLE_MAPPINGS, load_settings, validate_config
+
+
+def problems(config: dict) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        validate_config(config)
+    return info.value.problems
+
+
+def test_no_config_serves_the_example_mappings_with_defaults() -> None:
+    settings = load_settings(environ={})
+    assert set(settings.domains) == set(EXAMPLE_MAPPINGS)
+    wikidata = settings.domains["wikidata"]
+    assert (wikidata.scheme, wikidata.netloc, wikidata.base_path) == ("https", "www.wikidata.org", "")
+    assert wikidata.ttl_seconds == 86400
+    assert wikidata.vary_headers == ("accept", "accept-language")
+    assert (settings.server["host"], settings.server["port"]) == ("127.0.0.1", 8080)
+    assert settings.redis["prefix"] == "buddy:"
+
+
+def test_every_bad_field_is_named_by_its_path() -> None:
+    found = problems({
+        "domain_mappings": {
+            "wikidata": {"upstream": "https://www.wikidata.org", "ttl_seconds": -5},
+            "bad": {"upstream": "ftp://example.org"},
+        },
+        "server": {"port": "eighty"},
+        "cache": {"default_ttl_seconds": 0},
+    })
+    assert "domain_mappings.wikidata.ttl_seconds: must be a positive integer" in found
+    assert "domain_mappings.bad.upstream: must be an http:// or https:// URL with a host" in found
+    assert "server.port: must be a port number (1-65535)" in found
+    assert "cache.default_ttl_seconds: must be a positive integer" in found
+    assert len(found) == 4
+
+
+def test_unknown_keys_are_errors_not_silently_ignored() -> None:
+    found = problems({"cache": {"default_ttl_secs": 10}, "serverr": {}, "domain_mappings": {
+        "a": {"upstream": "https://a.example", "tll_seconds": 3}}})
+    assert found == [
+        "cache.default_ttl_secs: unknown key",
+        "domain_mappings.a.tll_seconds: unknown key",
+        "serverr: unknown key",
+    ]
+
+
+@pytest.mark.parametrize("name", ["admin", "metrics", "Admin"])
+def test_reserved_names_are_refused(name: str) -> None:
+    found = problems({"domain_mappings": {name: {"upstream": "https://a.example"}}})
+    assert found == [f"domain_mappings.{name}: '{name}' is reserved for the proxy's own routes"]
+
+
+def test_domain_names_must_be_url_safe() -> None:
+    found = problems({"domain_mappings": {"a b": {"upstream": "https://a.example"}}})
+    assert found == ["domain_mappings.a b: is not a valid name (letters, digits, '.', '_', '-')"]
+
+
+def test_upstream_must_not_carry_credentials_or_query() -> None:
+    found = problems({"domain_mappings": {"a": {"upstream": "https://user:pw@a.example/x?y=1"}}})
+    assert found == ["domain_mappings.a.upstream: must not carry credentials, a query or a fragment"]
+
+
+def test_missing_upstream_and_wrong_types() -> None:
+    found = problems({"domain_mappings": {"a": {}}, "security": {"require_secure_key": "yes"}, "redis": {"url": "http://x"}})
+    assert found == [
+        "domain_mappings.a.upstream: is required",
+        "redis.url: must start with redis://, rediss:// or unix://",
+        "security.require_secure_key: must be true or false",
+    ]
+
+
+def test_per_domain_values_fall_back_to_section_defaults() -> None:
+    settings = validate_config({
+        "domain_mappings": {
+            "a": {"upstream": "https://a.example/api/", "ttl_seconds": 60, "vary_headers": ["Accept"]},
+            "b": {"upstream": "http://127.0.0.1:9000"},
+        },
+        "cache": {"default_ttl_seconds": 7, "negative_ttl_seconds": 3},
+        "server": {"request_timeout": 12},
+        "throttling": {"domain_limits": {"a": 50}, "default_requests_per_hour": 99},
+    })
+    a, b = settings.domains["a"], settings.domains["b"]
+    assert (a.base_path, a.ttl_seconds, a.negative_ttl_seconds, a.vary_headers) == ("/api", 60, 3, ("accept",))
+    assert (b.netloc, b.ttl_seconds, b.read_timeout) == ("127.0.0.1:9000", 7, 12)
+    assert (a.max_requests_per_hour, b.max_requests_per_hour) == (50, 99)
+
+
+def test_domain_limits_must_name_a_configured_domain() -> None:
+    found = problems({"domain_mappings": {"a": {"upstream": "https://a.example"}},
+                      "throttling": {"domain_limits": {"b": 5}}})
+    assert found == ["throttling.domain_limits.b: names no configured domain"]
+
+
+def test_file_then_environment_then_overrides(tmp_path) -> None:
+    path = tmp_path / "buddy.toml"
+    path.write_text('[domain_mappings.x]\nupstream = "https://x.example"\nttl_seconds = 5\n'
+                    '[redis]\nurl = "redis://file:6379/0"\n[server]\nport = 9001\n')
+    env = {"BUDDY_CONFIG": str(path), "REDIS_URL": "redis://env:6379/1", "BUDDY_SECURE_KEY": "k" * 32}
+    settings = load_settings({"server": {"port": 9002}}, environ=env)
+    assert settings.domains["x"].ttl_seconds == 5
+    assert settings.redis["url"] == "redis://env:6379/1"
+    assert settings.security["secure_key"] == "k" * 32
+    assert settings.server["port"] == 9002
+
+
+def test_json_file_and_its_errors(tmp_path) -> None:
+    path = tmp_path / "buddy.json"
+    path.write_text(json.dumps({"domain_mappings": {"wikidata": {"upstream": "https://www.wikidata.org",
+                                                                "ttl_seconds": "a day"}}}))
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"BUDDY_CONFIG": str(path)})
+    assert info.value.problems == ["domain_mappings.wikidata.ttl_seconds: must be a positive integer"]
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        load_settings(environ={"BUDDY_CONFIG": str(path)})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(environ={"BUDDY_CONFIG": str(tmp_path / "missing.json")})
