@@ -33,8 +33,8 @@ def stop_group(process: subprocess.Popen, timeout: float = 10.0) -> None:
 class RedisServer:
     """The bundled redis-server on a free TCP port, nothing persisted."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = subprocess.Popen(
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",

@@ -1,0 +1,141 @@
+"""The cache across real gunicorn workers and instances, measured from the upstream stub's own log."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+import requests
+
+from buddy.embedded import EmbeddedRedis
+from tests.support.processes import ROOT, RedisServer
+from tests.support.upstream_stub import UpstreamStub
+
+
+def config_for(upstream: UpstreamStub, **domain: object) -> dict:
+    return {"domain_mappings": {"up": {"upstream": upstream.url, **domain}}}
+
+
+def get(url: str, **kwargs) -> requests.Response:
+    # A new connection per call, so that calls spread over the workers.
+    return requests.get(url, timeout=10, headers={"Connection": "close", **kwargs.pop("headers", {})}, **kwargs)
+
+
+def test_miss_then_hits_across_workers_reach_upstream_once(gunicorn, redis_url, upstream) -> None:
+    proxy = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url}, workers=3)
+    responses = [get(f"{proxy.url}/up/c/en/dog?limit=2") for _ in range(12)]
+    assert [r.headers["X-Cache"] for r in responses] == ["MISS"] + ["HIT"] * 11
+    assert len({r.content for r in responses}) == 1
+    assert upstream.paths() == ["/c/en/dog?limit=2"]
+
+
+def test_two_instances_on_one_redis_are_one_cache(gunicorn, redis_url, upstream) -> None:
+    first = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url})
+    second = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url})
+    assert get(f"{first.url}/up/shared").headers["X-Cache"] == "MISS"
+    assert get(f"{second.url}/up/shared").headers["X-Cache"] == "HIT"
+    assert upstream.count() == 1
+
+
+def test_post_bodies_errors_cookies_and_ttl(gunicorn, redis_url, upstream) -> None:
+    proxy = gunicorn(config_for(upstream, ttl_seconds=1), env={"REDIS_URL": redis_url})
+    for body in (b"q=1", b"q=2", b"q=1", b"q=2"):
+        requests.post(f"{proxy.url}/up/search", data=body, timeout=10)
+    assert [seen.body for seen in upstream.log] == [b"q=1", b"q=2"]
+
+    upstream.clear()
+    assert [get(f"{proxy.url}/up/status/500").status_code for _ in range(2)] == [500, 500]
+    assert [get(f"{proxy.url}/up/status/404").status_code for _ in range(2)] == [404, 404]
+    assert upstream.paths() == ["/status/500", "/status/500", "/status/404"]
+
+    first, second = get(f"{proxy.url}/up/cookie"), get(f"{proxy.url}/up/cookie")
+    assert "session=secret" in first.headers["Set-Cookie"]
+    assert second.headers["X-Cache"] == "HIT" and "Set-Cookie" not in second.headers
+
+    upstream.clear()
+    get(f"{proxy.url}/up/expiring")
+    assert get(f"{proxy.url}/up/expiring").headers["X-Cache"] == "HIT"
+    time.sleep(1.3)
+    assert get(f"{proxy.url}/up/expiring").headers["X-Cache"] == "MISS"
+    assert upstream.count() == 2
+
+
+def test_embedded_redis_keeps_the_cache_across_restarts(gunicorn, tmp_path: Path, upstream) -> None:
+    data_dir = tmp_path / "data"
+    env = {"BUDDY_DATA_DIR": str(data_dir)}
+    proxy = gunicorn(config_for(upstream), env=env)
+    assert get(f"{proxy.url}/up/persisted").headers["X-Cache"] == "MISS"
+    assert get(f"{proxy.url}/up/persisted").headers["X-Cache"] == "HIT"
+    proxy.stop()
+    embedded = EmbeddedRedis(data_dir)
+    assert not embedded.alive(), "gunicorn left its embedded redis-server running"
+    assert (data_dir / "appendonlydir").exists() or (data_dir / "appendonly.aof").exists()
+
+    again = gunicorn(config_for(upstream), env=env)
+    response = get(f"{again.url}/up/persisted")
+    assert response.headers["X-Cache"] == "HIT"
+    assert upstream.count() == 1
+
+
+def test_crafted_targets_never_reach_another_local_server(gunicorn, redis_url, upstream) -> None:
+    bystander = UpstreamStub()
+    try:
+        proxy = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url})
+        host = f"127.0.0.1:{bystander.port}"
+        targets = [
+            f"/up//{host}/x", f"/up/@{host}/x", f"/up/%2f%2f{host}/x", f"/up/..%2f..%2f{host}",
+            f"/up/%5c%5c{host}/x", f"/up/x/../../{host}", f"http://{host}/up/x", f"//{host}/x",
+            f"/up/x?url=http://{host}/", f"/up/%40{host}",
+        ]
+        statuses = [raw_request(proxy.port, target) for target in targets]
+        assert bystander.count() == 0
+        assert all(status in (200, 400, 404) for status in statuses), statuses
+        assert all(seen.headers["host"] == f"127.0.0.1:{upstream.port}" for seen in upstream.log)
+    finally:
+        bystander.stop()
+
+
+def raw_request(port: int, target: str) -> int:
+    """Send a request line exactly as written (no client-side normalisation) and return the status code."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+        head = sock.recv(65536).split(b"\r\n", 1)[0]
+    return int(head.split()[1])
+
+
+def test_invalid_config_refuses_to_start_naming_every_field(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[domain_mappings.wikidata]\nupstream = "https://www.wikidata.org"\nttl_seconds = -1\n'
+                      '[domain_mappings.admin]\nupstream = "https://a.example"\n[cache]\ndefault_ttl = 5\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", "127.0.0.1:0", "wsgi:app"],
+        cwd=ROOT, env={"PATH": "/usr/bin:/bin", "BUDDY_CONFIG": str(config), "HOME": str(tmp_path)},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "domain_mappings.wikidata.ttl_seconds: must be a positive integer" in result.stderr
+    assert "domain_mappings.admin: 'admin' is reserved for the proxy's own routes" in result.stderr
+    assert "cache.default_ttl: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_redis_going_away_degrades_to_bypass_and_recovers(gunicorn, tmp_path: Path, upstream) -> None:
+    private = RedisServer(tmp_path)
+    proxy = gunicorn(config_for(upstream), env={"REDIS_URL": private.url})
+    try:
+        assert get(f"{proxy.url}/up/a").headers["X-Cache"] == "MISS"
+        private.stop()
+        degraded = [get(f"{proxy.url}/up/a") for _ in range(4)]
+        assert [r.status_code for r in degraded] == [200] * 4
+        assert {r.headers["X-Cache"] for r in degraded} == {"BYPASS"}
+        private = RedisServer(tmp_path, port=private.port)  # empty: the old one saved nothing
+        time.sleep(1.2)  # the pause before a failed Redis is tried again
+        states = [get(f"{proxy.url}/up/a").headers["X-Cache"] for _ in range(6)]
+        assert states[-2:] == ["HIT", "HIT"] and "MISS" in states
+    finally:
+        private.stop()
+    assert "Traceback" not in proxy.log()
+    assert proxy.process.poll() is None
