@@ -12,6 +12,7 @@ from flask import Flask
 
 from buddy.embedded import EmbeddedRedis
 from buddy.http_errors import register_error_handlers
+from buddy.logs import configure_logging
 from buddy.redis_keys import RedisKeys
 from buddy.service import ProxyService
 from buddy.settings import Settings, load_settings
@@ -59,6 +60,7 @@ def create_app(
 ) -> Flask:
     """Build the proxy app: settings from defaults, BUDDY_CONFIG, environment, then `config`."""
     settings = load_settings(config, os.environ if environ is None else environ)
+    configure_logging(settings.logging)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.server["max_request_body"]
     app.url_map.merge_slashes = False  # `/x//y` must reach the upstream as sent, not be redirected

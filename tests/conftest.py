@@ -33,6 +33,7 @@ def buddy_config(upstream: UpstreamStub) -> dict[str, Any]:
     return {
         "domain_mappings": {"up": {"upstream": upstream.url, "connect_timeout": 1, "read_timeout": 1}},
         "cache": {"max_cache_response_size": 64 * 1024},
+        "logging": {"enable_console": False},  # records propagate to pytest's caplog
     }
 
 

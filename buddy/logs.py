@@ -1,0 +1,37 @@
+"""Apply the seed's `logging` section to the `buddy` loggers: level, format, console, rotating file, parent logger."""
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import sys
+from typing import Any, Mapping
+
+_MARK = "_buddy_handler"
+
+
+def configure_logging(section: Mapping[str, Any]) -> logging.Logger:
+    """Configure `buddy` once per call; handlers from an earlier call are replaced, not stacked."""
+    logger = logging.getLogger("buddy")
+    logger.setLevel(section["level"])
+    for handler in [h for h in logger.handlers if getattr(h, _MARK, False)]:
+        logger.removeHandler(handler)
+        handler.close()
+    if section["parent_logger"]:
+        # Hand records to the host application's logger and let its handlers decide where they go.
+        logger.parent = logging.getLogger(section["parent_logger"])
+        logger.propagate = True
+        return logger
+    formatter = logging.Formatter(section["format"], section["date_format"])
+    handlers: list[logging.Handler] = []
+    if section["enable_console"]:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    if section["enable_file"] and section["file_path"]:
+        handlers.append(logging.handlers.RotatingFileHandler(
+            section["file_path"], maxBytes=section["max_file_size"], backupCount=section["backup_count"]
+        ))
+    for handler in handlers:
+        setattr(handler, _MARK, True)
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    logger.propagate = not handlers
+    return logger

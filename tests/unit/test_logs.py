@@ -1,0 +1,35 @@
+"""The seed's logging section: a rotating file, a host application's parent logger, no stacked handlers."""
+from __future__ import annotations
+
+import logging
+
+from buddy.logs import configure_logging
+from buddy.settings import validate_config
+
+
+def section(**values) -> dict:
+    return dict(validate_config({"logging": values}).logging)
+
+
+def test_file_logging_uses_the_format_and_is_not_stacked(tmp_path) -> None:
+    path = tmp_path / "buddy.log"
+    for _ in range(2):
+        configure_logging(section(enable_console=False, enable_file=True, file_path=str(path),
+                                  format="%(levelname)s|%(name)s|%(message)s", level="DEBUG"))
+    logging.getLogger("buddy.cache").debug("stored %s", "entry")
+    for handler in logging.getLogger("buddy").handlers:
+        handler.flush()
+    assert path.read_text() == "DEBUG|buddy.cache|stored entry\n"
+
+
+def test_parent_logger_receives_the_records(caplog) -> None:
+    host = logging.getLogger("hostapp")
+    configure_logging(section(parent_logger="hostapp", level="INFO"))
+    try:
+        with caplog.at_level(logging.INFO, logger="hostapp"):
+            logging.getLogger("buddy.upstream").info("fetched")
+        assert [(r.name, r.message) for r in caplog.records] == [("buddy.upstream", "fetched")]
+        assert logging.getLogger("buddy").parent is host
+    finally:
+        logging.getLogger("buddy").parent = logging.getLogger()
+        configure_logging(section(enable_console=False))
