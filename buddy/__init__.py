@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import redis
 from flask import Flask
 
+from buddy.coalesce import Coalescer
 from buddy.embedded import EmbeddedRedis
 from buddy.http_errors import register_error_handlers
 from buddy.logs import configure_logging
@@ -18,6 +19,7 @@ from buddy.service import ProxyService
 from buddy.settings import Settings, load_settings
 from buddy.store.guard import StoreGuard
 from buddy.store.response_cache import ResponseCache
+from buddy.store.wakeup import WakeupHub
 from buddy.upstream import UpstreamClient
 
 __version__ = "0.2.0"
@@ -34,6 +36,7 @@ class Buddy:
     redis: redis.Redis
     guard: StoreGuard
     service: ProxyService
+    hub: WakeupHub
     redis_url: str
 
 
@@ -71,13 +74,15 @@ def create_app(
         redis_client, url = connect_redis(settings)
     guard = StoreGuard()
     keys = RedisKeys(settings.redis["prefix"])
+    hub = WakeupHub(redis_client, keys.fill_channel)
     service = ProxyService(
         settings,
         keys,
         ResponseCache(redis_client, guard),
         UpstreamClient(settings.cache["max_cache_response_size"]),
+        Coalescer(redis_client, guard, keys, hub, settings.cache["coalesce_timeout_seconds"]),
     )
-    app.extensions["buddy"] = Buddy(settings, redis_client, guard, service, url)
+    app.extensions["buddy"] = Buddy(settings, redis_client, guard, service, hub, url)
 
     from buddy import views
 

@@ -40,5 +40,13 @@ class UpstreamTimeout(UpstreamError):
     status = 504
 
 
+class CoalesceTimeout(BuddyError):
+    """A request waited longer than `cache.coalesce_timeout_seconds` for an identical one to finish: 504."""
+
+    def __init__(self, domain: str, waited: float) -> None:
+        self.domain = domain
+        super().__init__(f"waited {waited:.0f}s for an identical request to '{domain}' to finish")
+
+
 class BadProxyRequest(BuddyError):
     """A request the proxy refuses to forward (traversal, absolute-form target, bad encoding): 400."""

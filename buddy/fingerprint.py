@@ -11,7 +11,10 @@ KEY_VERSION = "v1"
 # Headers whose values are upstream credentials: a response bought with them is partitioned by their hash.
 # Cookie is not among them: reference APIs set tracking cookies, and a client that sends them back would
 # otherwise never hit the entry its first request stored.
-CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-auth-token")
+CREDENTIAL_HEADERS = (
+    "authorization", "x-api-key", "api-key", "x-auth-token", "x-goog-api-key", "x-subscription-token",
+    "ocp-apim-subscription-key",
+)
 
 
 @dataclass(frozen=True)

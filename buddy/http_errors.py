@@ -6,7 +6,7 @@ import logging
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from buddy.errors import BadProxyRequest, UpstreamError
+from buddy.errors import BadProxyRequest
 
 log = logging.getLogger("buddy")
 
@@ -18,12 +18,6 @@ def _json(status: int, **body: object) -> Response:
 
 
 def register_error_handlers(app: Flask) -> None:
-    @app.errorhandler(UpstreamError)
-    def upstream_error(exc: UpstreamError) -> Response:
-        log.warning("%s (%s)", exc, exc.__cause__ or "")
-        error = "upstream timeout" if exc.status == 504 else "upstream unavailable"
-        return _json(exc.status, error=error, domain=exc.domain, message=str(exc))
-
     @app.errorhandler(BadProxyRequest)
     def bad_request(exc: BadProxyRequest) -> Response:
         return _json(400, error="bad request", message=str(exc))

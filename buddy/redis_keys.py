@@ -2,6 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class EntryId(NamedTuple):
+    """Which cached response: the domain (also the hash tag) and the request's fingerprint."""
+
+    domain: str
+    digest: str
 
 
 @dataclass(frozen=True)
@@ -12,6 +20,27 @@ class RedisKeys:
 
     def cache(self, domain: str, digest: str) -> str:
         return f"{self.prefix}cache:{{{domain}}}:{digest}"
+
+    def lock(self, entry: EntryId) -> str:
+        """The fill lock: held by the one request that fetches this entry (SET NX PX, value = its token)."""
+        return f"{self.prefix}lock:{{{entry.domain}}}:{entry.digest}"
+
+    def successor(self, entry: EntryId, token: str) -> str:
+        """Who took over from a leader that vanished: waiters of `token` follow the token stored here."""
+        return f"{self.prefix}successor:{{{entry.domain}}}:{entry.digest}:{token}"
+
+    def shared_result(self, entry: EntryId, token: str) -> str:
+        """A leader's uncacheable result, kept briefly for the followers of that leader only."""
+        return f"{self.prefix}result:{{{entry.domain}}}:{entry.digest}:{token}"
+
+    def relay(self, entry: EntryId, token: str) -> str:
+        """A stream carrying an over-size body from its leader to the followers as it arrives."""
+        return f"{self.prefix}relay:{{{entry.domain}}}:{entry.digest}:{token}"
+
+    @property
+    def fill_channel(self) -> str:
+        """Pub/sub channel on which leaders announce finished (or started-streaming) fills."""
+        return f"{self.prefix}fill"
 
     def cache_pattern(self, domain: str | None = None) -> str:
         """A SCAN MATCH pattern for one domain's entries, or every domain's."""

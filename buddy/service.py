@@ -1,62 +1,51 @@
-"""The request flow in plain Python: cache hit, else fetch upstream, store what may be stored, answer."""
+"""The request flow in plain Python: cache hit, else coalesce, fetch upstream as the leader, store, answer."""
 from __future__ import annotations
 
+import json
+import logging
 import time
-from dataclasses import dataclass, field
+from typing import Callable
+
 from buddy.codec import CachedResponse
-from buddy.errors import StoreUnavailable
+from buddy.coalesce import Coalescer
+from buddy.errors import CoalesceTimeout, StoreUnavailable, UpstreamError
 from buddy.fingerprint import RequestShape, credentials_digest, fingerprint, vary_values
-from buddy.redis_keys import RedisKeys
+from buddy.messages import ProxyRequest, ProxyResult
+from buddy.redis_keys import EntryId, RedisKeys
 from buddy.settings import DomainSettings, Settings
 from buddy.store.response_cache import ResponseCache
-from buddy.upstream import BodyStream, UpstreamClient, build_url, forwardable_request_headers, storable_headers
+from buddy.upstream import UpstreamClient, build_url, forwardable_request_headers, storable_headers
 
+log = logging.getLogger("buddy.service")
 CACHEABLE_METHODS = frozenset({"GET", "HEAD", "POST"})
+LOCK_MARGIN_SECONDS = 5.0
 
 
-@dataclass(frozen=True)
-class ProxyRequest:
-    """A client request already mapped to its domain, with a safe upstream path and query."""
-
-    domain: DomainSettings
-    method: str
-    path: str
-    query: str
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str:
-        name = name.lower()
-        return next((value for key, value in self.headers if key.lower() == name), "")
-
-
-@dataclass
-class ProxyResult:
-    """What the client gets: status, headers and either a whole body or a stream."""
-
-    status: int
-    reason: str
-    headers: list[tuple[str, str]]
-    body: bytes | None = None
-    stream: BodyStream | None = None
-    cache: str = "MISS"
-    extra: list[tuple[str, str]] = field(default_factory=list)
-
-    def all_headers(self) -> list[tuple[str, str]]:
-        return [*self.headers, ("X-Cache", self.cache), *self.extra]
+def json_result(status: int, reason: str, **body: object) -> ProxyResult:
+    """An answer the proxy makes itself (errors), shaped like any upstream answer so followers can share it."""
+    payload = json.dumps(body).encode()
+    return ProxyResult(status, reason, [("Content-Type", "application/json")], payload)
 
 
 class ProxyService:
-    """hit -> (coalesce, throttle: later issues) -> fetch -> store."""
+    """hit -> coalesce -> (throttle: a later issue) -> fetch -> store."""
 
-    def __init__(self, settings: Settings, keys: RedisKeys, cache: ResponseCache, upstream: UpstreamClient) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        keys: RedisKeys,
+        cache: ResponseCache,
+        upstream: UpstreamClient,
+        coalescer: Coalescer,
+    ) -> None:
         self.settings = settings
         self.keys = keys
         self.cache = cache
         self.upstream = upstream
+        self.coalescer = coalescer
 
-    def cache_key(self, request: ProxyRequest) -> str | None:
-        """The Redis key of the request's response, or None when it must not be cached at all."""
+    def entry_for(self, request: ProxyRequest) -> EntryId | None:
+        """Which cache entry answers the request, or None when it must not be cached at all."""
         if request.method not in CACHEABLE_METHODS or request.header("Range"):
             return None
         domain = request.domain
@@ -70,52 +59,116 @@ class ProxyService:
             vary=vary_values(request.headers, domain.vary_headers),
             credentials="" if domain.share_across_credentials else credentials_digest(request.headers),
         )
-        return self.keys.cache(domain.name, fingerprint(shape))
+        return EntryId(domain.name, fingerprint(shape))
 
     def handle(self, request: ProxyRequest) -> ProxyResult:
-        key = self.cache_key(request)
-        bypass = False
-        if key is not None:
-            try:
-                hit = self.cache.get(key)
-            except StoreUnavailable:
-                hit, bypass = None, True
-            if hit is not None:
-                return self._from_cache(hit)
-        result = self._fetch(request)
-        if key is not None and not bypass and result.body is not None:
-            ttl = self.ttl_for(request.domain, result.status)
-            if ttl:
-                entry = CachedResponse(result.status, result.reason, storable_headers(result.headers), result.body, time.time())
-                try:
-                    self.cache.put(key, entry, ttl)
-                except StoreUnavailable:
-                    bypass = True
-        result.cache = "BYPASS" if bypass else "MISS"
+        result = self._answer(request)
         if request.method == "HEAD" and result.stream is not None:
-            result.stream.close()
+            result.close_stream()
             result.stream, result.body = None, b""
         return result
 
-    def _fetch(self, request: ProxyRequest) -> ProxyResult:
+    def _answer(self, request: ProxyRequest) -> ProxyResult:
+        entry = self.entry_for(request)
+        if entry is None:
+            return self._fetch(request)
+        try:
+            hit = self.cache.get(self.keys.cache(entry.domain, entry.digest))
+        except StoreUnavailable:
+            return self._bypass(request)
+        if hit is not None:
+            return from_cache(hit)
+        domain = request.domain
+        lock_ttl_ms = int((domain.connect_timeout + domain.read_timeout + LOCK_MARGIN_SECONDS) * 1000)
+        try:
+            return self.coalescer.run(
+                entry, lock_ttl_ms, domain.read_timeout + LOCK_MARGIN_SECONDS,
+                lambda token: self._lead(request, entry, token, lock_ttl_ms),
+            )
+        except CoalesceTimeout as exc:
+            return json_result(504, "Gateway Timeout", error="coalesce timeout", domain=exc.domain, message=str(exc))
+        except StoreUnavailable:
+            return self._bypass(request)
+
+    def _lead(self, request: ProxyRequest, entry: EntryId, token: str, lock_ttl_ms: int) -> ProxyResult:
+        """Fetch as the one leader; whatever happens, followers are handed a result or the lock is let go."""
+        beat = self.coalescer.heartbeat(entry, token, lock_ttl_ms)
+        handed_off = False
+        try:
+            result = self._fetch(request, progress=_quietly(beat))
+            if result.stream is not None:
+                result.stream = self.coalescer.relay(entry, token, result, _quietly(beat))
+                handed_off = True  # the relay releases the lock when the body is done
+                return result
+            stored = self._store(request.domain, entry, result)
+            self.coalescer.hand_off(entry, token, result, stored)
+            handed_off = True
+            if not stored and self.ttl_for(request.domain, result.status):
+                result.cache = "BYPASS"
+            return result
+        except StoreUnavailable:
+            result.cache = "BYPASS"
+            return result
+        finally:
+            if not handed_off:
+                try:
+                    self.coalescer.lock.release(entry, token)
+                except StoreUnavailable:
+                    pass  # the lock expires by itself
+
+    def _store(self, domain: DomainSettings, entry: EntryId, result: ProxyResult) -> bool:
+        ttl = self.ttl_for(domain, result.status) if result.body is not None else None
+        if not ttl:
+            return False
+        stored = CachedResponse(result.status, result.reason, storable_headers(result.headers), result.body, time.time())
+        try:
+            self.cache.put(self.keys.cache(entry.domain, entry.digest), stored, ttl)
+        except StoreUnavailable:
+            return False
+        return True
+
+    def _bypass(self, request: ProxyRequest) -> ProxyResult:
+        result = self._fetch(request)
+        result.cache = "BYPASS"
+        return result
+
+    def _fetch(self, request: ProxyRequest, progress: Callable[[], None] = lambda: None) -> ProxyResult:
         domain = request.domain
         url = build_url(domain, request.path, request.query)
         # A HEAD miss fetches the GET so that the entry it stores serves both.
         method = "GET" if request.method == "HEAD" else request.method
-        response = self.upstream.send(domain, method, url, forwardable_request_headers(request.headers), request.body)
+        headers = forwardable_request_headers(request.headers)
+        try:
+            response = self.upstream.send(domain, method, url, headers, request.body, progress)
+        except UpstreamError as exc:
+            log.warning("%s (%s)", exc, exc.__cause__ or "")
+            error = "upstream timeout" if exc.status == 504 else "upstream unavailable"
+            reason = "Gateway Timeout" if exc.status == 504 else "Bad Gateway"
+            return json_result(exc.status, reason, error=error, domain=domain.name, message=str(exc))
         return ProxyResult(response.status, response.reason, response.headers, response.body, response.stream)
 
     def ttl_for(self, domain: DomainSettings, status: int) -> int | None:
-        """2xx for the domain's TTL, 404/410 for the negative TTL, nothing else (never 5xx or 429)."""
+        """2xx for the domain's TTL, 404/410 for the negative TTL, nothing else (never 5xx, 429 or 206)."""
         if 200 <= status < 300 and status != 206:
             return domain.ttl_seconds
         if status in (404, 410):
             return domain.negative_ttl_seconds
         return None
 
-    @staticmethod
-    def _from_cache(entry: CachedResponse) -> ProxyResult:
-        age = max(0, int(time.time() - entry.stored_at))
-        headers = [(name, value) for name, value in entry.headers if name.lower() != "age"]
-        return ProxyResult(entry.status, entry.reason, headers, entry.body, cache="HIT", extra=[("Age", str(age))])
 
+def from_cache(entry: CachedResponse) -> ProxyResult:
+    age = max(0, int(time.time() - entry.stored_at))
+    headers = [(name, value) for name, value in entry.headers if name.lower() != "age"]
+    return ProxyResult(entry.status, entry.reason, headers, entry.body, cache="HIT", extra=[("Age", str(age))])
+
+
+def _quietly(beat: Callable[[], None]) -> Callable[[], None]:
+    """A heartbeat that never fails the fetch: a lost extension only risks an early takeover."""
+
+    def call() -> None:
+        try:
+            beat()
+        except StoreUnavailable:
+            pass
+
+    return call

@@ -6,7 +6,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 
 import requests
@@ -142,6 +142,7 @@ class BodyStream:
     chunks: Iterator[bytes]
     response: requests.Response
     domain: str
+    failed: bool = False
     _closed: bool = field(default=False)
 
     def __iter__(self) -> Iterator[bytes]:
@@ -152,6 +153,7 @@ class BodyStream:
                 yield chunk
         except requests.RequestException as exc:
             # Headers are already out: all that can be done is to end the body early and say why in the log.
+            self.failed = True
             log.warning("upstream %s broke off a streamed body: %s", self.domain, exc)
         finally:
             self.close()
@@ -186,8 +188,15 @@ class UpstreamClient:
         return self._session
 
     def send(
-        self, domain: DomainSettings, method: str, url: str, headers: dict[str, str], body: bytes
+        self,
+        domain: DomainSettings,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes,
+        progress: Callable[[], None] = lambda: None,
     ) -> UpstreamResponse:
+        """Send one request; `progress` is called as body chunks arrive (the coalescing leader's heartbeat)."""
         headers = {**headers, "Accept-Encoding": "gzip, deflate"}
         try:
             response = self.session.request(
@@ -198,9 +207,11 @@ class UpstreamClient:
             raise UpstreamTimeout(domain.name, f"upstream '{domain.name}' did not answer in time") from exc
         except requests.RequestException as exc:
             raise UpstreamUnavailable(domain.name, f"could not reach upstream '{domain.name}'") from exc
-        return self._read(domain, response)
+        return self._read(domain, response, progress)
 
-    def _read(self, domain: DomainSettings, response: requests.Response) -> UpstreamResponse:
+    def _read(
+        self, domain: DomainSettings, response: requests.Response, progress: Callable[[], None]
+    ) -> UpstreamResponse:
         raw_headers = list(response.raw.headers.items())
         encodings = [e.strip().lower() for e in response.headers.get("Content-Encoding", "").split(",") if e.strip()]
         decoded = bool(encodings) and all(e in response.raw.CONTENT_DECODERS for e in encodings)
@@ -220,6 +231,7 @@ class UpstreamClient:
         try:
             for chunk in chunks:
                 buffer += chunk
+                progress()
                 if len(buffer) > self.max_body:
                     result.stream = BodyStream(bytes(buffer), chunks, response, domain.name)
                     return result

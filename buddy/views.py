@@ -6,7 +6,8 @@ from urllib.parse import quote, unquote
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from buddy.errors import BadProxyRequest
-from buddy.service import ProxyRequest, ProxyService
+from buddy.messages import ProxyRequest
+from buddy.service import ProxyService
 from buddy.upstream import safe_path, safe_query, upstream_path
 
 bp = Blueprint("proxy", __name__)

@@ -1,0 +1,44 @@
+"""The two values that cross the service boundary: a mapped client request and the result it gets."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from buddy.settings import DomainSettings
+
+
+@dataclass(frozen=True)
+class ProxyRequest:
+    """A client request already mapped to its domain, with a safe upstream path and query."""
+
+    domain: DomainSettings
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str:
+        name = name.lower()
+        return next((value for key, value in self.headers if key.lower() == name), "")
+
+
+@dataclass
+class ProxyResult:
+    """What the client gets: status, headers and either a whole body or a closable stream of chunks."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes | None = None
+    stream: Iterator[bytes] | None = None
+    cache: str = "MISS"
+    extra: list[tuple[str, str]] = field(default_factory=list)
+
+    def all_headers(self) -> list[tuple[str, str]]:
+        return [*self.headers, ("X-Cache", self.cache), *self.extra]
+
+    def close_stream(self) -> None:
+        close = getattr(self.stream, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,56 @@
+"""The coalescing lock: SET NX PX with a token, extended and released only by its owner, through Lua."""
+from __future__ import annotations
+
+from importlib import resources
+
+import redis
+
+from buddy.redis_keys import EntryId, RedisKeys
+from buddy.store.guard import StoreGuard
+
+SUCCESSOR_GRACE_MS = 30_000  # a successor is remembered this long after its lock would expire
+
+
+def load_script(name: str) -> str:
+    """A Lua script shipped in the package (buddy/store/lua/<name>.lua)."""
+    return resources.files("buddy.store").joinpath("lua", f"{name}.lua").read_text()
+
+
+class FillLock:
+    """Who fetches an entry: acquire (or learn the holder), extend while working, release with a hand-off."""
+
+    def __init__(self, client: redis.Redis, guard: StoreGuard, keys: RedisKeys) -> None:
+        self.client = client
+        self.guard = guard
+        self.keys = keys
+        self._acquire = client.register_script(load_script("acquire_lock"))
+        self._extend = client.register_script(load_script("extend_lock"))
+        self._release = client.register_script(load_script("release_lock"))
+
+    def acquire(self, entry: EntryId, token: str, ttl_ms: int, vanished: str = "") -> tuple[bool, str]:
+        """(True, token) if this token now leads the fill, else (False, the token of the leader to follow).
+
+        `vanished` names the leader the caller was following when it disappeared without a result; if another
+        waiter already took over from it, the answer is that successor, even when it has finished.
+        """
+        keys = [self.keys.lock(entry), self.keys.successor(entry, vanished)]
+        args = [token, ttl_ms, vanished, ttl_ms + SUCCESSOR_GRACE_MS]
+        won, holder = self.guard.run(lambda: self._acquire(keys=keys, args=args))
+        return bool(won), holder.decode() if isinstance(holder, bytes) else str(holder)
+
+    def extend(self, entry: EntryId, token: str, ttl_ms: int) -> bool:
+        return bool(self.guard.run(lambda: self._extend(keys=[self.keys.lock(entry)], args=[token, ttl_ms])))
+
+    def release(self, entry: EntryId, token: str, shared: bytes = b"", shared_ttl_ms: int = 30_000) -> None:
+        """Leave `shared` for this leader's followers (if given), drop the lock if still ours, wake everyone."""
+        keys = [self.keys.lock(entry), self.keys.shared_result(entry, token)]
+        args = [token, self.keys.fill_channel, self.wake_message(entry), shared, shared_ttl_ms]
+        self.guard.run(lambda: self._release(keys=keys, args=args))
+
+    def announce(self, entry: EntryId) -> None:
+        """Wake the followers without releasing (a relay has started)."""
+        self.guard.run(lambda: self.client.publish(self.keys.fill_channel, self.wake_message(entry)))
+
+    @staticmethod
+    def wake_message(entry: EntryId) -> str:
+        return f"{entry.domain}\n{entry.digest}"

@@ -1,0 +1,86 @@
+"""Over-size bodies for followers: the leader appends chunks to a Redis stream as its own client reads them."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Iterator
+
+import redis
+
+from buddy.errors import StoreUnavailable
+from buddy.store.guard import StoreGuard
+
+log = logging.getLogger("buddy.coalesce")
+RELAY_TTL_SECONDS = 60
+
+
+class RelayWriter:
+    """Writes meta, chunks and an end mark; a Redis failure stops the relay, never the leader's own response."""
+
+    def __init__(self, client: redis.Redis, guard: StoreGuard, key: str) -> None:
+        self.client = client
+        self.guard = guard
+        self.key = key
+        self.broken = False
+
+    def _add(self, kind: bytes, data: bytes) -> None:
+        if self.broken:
+            return
+
+        def write() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xadd(self.key, {b"k": kind, b"d": data})
+            pipe.expire(self.key, RELAY_TTL_SECONDS)
+            pipe.execute()
+
+        try:
+            self.guard.run(write)
+        except StoreUnavailable:
+            self.broken = True
+            log.warning("relay of an over-size body to coalesced requests stopped: Redis failed")
+
+    def start(self, status: int, reason: str, headers: list[tuple[str, str]]) -> None:
+        self._add(b"m", json.dumps({"s": status, "r": reason, "h": headers}).encode())
+
+    def chunk(self, data: bytes) -> None:
+        self._add(b"c", data)
+
+    def finish(self, complete: bool) -> None:
+        self._add(b"e" if complete else b"x", b"")
+
+
+def read_meta(client: redis.Redis, guard: StoreGuard, key: str) -> tuple[bytes, int, str, list[tuple[str, str]]] | None:
+    """The relay's first entry (id, status, reason, headers), or None when there is no relay."""
+    entries = guard.run(lambda: client.xrange(key, count=1))
+    if not entries:
+        return None
+    entry_id, fields = entries[0]
+    meta = json.loads(fields[b"d"])
+    return entry_id, int(meta["s"]), str(meta["r"]), [(str(n), str(v)) for n, v in meta["h"]]
+
+
+def follow_chunks(client: redis.Redis, guard: StoreGuard, key: str, after: bytes, idle_timeout: float) -> Iterator[bytes]:
+    """Yield the body's chunks as the leader adds them; ends at the end mark, or early if the relay stalls."""
+    last, quiet_since = after, time.monotonic()
+    while True:
+        try:
+            batches = guard.run(lambda: client.xread({key: last}, count=64, block=1000))
+        except StoreUnavailable:
+            log.warning("relay of an over-size body broke off: Redis failed")
+            return
+        if not batches:
+            if time.monotonic() - quiet_since > idle_timeout:
+                log.warning("relay of an over-size body stalled; ending the response early")
+                return
+            continue
+        quiet_since = time.monotonic()
+        for entry_id, fields in batches[0][1]:
+            last = entry_id
+            kind = fields[b"k"]
+            if kind == b"c":
+                yield fields[b"d"]
+            else:
+                if kind == b"x":
+                    log.warning("the leader's upstream body broke off; a coalesced response ends early")
+                return

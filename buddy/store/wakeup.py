@@ -1,0 +1,114 @@
+"""One pub/sub subscriber per process that wakes the local requests waiting on a fill."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import redis
+
+from buddy.redis_keys import EntryId
+
+log = logging.getLogger("buddy.coalesce")
+
+
+class Waiter:
+    """A parked request: an Event that the subscriber sets when its entry is announced."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def wait(self, timeout: float) -> bool:
+        woken = self.event.wait(timeout)
+        self.event.clear()
+        return woken
+
+
+class WakeupHub:
+    """Subscribes once per process (started lazily, re-started after a fork) and dispatches to local waiters.
+
+    A waiter registers before it re-checks Redis, so a result published in between is seen by the re-check,
+    and one published after it wakes the waiter: no wake-up is lost. While the subscription is down (Redis
+    restarting) waiters fall back to polling, and every waiter is woken when it comes back.
+    """
+
+    def __init__(self, client: redis.Redis, channel: str) -> None:
+        self.client = client
+        self.channel = channel
+        self._waiters: dict[str, set[Waiter]] = {}
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def register(self, entry: EntryId) -> Waiter:
+        self._ensure_running()
+        waiter = Waiter()
+        with self._lock:
+            self._waiters.setdefault(self._name(entry), set()).add(waiter)
+        return waiter
+
+    def unregister(self, entry: EntryId, waiter: Waiter) -> None:
+        name = self._name(entry)
+        with self._lock:
+            waiters = self._waiters.get(name)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiters[name]
+
+    def waiting(self) -> int:
+        with self._lock:
+            return sum(len(w) for w in self._waiters.values())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @staticmethod
+    def _name(entry: EntryId) -> str:
+        return f"{entry.domain}\n{entry.digest}"
+
+    def _wake(self, name: str | None) -> None:
+        with self._lock:
+            if name is None:
+                targets = [w for waiters in self._waiters.values() for w in waiters]
+            else:
+                targets = list(self._waiters.get(name, ()))
+        for waiter in targets:
+            waiter.event.set()
+
+    def _ensure_running(self) -> None:
+        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="buddy-wakeup", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self.channel)
+                if failures:
+                    log.warning("wake-up subscription restored")
+                    self._wake(None)  # something may have finished while we were deaf
+                failures = 0
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and message.get("type") == "message":
+                        data = message["data"]
+                        self._wake(data.decode() if isinstance(data, bytes) else str(data))
+            except (redis.RedisError, OSError, ValueError) as exc:
+                if failures == 0:
+                    log.warning("wake-up subscription lost, waiters poll until it is back: %s", exc)
+                failures += 1
+                time.sleep(min(1.0, 0.1 * failures))
+            finally:
+                try:
+                    pubsub.close()
+                except Exception:  # closing a broken connection may fail again; nothing left to do
+                    pass

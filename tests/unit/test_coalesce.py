@@ -1,0 +1,173 @@
+"""The lock and wake-up protocol on fakeredis: one leader, no lost wake-ups, dead leaders taken over."""
+from __future__ import annotations
+
+import threading
+import time
+
+import fakeredis
+import pytest
+
+from buddy import coalesce
+from buddy.coalesce import Coalescer
+from buddy.errors import CoalesceTimeout
+from buddy.messages import ProxyResult
+from buddy.redis_keys import EntryId, RedisKeys
+from buddy.store.fill_lock import load_script
+from buddy.store.guard import StoreGuard
+from buddy.store.wakeup import WakeupHub
+
+ENTRY = EntryId("up", "d" * 64)
+KEYS = RedisKeys("t:")
+
+
+@pytest.fixture
+def client() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis(server=fakeredis.FakeServer())
+
+
+@pytest.fixture
+def make(client: fakeredis.FakeRedis):
+    hubs: list[WakeupHub] = []
+
+    def build(timeout: float = 10.0) -> Coalescer:
+        hub = WakeupHub(client, KEYS.fill_channel)
+        hubs.append(hub)
+        return Coalescer(client, StoreGuard(), KEYS, hub, timeout)
+
+    yield build
+    for hub in hubs:
+        hub.stop()
+
+
+def answer(body: bytes, status: int = 200) -> ProxyResult:
+    return ProxyResult(status, "OK", [("Content-Type", "text/plain")], body)
+
+
+def lead_with(coalescer: Coalescer, result: ProxyResult, calls: list[str], gate: threading.Event | None = None):
+    def lead(token: str) -> ProxyResult:
+        calls.append(token)
+        if gate is not None:
+            gate.wait(10)
+        coalescer.hand_off(ENTRY, token, result, stored=False)
+        return result
+
+    return lead
+
+
+def test_every_lua_script_ships_in_the_package() -> None:
+    for name in ("acquire_lock", "extend_lock", "release_lock"):
+        assert "KEYS[1]" in load_script(name)
+
+
+def test_followers_get_the_leaders_result_and_only_one_leads(make, monkeypatch) -> None:
+    monkeypatch.setattr(coalesce, "POLL_SECONDS", 30.0)  # only a wake-up can end the wait in time
+    coalescers = [make() for _ in range(2)]  # two "processes", each with its own subscriber
+    gate, calls, results = threading.Event(), [], []
+
+    def request(i: int) -> None:
+        c = coalescers[i % 2]
+        results.append(c.run(ENTRY, 10_000, 5.0, lead_with(c, answer(b"shared", 503), calls, gate)))
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while sum(c.hub.waiting() for c in coalescers) < 9 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert time.monotonic() - started < 3
+    assert len(calls) == 1
+    assert sorted(r.cache for r in results) == ["COALESCED"] * 9 + ["MISS"]
+    assert {(r.status, r.body) for r in results} == {(503, b"shared")}
+
+
+def test_no_lost_wake_up_when_the_result_lands_between_miss_and_subscribe(make, monkeypatch, client) -> None:
+    monkeypatch.setattr(coalesce, "POLL_SECONDS", 30.0)
+    leader, follower = make(), make()
+    token = "leader-token"
+    assert leader.lock.acquire(ENTRY, token, 10_000) == (True, token)
+    original = follower.hub.register
+
+    def register_after_the_result_landed(entry: EntryId):
+        leader.hand_off(ENTRY, token, answer(b"raced"), stored=False)  # published before anyone listens
+        return original(entry)
+
+    monkeypatch.setattr(follower.hub, "register", register_after_the_result_landed)
+    started = time.monotonic()
+    result = follower.run(ENTRY, 10_000, 5.0, lambda t: pytest.fail("the follower must not lead"))
+    assert time.monotonic() - started < 2
+    assert (result.body, result.cache) == (b"raced", "COALESCED")
+
+
+def test_a_dead_leaders_lock_expires_and_one_waiter_takes_over(make, client) -> None:
+    dead = make()
+    assert dead.lock.acquire(ENTRY, "dead-leader", 800)[0]  # never released: its worker was killed
+    calls: list[str] = []
+    results: list[ProxyResult] = []
+    followers = [make() for _ in range(3)]
+
+    def request(c: Coalescer) -> None:
+        results.append(c.run(ENTRY, 10_000, 5.0, lead_with(c, answer(b"fresh"), calls)))
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=request, args=(c,)) for c in followers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(calls) == 1
+    assert [r.body for r in results] == [b"fresh"] * 3
+    assert 0.7 < time.monotonic() - started < 3.5  # lock TTL plus at most a poll interval or two
+
+
+def test_a_leader_that_fails_lets_go_so_a_waiter_leads(make) -> None:
+    first, second = make(), make()
+    gate = threading.Event()
+    calls: list[str] = []
+
+    def failing(token: str) -> ProxyResult:
+        calls.append(token)
+        gate.wait(5)
+        first.lock.release(ENTRY, token)  # what the service's finally does on an unexpected error
+        raise RuntimeError("bug in the leader")
+
+    def crash() -> None:
+        with pytest.raises(RuntimeError):
+            first.run(ENTRY, 10_000, 5.0, failing)
+
+    leader = threading.Thread(target=crash)
+    leader.start()
+    while not calls:
+        time.sleep(0.01)
+    results: list[ProxyResult] = []
+    follower = threading.Thread(target=lambda: results.append(second.run(ENTRY, 10_000, 5.0, lead_with(second, answer(b"ok"), calls))))
+    follower.start()
+    time.sleep(0.2)
+    gate.set()
+    leader.join(5)
+    follower.join(5)
+    assert len(calls) == 2 and results[0].body == b"ok" and results[0].cache == "MISS"
+
+
+def test_waiting_past_the_coalesce_timeout_raises(make) -> None:
+    holder, waiter = make(), make(timeout=0.5)
+    holder.lock.acquire(ENTRY, "slow-leader", 10_000)
+    started = time.monotonic()
+    with pytest.raises(CoalesceTimeout, match="identical request to 'up'"):
+        waiter.run(ENTRY, 10_000, 5.0, lambda t: pytest.fail("must not lead"))
+    assert time.monotonic() - started < 1.5
+
+
+def test_only_the_owner_can_extend_or_release(make, client) -> None:
+    c = make()
+    assert c.lock.acquire(ENTRY, "owner", 5_000) == (True, "owner")
+    assert c.lock.acquire(ENTRY, "other", 5_000) == (False, "owner")
+    assert not c.lock.extend(ENTRY, "other", 60_000)
+    c.lock.release(ENTRY, "other")
+    assert client.get(KEYS.lock(ENTRY)) == b"owner"
+    assert c.lock.extend(ENTRY, "owner", 60_000) and client.pttl(KEYS.lock(ENTRY)) > 50_000
+    c.lock.release(ENTRY, "owner")
+    assert client.get(KEYS.lock(ENTRY)) is None
