@@ -83,6 +83,7 @@ def create_app(
         Coalescer(redis_client, guard, keys, hub, settings.cache["coalesce_timeout_seconds"]),
     )
     app.extensions["buddy"] = Buddy(settings, redis_client, guard, service, hub, url)
+    hub.start()  # subscribe now (this runs in each worker after the fork), not on the first wait
 
     from buddy import views
 

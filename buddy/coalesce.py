@@ -19,6 +19,7 @@ from buddy.store.wakeup import WakeupHub
 from buddy.upstream import BodyStream, storable_headers
 
 POLL_SECONDS = 1.0  # a waiter re-checks this often even without a wake-up (a dead leader publishes nothing)
+DEAF_POLL_SECONDS = 0.05  # ... and this often while its process's subscription is not confirmed
 HEARTBEAT_SECONDS = 1.0
 SHARED_RESULT_TTL_MS = 30_000
 
@@ -69,7 +70,8 @@ class Coalescer:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
-                waiter.wait(min(POLL_SECONDS, remaining))
+                interval = POLL_SECONDS if self.hub.listening else DEAF_POLL_SECONDS
+                waiter.wait(min(interval, remaining))
         finally:
             self.hub.unregister(entry, waiter)
 

@@ -26,11 +26,12 @@ class Waiter:
 
 
 class WakeupHub:
-    """Subscribes once per process (started lazily, re-started after a fork) and dispatches to local waiters.
+    """Subscribes once per process (re-started after a fork) and dispatches to local waiters.
 
     A waiter registers before it re-checks Redis, so a result published in between is seen by the re-check,
-    and one published after it wakes the waiter: no wake-up is lost. While the subscription is down (Redis
-    restarting) waiters fall back to polling, and every waiter is woken when it comes back.
+    and one published after it wakes the waiter: no wake-up is lost. That holds only once Redis has
+    confirmed the subscription (`listening`); until then, and while Redis is restarting, waiters poll
+    quickly, and every waiter is woken when the subscription comes back.
     """
 
     def __init__(self, client: redis.Redis, channel: str) -> None:
@@ -41,9 +42,20 @@ class WakeupHub:
         self._pid = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._listening = threading.Event()
+
+    @property
+    def listening(self) -> bool:
+        """True while the subscription is confirmed by Redis: only then may a waiter rely on being woken."""
+        return self._listening.is_set() and self._pid == os.getpid()
+
+    def start(self, wait: float = 0.0) -> bool:
+        """Start this process's subscriber (if needed) and wait up to `wait` seconds for Redis to confirm it."""
+        self._ensure_running()
+        return self._listening.wait(wait) if wait else self.listening
 
     def register(self, entry: EntryId) -> Waiter:
-        self._ensure_running()
+        self.start(wait=0.5)
         waiter = Waiter()
         with self._lock:
             self._waiters.setdefault(self._name(entry), set()).add(waiter)
@@ -90,19 +102,25 @@ class WakeupHub:
     def _run(self) -> None:
         failures = 0
         while not self._stop.is_set():
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.client.pubsub()
             try:
                 pubsub.subscribe(self.channel)
-                if failures:
-                    log.warning("wake-up subscription restored")
-                    self._wake(None)  # something may have finished while we were deaf
-                failures = 0
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
-                    if message and message.get("type") == "message":
+                    if not message:
+                        continue
+                    if message.get("type") == "subscribe":
+                        # Redis has processed SUBSCRIBE: every publish from now on reaches us.
+                        self._listening.set()
+                        if failures:
+                            log.warning("wake-up subscription restored")
+                            self._wake(None)  # something may have finished while we were deaf
+                        failures = 0
+                    elif message.get("type") == "message":
                         data = message["data"]
                         self._wake(data.decode() if isinstance(data, bytes) else str(data))
             except (redis.RedisError, OSError, ValueError) as exc:
+                self._listening.clear()
                 if failures == 0:
                     log.warning("wake-up subscription lost, waiters poll until it is back: %s", exc)
                 failures += 1
