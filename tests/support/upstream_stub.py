@@ -8,7 +8,7 @@ Routes (anything else echoes the request as JSON):
   /looks-gzip         gzip bytes served as application/gzip with no Content-Encoding
   /big/<n>            n bytes of body
   /redirect           302 to /target on this same server
-  /counter            a body that changes on every call
+Any route also takes `?sleep=<ms>`: the stub waits that long before it answers.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ class Seen:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes; no 40 ms delayed-ACK stall
     server: "_Server"
 
     def log_message(self, *args: Any) -> None:  # keep pytest output clean
@@ -92,8 +93,11 @@ class UpstreamStub:
         self.server.server_close()
 
     def respond(self, handler: _Handler, seen: Seen, count: int) -> None:
-        path = seen.path.split("?", 1)[0]
+        path, _, query = seen.path.partition("?")
         parts = path.strip("/").split("/")
+        sleep = dict(p.split("=", 1) for p in query.split("&") if p.startswith("sleep=")).get("sleep")
+        if sleep:
+            time.sleep(int(sleep) / 1000)
         headers: list[tuple[str, str]] = [("Content-Type", "application/json")]
         status = 200
         body = json.dumps(

@@ -1,0 +1,112 @@
+"""Coalescing across real gunicorn workers and instances, counted from the upstream stub's own log."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import requests
+
+from tests.support.upstream_stub import UpstreamStub
+
+
+def config_for(upstream: UpstreamStub, **extra) -> dict:
+    domain = {"upstream": upstream.url, "connect_timeout": 1, "read_timeout": 3}
+    return {"domain_mappings": {"up": domain}, **extra}
+
+
+def fire(urls: list[str], method: str = "GET", body: bytes | None = None) -> list[requests.Response]:
+    """All requests at once, each on its own connection."""
+    def one(url: str) -> requests.Response:
+        return requests.request(method, url, data=body, timeout=30, headers={"Connection": "close"})
+
+    with ThreadPoolExecutor(max_workers=len(urls)) as pool:
+        return list(pool.map(one, urls))
+
+
+def test_forty_identical_gets_over_four_workers_make_one_upstream_call(gunicorn, redis_url, upstream) -> None:
+    proxy = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url}, workers=4)
+    responses = fire([f"{proxy.url}/up/c/en/dog?sleep=600"] * 40)
+    assert upstream.count() == 1
+    assert [r.status_code for r in responses] == [200] * 40
+    assert len({r.content for r in responses}) == 1
+    states = [r.headers["X-Cache"] for r in responses]
+    assert states.count("MISS") == 1 and set(states) <= {"MISS", "COALESCED", "HIT"}
+
+
+def test_identical_posts_coalesce_and_different_bodies_do_not(gunicorn, redis_url, upstream) -> None:
+    proxy = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url}, workers=4)
+    same = fire([f"{proxy.url}/up/sparql?sleep=500"] * 20, "POST", b"SELECT ?x WHERE {}")
+    assert upstream.count() == 1 and len({r.content for r in same}) == 1
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        list(pool.map(lambda i: requests.post(f"{proxy.url}/up/sparql?sleep=300", data=f"q{i % 5}", timeout=30),
+                      range(10)))
+    assert sorted(seen.body for seen in upstream.log[1:]) == [b"q0", b"q1", b"q2", b"q3", b"q4"]
+
+
+def test_two_instances_sharing_redis_make_one_upstream_call(gunicorn, redis_url, upstream) -> None:
+    first = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url})
+    second = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url})
+    urls = [f"{(first if i % 2 else second).url}/up/shared?sleep=600" for i in range(30)]
+    responses = fire(urls)
+    assert upstream.count() == 1
+    assert len({r.content for r in responses}) == 1
+
+
+def test_an_uncacheable_503_is_shared_with_followers_but_not_kept(gunicorn, redis_url, upstream) -> None:
+    proxy = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url}, workers=4)
+    responses = fire([f"{proxy.url}/up/status/503?sleep=500"] * 20)
+    assert [r.status_code for r in responses] == [503] * 20
+    assert len({r.content for r in responses}) == 1
+    assert upstream.count() == 1
+    after = requests.get(f"{proxy.url}/up/status/503?sleep=500", timeout=30)
+    assert after.status_code == 503 and after.headers["X-Cache"] == "MISS"
+    assert upstream.count() == 2
+
+
+def test_an_oversize_body_is_relayed_to_followers(gunicorn, redis_url, upstream) -> None:
+    proxy = gunicorn(config_for(upstream, cache={"max_cache_response_size": 65536}),
+                     env={"REDIS_URL": redis_url}, workers=4)
+    size = 600_000
+    responses = fire([f"{proxy.url}/up/big/{size}?sleep=500"] * 12)
+    assert upstream.count() == 1
+    assert {len(r.content) for r in responses} == {size}
+    assert len({r.content for r in responses}) == 1
+    assert sorted(r.headers["X-Cache"] for r in responses).count("COALESCED") == 11
+
+
+def test_a_killed_leader_does_not_wedge_its_waiters(gunicorn, redis_url, upstream) -> None:
+    leader_side = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url}, workers=1)
+    waiter_side = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url}, workers=2)
+    url = "/up/slow-thing?sleep=1500"
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        doomed = pool.submit(requests.get, f"{leader_side.url}{url}", timeout=30)
+        while upstream.count() == 0:
+            time.sleep(0.02)
+        started = time.monotonic()
+        waiters = [pool.submit(requests.get, f"{waiter_side.url}{url}", timeout=30) for _ in range(10)]
+        time.sleep(0.3)  # let them park behind the leader
+        (worker,) = psutil.Process(leader_side.process.pid).children()
+        os.kill(worker.pid, signal.SIGKILL)
+        responses = [w.result() for w in waiters]
+        elapsed = time.monotonic() - started
+    assert doomed.exception() is not None  # its worker died with the connection open
+    assert [r.status_code for r in responses] == [200] * 10
+    assert len({r.content for r in responses}) == 1
+    assert upstream.count() == 2  # the dead leader's call and one successor's
+    lock_ttl, latency, poll = 1 + 3 + 2, 1.5, 1.0  # connect + read timeout + margin; the stub's sleep
+    assert elapsed < lock_ttl + latency + poll + 2
+
+
+def test_no_request_waits_past_the_coalesce_timeout(gunicorn, redis_url, upstream) -> None:
+    proxy = gunicorn(config_for(upstream, cache={"coalesce_timeout_seconds": 1}), env={"REDIS_URL": redis_url}, workers=2)
+    started = time.monotonic()
+    responses = fire([f"{proxy.url}/up/slow?sleep=2500"] * 5)
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200, 504, 504, 504, 504]
+    late = [r for r in responses if r.status_code == 504]
+    assert all(r.json()["error"] == "coalesce timeout" and r.json()["domain"] == "up" for r in late)
+    assert upstream.count() == 1
+    assert time.monotonic() - started < 4
