@@ -18,7 +18,7 @@ except ConfigError as _exc:
 bind = [f"{_settings.server['host']}:{_settings.server['port']}"]
 workers = int(os.environ.get("WEB_CONCURRENCY", "4"))
 worker_class = "gthread"
-threads = int(os.environ.get("BUDDY_THREADS", "32"))
+threads = int(os.environ.get("BUDDY_THREADS", "64"))
 graceful_timeout = 10
 timeout = 60
 _embedded = None
