@@ -21,22 +21,25 @@ worker_class = "gthread"
 threads = int(os.environ.get("BUDDY_THREADS", "64"))
 graceful_timeout = 10
 timeout = 60
-_embedded = None
 
 
 def on_starting(server):
-    """In the master, before any worker exists: start (or join) the embedded Redis when none is configured."""
-    global _embedded
+    """In the master, before any worker exists: start (or join) the embedded Redis when none is configured.
+
+    It is kept on the arbiter, not in this module: a SIGHUP re-executes this file, and on_exit must still
+    find the server that this master started.
+    """
     if _settings.redis["url"]:
         return
-    _embedded = EmbeddedRedis(_settings.data_dir, _settings.redis["maxmemory"])
-    if _embedded.ensure():
-        server.log.info("embedded Redis started: %s (data in %s)", _embedded.url, _embedded.data_dir)
+    embedded = server.buddy_embedded_redis = EmbeddedRedis(_settings.data_dir, _settings.redis["maxmemory"])
+    if embedded.ensure():
+        server.log.info("embedded Redis started: %s (data in %s)", embedded.url, embedded.data_dir)
     else:
-        server.log.info("using the embedded Redis already running at %s", _embedded.url)
+        server.log.info("using the embedded Redis already running at %s", embedded.url)
 
 
 def on_exit(server):
     """The master is leaving: save and stop the embedded Redis if this master started it."""
-    if _embedded is not None:
-        _embedded.stop()
+    embedded = getattr(server, "buddy_embedded_redis", None)
+    if embedded is not None:
+        embedded.stop()

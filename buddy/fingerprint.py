@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 KEY_VERSION = "v1"
+_EMPTY_BODY = hashlib.sha256(b"").hexdigest()
 
 # Headers whose values are upstream credentials: a response bought with them is partitioned by their hash.
 # Cookie is not among them: reference APIs set tracking cookies, and a client that sends them back would
@@ -71,7 +72,7 @@ def fingerprint(shape: RequestShape) -> str:
         shape.domain,
         shape.path,
         list(sorted_query(shape.query)),
-        hashlib.sha256(shape.body).hexdigest(),
+        hashlib.sha256(shape.body).hexdigest() if shape.body else _EMPTY_BODY,
         shape.content_type,
         [list(pair) for pair in shape.vary],
         shape.credentials,

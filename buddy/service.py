@@ -18,7 +18,7 @@ from buddy.upstream import UpstreamClient, build_url, forwardable_request_header
 
 log = logging.getLogger("buddy.service")
 CACHEABLE_METHODS = frozenset({"GET", "HEAD", "POST"})
-LOCK_MARGIN_SECONDS = 5.0
+LOCK_MARGIN_SECONDS = 2.0
 
 
 def json_result(status: int, reason: str, **body: object) -> ProxyResult:

@@ -29,6 +29,8 @@ _SEGMENT_SAFE = "!$&'()*+,;=:@~-._"
 _QUERY_SAFE = "=&;+%/:?@!$'()*,~-._[]"
 _BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_PLAIN_PATH = re.compile(rb"[A-Za-z0-9!$&'()*+,;=:@~._/-]*")
+_DOT_SEGMENT = re.compile(rb"(?:^|/)\.\.?(?:/|$)")
 
 
 def dropped_headers(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
@@ -69,6 +71,8 @@ def safe_path(raw_rest: bytes) -> str:
     Each segment is percent-decoded, refused if it is (or hides) `.`/`..` or carries control bytes, and
     re-encoded with `/` and `\\` escaped, so `%2f` stays inside its segment and `..%2f` cannot climb.
     """
+    if _PLAIN_PATH.fullmatch(raw_rest) and not _DOT_SEGMENT.search(raw_rest):
+        return raw_rest.decode("ascii")  # nothing to decode or re-encode: the common case, kept cheap
     if _BAD_PERCENT.search(raw_rest):
         raise BadProxyRequest("malformed percent-encoding in the path")
     out = []
