@@ -29,6 +29,8 @@ def on_starting(server):
     It is kept on the arbiter, not in this module: a SIGHUP re-executes this file, and on_exit must still
     find the server that this master started.
     """
+    # Workers inherit this: while Redis is down, each keeps 1/workers of every rate limit by itself.
+    os.environ["BUDDY_WORKERS"] = str(server.cfg.workers)
     if _settings.redis["url"]:
         return
     embedded = server.buddy_embedded_redis = EmbeddedRedis(_settings.data_dir, _settings.redis["maxmemory"])

@@ -18,6 +18,7 @@ from buddy.redis_keys import RedisKeys
 from buddy.service import ProxyService
 from buddy.settings import Settings, load_settings
 from buddy.store.guard import StoreGuard
+from buddy.store.rate_limiter import LocalLimiter, RateLimiter
 from buddy.store.response_cache import ResponseCache
 from buddy.store.wakeup import WakeupHub
 from buddy.upstream import UpstreamClient
@@ -81,6 +82,8 @@ def create_app(
         ResponseCache(redis_client, guard),
         UpstreamClient(settings.cache["max_cache_response_size"]),
         Coalescer(redis_client, guard, keys, hub, settings.cache["coalesce_timeout_seconds"]),
+        RateLimiter(redis_client, guard, keys, settings.throttling["progressive_max_delay"]),
+        LocalLimiter(settings.throttling["progressive_max_delay"], int(os.environ.get("BUDDY_WORKERS", "1"))),
     )
     app.extensions["buddy"] = Buddy(settings, redis_client, guard, service, hub, url)
     hub.start()  # subscribe now (this runs in each worker after the fork), not on the first wait

@@ -37,6 +37,14 @@ class RedisKeys:
         """A stream carrying an over-size body from its leader to the followers as it arrives."""
         return f"{self.prefix}relay:{{{entry.domain}}}:{entry.digest}:{token}"
 
+    def rate_starts(self, domain: str) -> str:
+        """Sorted set of reserved upstream start times (ms) for the domain's sliding windows."""
+        return f"{self.prefix}rate:{{{domain}}}"
+
+    def rate_penalty(self, domain: str) -> str:
+        """Hash holding the domain's progressive penalty: until, level, last."""
+        return f"{self.prefix}penalty:{{{domain}}}"
+
     @property
     def fill_channel(self) -> str:
         """Pub/sub channel on which leaders announce finished (or started-streaming) fills."""

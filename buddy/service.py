@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from email.utils import parsedate_to_datetime
 from typing import Callable
 
 from buddy.codec import CachedResponse
@@ -13,6 +15,7 @@ from buddy.fingerprint import RequestShape, credentials_digest, fingerprint, var
 from buddy.messages import ProxyRequest, ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
 from buddy.settings import DomainSettings, Settings
+from buddy.store.rate_limiter import Decision, LocalLimiter, RateLimiter
 from buddy.store.response_cache import ResponseCache
 from buddy.upstream import UpstreamClient, build_url, forwardable_request_headers, storable_headers
 
@@ -28,7 +31,7 @@ def json_result(status: int, reason: str, **body: object) -> ProxyResult:
 
 
 class ProxyService:
-    """hit -> coalesce -> (throttle: a later issue) -> fetch -> store."""
+    """hit -> coalesce -> throttle -> fetch -> store."""
 
     def __init__(
         self,
@@ -37,12 +40,16 @@ class ProxyService:
         cache: ResponseCache,
         upstream: UpstreamClient,
         coalescer: Coalescer,
+        limiter: RateLimiter,
+        fallback_limiter: LocalLimiter,
     ) -> None:
         self.settings = settings
         self.keys = keys
         self.cache = cache
         self.upstream = upstream
         self.coalescer = coalescer
+        self.limiter = limiter
+        self.fallback_limiter = fallback_limiter
 
     def entry_for(self, request: ProxyRequest) -> EntryId | None:
         """Which cache entry answers the request, or None when it must not be cached at all."""
@@ -71,7 +78,7 @@ class ProxyService:
     def _answer(self, request: ProxyRequest) -> ProxyResult:
         entry = self.entry_for(request)
         if entry is None:
-            return self._fetch(request)
+            return self._call_upstream(request)
         try:
             hit = self.cache.get(self.keys.cache(entry.domain, entry.digest))
         except StoreUnavailable:
@@ -94,8 +101,12 @@ class ProxyService:
         """Fetch as the one leader; whatever happens, followers are handed a result or the lock is let go."""
         beat = self.coalescer.heartbeat(entry, token, lock_ttl_ms)
         handed_off = False
+
+        def hold_lock_through(delay: float) -> None:
+            self.coalescer.lock.extend(entry, token, lock_ttl_ms + int(delay * 1000))
+
         try:
-            result = self._fetch(request, progress=_quietly(beat))
+            result = self._call_upstream(request, progress=_quietly(beat), before_sleep=hold_lock_through)
             if result.stream is not None:
                 result.stream = self.coalescer.relay(entry, token, result, _quietly(beat))
                 handed_off = True  # the relay releases the lock when the body is done
@@ -128,9 +139,49 @@ class ProxyService:
         return True
 
     def _bypass(self, request: ProxyRequest) -> ProxyResult:
-        result = self._fetch(request)
+        result = self._call_upstream(request)
         result.cache = "BYPASS"
         return result
+
+    def _call_upstream(
+        self,
+        request: ProxyRequest,
+        progress: Callable[[], None] = lambda: None,
+        before_sleep: Callable[[float], None] = lambda delay: None,
+    ) -> ProxyResult:
+        """Throttle, then fetch: wait for the reserved slot, or answer 429 at once when it is too far off."""
+        domain = request.domain
+        decision, limiter = self._throttle(domain)
+        if not decision.accepted:
+            return refused(domain, decision)
+        if decision.delay > 0:
+            try:
+                before_sleep(decision.delay)
+            except StoreUnavailable:
+                pass  # the lock may expire early; at worst a follower fetches too
+            time.sleep(decision.delay)
+        result = self._fetch(request, progress)
+        if decision.delay > 0:
+            result.extra.append(("X-Throttle-Delay", f"{decision.delay:.3f}"))
+        if limiter is self.limiter:
+            self._learn(domain, result, decision)
+        return result
+
+    def _throttle(self, domain: DomainSettings) -> tuple[Decision, RateLimiter | LocalLimiter]:
+        try:
+            return self.limiter.acquire(domain), self.limiter
+        except StoreUnavailable:
+            return self.fallback_limiter.acquire(domain), self.fallback_limiter
+
+    def _learn(self, domain: DomainSettings, result: ProxyResult, decision: Decision) -> None:
+        """An upstream 429/503 pauses the domain (its Retry-After, else exponential); success resets the level."""
+        try:
+            if result.status in (429, 503):
+                self.limiter.penalize(domain, retry_after_seconds(result.headers))
+            elif decision.level and result.status < 500:
+                self.limiter.reset(domain)
+        except StoreUnavailable:
+            pass
 
     def _fetch(self, request: ProxyRequest, progress: Callable[[], None] = lambda: None) -> ProxyResult:
         domain = request.domain
@@ -154,6 +205,39 @@ class ProxyService:
         if status in (404, 410):
             return domain.negative_ttl_seconds
         return None
+
+
+def refused(domain: DomainSettings, decision: Decision) -> ProxyResult:
+    """429 without consuming a slot: the next free slot is further off than the longest allowed delay."""
+    wait = max(1, math.ceil(decision.delay))
+    result = json_result(
+        429, "Too Many Requests", error="rate limited", domain=domain.name,
+        message=f"'{domain.name}' is at its rate limit; the next upstream slot is {decision.delay:.1f}s away",
+        retry_after=wait,
+    )
+    result.headers += [
+        ("Retry-After", str(wait)),
+        ("X-RateLimit-Limit", str(decision.limit or domain.max_requests_per_hour)),
+        ("X-RateLimit-Remaining", "0"),
+        ("X-RateLimit-Reset", str(wait)),
+    ]
+    return result
+
+
+def retry_after_seconds(headers: list[tuple[str, str]]) -> float | None:
+    """An upstream's Retry-After, in seconds from now: delta-seconds or an HTTP date; None when absent or odd."""
+    value = next((v for n, v in headers if n.lower() == "retry-after"), "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def from_cache(entry: CachedResponse) -> ProxyResult:

@@ -8,7 +8,34 @@ import pytest
 from flask import Flask
 
 from buddy import create_app
+from tests.support.processes import RedisServer
 from tests.support.upstream_stub import UpstreamStub
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """The bundled redis-server on a free port, shared by the session; a missing binary fails, never skips."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    redis_server.client().flushall()
+    return redis_server.url
+
+
+@pytest.fixture(params=["fakeredis", "redis-server"])
+def any_redis(request: pytest.FixtureRequest) -> Iterator:
+    """Contract tests run once on fakeredis[lua] and once on the real bundled Redis."""
+    if request.param == "fakeredis":
+        yield fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    else:
+        client = request.getfixturevalue("redis_server").client()
+        client.flushall()
+        yield client
+        client.close()
 
 
 @pytest.fixture

@@ -48,7 +48,10 @@ class StoreGuard:
             self.failed_at, self.last_error = now, f"{type(exc).__name__}: {exc}"
             if now - self._logged_at >= self.log_every:
                 self._logged_at = now
-                log.error("Redis unavailable, serving without cache (X-Cache: BYPASS): %s", self.last_error)
+                log.error(
+                    "Redis unavailable: serving without cache (X-Cache: BYPASS), rate limits kept per process: %s",
+                    self.last_error,
+                )
 
     def _recovered(self) -> None:
         with self._lock:

@@ -1,4 +1,4 @@
-"""Integration fixtures: the bundled redis-server on a free port, and real gunicorn processes."""
+"""Integration fixtures: real gunicorn processes (the redis-server fixtures live in tests/conftest.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,20 +6,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import pytest
 
-from tests.support.processes import Gunicorn, RedisServer
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    redis_server.client().flushall()
-    return redis_server.url
+from tests.support.processes import Gunicorn
 
 
 StartGunicorn = Callable[..., Gunicorn]

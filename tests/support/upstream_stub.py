@@ -8,12 +8,14 @@ Routes (anything else echoes the request as JSON):
   /looks-gzip         gzip bytes served as application/gzip with no Content-Encoding
   /big/<n>            n bytes of body
   /redirect           302 to /target on this same server
-Any route also takes `?sleep=<ms>`: the stub waits that long before it answers.
+Any route also takes `?sleep=<ms>`: the stub waits that long before it answers; /status also takes
+`?retry_after=<value>`, sent back as its Retry-After header.
 """
 from __future__ import annotations
 
 import gzip
 import json
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -58,6 +60,11 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client (the proxy) that hangs up early is routine here, not worth a traceback."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class UpstreamStub:
@@ -106,6 +113,9 @@ class UpstreamStub:
         if parts[0] == "status" and len(parts) > 1:
             status = int(parts[1])
             body = json.dumps({"status": status, "n": count}).encode()
+            retry_after = dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("retry_after")
+            if retry_after is not None:
+                headers.append(("Retry-After", retry_after))
         elif parts[0] == "slow" and len(parts) > 1:
             time.sleep(int(parts[1]) / 1000)
         elif parts[0] == "cookie":

@@ -1,0 +1,111 @@
+"""Rate limits for upstream calls: sliding windows in Redis (one Lua call per request) and a per-process fallback."""
+from __future__ import annotations
+
+import math
+import secrets
+import threading
+import time
+from collections import deque
+from typing import NamedTuple
+
+import redis
+
+from buddy.redis_keys import RedisKeys
+from buddy.settings import DomainSettings
+from buddy.store.fill_lock import load_script
+from buddy.store.guard import StoreGuard
+
+GUARD_MS = 50  # every window is this much longer than configured, so that arrival jitter never breaks a limit
+QUIET_MS = 60_000  # the penalty level decays to 0 after this long without a 429/503 or a refusal
+
+
+class Decision(NamedTuple):
+    """A throttle verdict: go after `delay` seconds, or refuse (then `delay` is how long until a slot frees)."""
+
+    accepted: bool
+    delay: float
+    limit: int = 0
+    window: float = 0.0
+    level: int = 0
+
+
+def windows(domain: DomainSettings) -> list[tuple[int, int]]:
+    """(window ms, limit) for each configured limit of the domain."""
+    out = [(3_600_000, domain.max_requests_per_hour)]
+    if domain.max_requests_per_minute:
+        out.append((60_000, domain.max_requests_per_minute))
+    if domain.max_requests_per_second:
+        out.append((1_000, domain.max_requests_per_second))
+    return out
+
+
+class RateLimiter:
+    """Shared by every worker and host on the Redis; time comes from Redis itself."""
+
+    def __init__(self, client: redis.Redis, guard: StoreGuard, keys: RedisKeys, max_delay: float) -> None:
+        self.guard = guard
+        self.keys = keys
+        self.max_delay_ms = int(max_delay * 1000)
+        self._throttle = client.register_script(load_script("throttle"))
+        self._penalize = client.register_script(load_script("penalize"))
+        self._reset = client.register_script(load_script("reset_penalty"))
+
+    def acquire(self, domain: DomainSettings) -> Decision:
+        keys = [self.keys.rate_starts(domain.name), self.keys.rate_penalty(domain.name)]
+        args: list[int | str] = [secrets.token_hex(8), self.max_delay_ms, GUARD_MS, QUIET_MS]
+        for window_ms, limit in windows(domain):
+            args += [window_ms, limit]
+        accepted, delay, limit, window, level = self.guard.run(lambda: self._throttle(keys=keys, args=args))
+        return Decision(bool(accepted), int(delay) / 1000, int(limit), int(window) / 1000, int(level))
+
+    def penalize(self, domain: DomainSettings, retry_after: float | None) -> None:
+        retry_ms = -1 if retry_after is None else int(retry_after * 1000)
+        keys = [self.keys.rate_penalty(domain.name)]
+        self.guard.run(lambda: self._penalize(keys=keys, args=[retry_ms, self.max_delay_ms, QUIET_MS]))
+
+    def reset(self, domain: DomainSettings) -> None:
+        self.guard.run(lambda: self._reset(keys=[self.keys.rate_penalty(domain.name)]))
+
+
+class LocalLimiter:
+    """The fallback while Redis is unreachable: each process keeps its share (limit / workers) of every window."""
+
+    def __init__(self, max_delay: float, workers: int) -> None:
+        self.max_delay = max_delay
+        self.workers = max(1, workers)
+        self._starts: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def share(self, domain: DomainSettings) -> list[tuple[float, int]]:
+        """This process's windows: limit/workers per window, or one request per a longer window below 1."""
+        out = []
+        for window_ms, limit in windows(domain):
+            per_process = limit / self.workers
+            if per_process >= 1:
+                out.append(((window_ms + GUARD_MS) / 1000, math.floor(per_process)))
+            else:
+                out.append(((window_ms + GUARD_MS) / 1000 * math.ceil(1 / per_process), 1))
+        return out
+
+    def acquire(self, domain: DomainSettings) -> Decision:
+        with self._lock:
+            now = time.monotonic()
+            starts = self._starts.setdefault(domain.name, deque())
+            t = max(now, starts[-1]) if starts else now
+            shares = self.share(domain)
+            for _ in range(8):
+                moved = False
+                for span, limit in shares:
+                    inside = [s for s in starts if s > t - span]
+                    if len(inside) >= limit:
+                        t, moved = inside[len(inside) - limit] + span, True
+                if not moved:
+                    break
+            delay = t - now
+            if delay > self.max_delay:
+                return Decision(False, delay)
+            starts.append(t)
+            longest = max(span for span, _ in shares)
+            while starts and starts[0] <= now - longest:
+                starts.popleft()
+            return Decision(True, delay)

@@ -1,0 +1,94 @@
+"""Rate limits across real gunicorn instances on one Redis, judged by the upstream stub's own start times."""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from tests.support.upstream_stub import UpstreamStub
+
+
+def config_for(upstream: UpstreamStub, max_delay: float = 300, **limits) -> dict:
+    return {"domain_mappings": {"up": {"upstream": upstream.url, **limits}},
+            "throttling": {"progressive_max_delay": max_delay}}
+
+
+def most_starts_in_any(window: float, starts: list[float]) -> int:
+    starts = sorted(starts)
+    return max((sum(1 for t in starts[i:] if t - s < window) for i, s in enumerate(starts)), default=0)
+
+
+def fire(urls: list[str]) -> list[requests.Response]:
+    with ThreadPoolExecutor(max_workers=len(urls)) as pool:
+        return list(pool.map(lambda url: requests.get(url, timeout=60, headers={"Connection": "close"}), urls))
+
+
+def test_four_per_second_holds_across_two_instances(gunicorn, redis_url, upstream) -> None:
+    config = config_for(upstream, max_requests_per_second=4)
+    first = gunicorn(config, env={"REDIS_URL": redis_url}, workers=4)
+    second = gunicorn(config, env={"REDIS_URL": redis_url}, workers=2)
+    started = time.monotonic()
+    responses = fire([f"{(first, second)[i % 2].url}/up/item/{i}" for i in range(20)])
+    elapsed = time.monotonic() - started
+    assert [r.status_code for r in responses] == [200] * 20
+    starts = [seen.started for seen in upstream.log]
+    assert len(starts) == 20
+    assert most_starts_in_any(1.0, starts) <= 4
+    assert elapsed < 20 / 4 + 1
+    delayed = [float(r.headers["X-Throttle-Delay"]) for r in responses if "X-Throttle-Delay" in r.headers]
+    assert len(delayed) >= 16 and max(delayed) > 3.5
+
+
+def test_a_slot_further_off_than_the_max_delay_is_refused_at_once(gunicorn, redis_url, upstream) -> None:
+    proxy = gunicorn(config_for(upstream, max_delay=2, max_requests_per_minute=3), env={"REDIS_URL": redis_url})
+    started = time.monotonic()
+    responses = fire([f"{proxy.url}/up/term/{i}" for i in range(6)])
+    refused = [r for r in responses if r.status_code == 429]
+    assert sorted(r.status_code for r in responses) == [200, 200, 200, 429, 429, 429]
+    assert upstream.count() == 3
+    assert time.monotonic() - started < 1.5
+    for response in refused:
+        assert 55 <= int(response.headers["Retry-After"]) <= 61
+        assert response.headers["X-RateLimit-Limit"] == "3" and response.headers["X-RateLimit-Remaining"] == "0"
+        assert response.json()["error"] == "rate limited" and response.json()["domain"] == "up"
+
+
+def test_upstream_retry_after_pauses_every_worker_of_every_instance(gunicorn, redis_url, upstream) -> None:
+    first = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url})
+    second = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url})
+    told = requests.get(f"{first.url}/up/status/429?retry_after=3", timeout=10)
+    assert told.status_code == 429
+    paused_at = upstream.log[0].started
+    responses = fire([f"{(first, second)[i % 2].url}/up/after/{i}" for i in range(6)])
+    assert [r.status_code for r in responses] == [200] * 6
+    later = [seen.started for seen in upstream.log[1:]]
+    assert len(later) == 6 and min(later) >= paused_at + 2.9
+    assert all(2 < float(r.headers["X-Throttle-Delay"]) <= 3.1 for r in responses)
+
+
+def test_hits_on_a_saturated_domain_are_not_held(gunicorn, redis_url, upstream) -> None:
+    proxy = gunicorn(config_for(upstream, max_requests_per_second=1), env={"REDIS_URL": redis_url}, workers=2)
+    assert requests.get(f"{proxy.url}/up/warm", timeout=10).headers["X-Cache"] == "MISS"
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        misses = [pool.submit(requests.get, f"{proxy.url}/up/cold/{i}", timeout=30) for i in range(5)]
+        time.sleep(0.3)  # the misses now hold reservations up to ~5 s out
+        hits = [requests.get(f"{proxy.url}/up/warm", timeout=10) for _ in range(5)]
+        pending = sum(not m.done() for m in misses)
+        assert all(h.headers["X-Cache"] == "HIT" and "X-Throttle-Delay" not in h.headers for h in hits)
+        assert pending >= 3  # the hits came back while the throttled misses were still waiting
+        assert [m.result().status_code for m in misses] == [200] * 5
+    assert upstream.count() == 6
+
+
+def test_without_redis_each_worker_keeps_its_share_of_the_limit(gunicorn, tmp_path, upstream) -> None:
+    from tests.support.processes import RedisServer
+
+    private = RedisServer(tmp_path)
+    proxy = gunicorn(config_for(upstream, max_requests_per_second=4), env={"REDIS_URL": private.url}, workers=2)
+    private.stop()
+    responses = fire([f"{proxy.url}/up/offline/{i}" for i in range(12)])
+    assert [r.status_code for r in responses] == [200] * 12
+    assert {r.headers["X-Cache"] for r in responses} == {"BYPASS"}
+    assert most_starts_in_any(1.0, [seen.started for seen in upstream.log]) <= 4
+    assert "Redis unavailable" in proxy.log()
