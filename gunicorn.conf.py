@@ -5,6 +5,7 @@ With no Redis configured, the master starts the embedded redis-server before the
 import os
 import sys
 
+from buddy.access import exposure_warning
 from buddy.embedded import EmbeddedRedis
 from buddy.errors import ConfigError
 from buddy.settings import load_settings
@@ -29,6 +30,9 @@ def on_starting(server):
     It is kept on the arbiter, not in this module: a SIGHUP re-executes this file, and on_exit must still
     find the server that this master started.
     """
+    warning = exposure_warning(list(server.cfg.bind), _settings.security["require_secure_key"])
+    if warning:
+        server.log.warning(warning)
     # Workers inherit this: while Redis is down, each keeps 1/workers of every rate limit by itself.
     os.environ["BUDDY_WORKERS"] = str(server.cfg.workers)
     if _settings.redis["url"]:

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import redis
 from flask import Flask
 
+from buddy.access import AccessControl
 from buddy.coalesce import Coalescer
 from buddy.embedded import EmbeddedRedis
 from buddy.http_errors import register_error_handlers
@@ -20,6 +21,7 @@ from buddy.settings import Settings, load_settings
 from buddy.store.guard import StoreGuard
 from buddy.store.rate_limiter import LocalLimiter, RateLimiter
 from buddy.store.response_cache import ResponseCache
+from buddy.store.secure_key import SecureKeyStore
 from buddy.store.wakeup import WakeupHub
 from buddy.upstream import UpstreamClient
 
@@ -38,6 +40,8 @@ class Buddy:
     guard: StoreGuard
     service: ProxyService
     hub: WakeupHub
+    access: AccessControl
+    secure_key: SecureKeyStore
     redis_url: str
 
 
@@ -85,11 +89,17 @@ def create_app(
         RateLimiter(redis_client, guard, keys, settings.throttling["progressive_max_delay"]),
         LocalLimiter(settings.throttling["progressive_max_delay"], int(os.environ.get("BUDDY_WORKERS", "1"))),
     )
-    app.extensions["buddy"] = Buddy(settings, redis_client, guard, service, hub, url)
+    secure_key = SecureKeyStore(redis_client, guard, keys, settings.security["secure_key"])
+    access = AccessControl(
+        settings.security["require_secure_key"], secure_key.get, settings.security["log_security_events"]
+    )
+    app.extensions["buddy"] = Buddy(settings, redis_client, guard, service, hub, access, secure_key, url)
     hub.start()  # subscribe now (this runs in each worker after the fork), not on the first wait
+    atexit.register(hub.stop)  # runs before an embedded Redis registered earlier is stopped
 
-    from buddy import views
+    from buddy import cli, views
 
     register_error_handlers(app)
     app.register_blueprint(views.bp)
+    app.cli.add_command(cli.group)
     return app

@@ -6,7 +6,8 @@ import logging
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from buddy.errors import BadProxyRequest
+from buddy.access import Unauthorized
+from buddy.errors import BadProxyRequest, StoreUnavailable
 
 log = logging.getLogger("buddy")
 
@@ -18,6 +19,20 @@ def _json(status: int, **body: object) -> Response:
 
 
 def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(Unauthorized)
+    def unauthorized(exc: Unauthorized) -> Response:
+        response = _json(401, error="unauthorized",
+                         message="missing or wrong access key: send it as the X-API-Buddy-Key header, "
+                                 "Authorization: Bearer <key>, ?key=<key> or a /<key>/<domain>/ path prefix")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="reference-api-buddy"'
+        return response
+
+    @app.errorhandler(StoreUnavailable)
+    def store_unavailable(exc: StoreUnavailable) -> Response:
+        # Only reached when the access key itself must come from Redis: fail closed.
+        return _json(503, error="access key unavailable",
+                     message="the access key is kept in Redis, which cannot be reached; try again shortly")
+
     @app.errorhandler(BadProxyRequest)
     def bad_request(exc: BadProxyRequest) -> Response:
         return _json(400, error="bad request", message=str(exc))

@@ -46,6 +46,11 @@ class RedisKeys:
         return f"{self.prefix}penalty:{{{domain}}}"
 
     @property
+    def secure_key(self) -> str:
+        """The generated access key (no TTL: it must survive restarts and never be evicted)."""
+        return f"{self.prefix}secure_key"
+
+    @property
     def fill_channel(self) -> str:
         """Pub/sub channel on which leaders announce finished (or started-streaming) fills."""
         return f"{self.prefix}fill"

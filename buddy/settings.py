@@ -101,6 +101,7 @@ class ServerSchema(_Section):
     request_timeout = _positive_number(load_default=30.0)
     connect_timeout = _positive_number(load_default=10.0)
     max_request_body = _positive_int(load_default=10 * 1024 * 1024)
+    body_timeout = _positive_number(load_default=30.0)
 
 
 class SecuritySchema(_Section):

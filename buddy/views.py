@@ -1,10 +1,13 @@
 """The proxy blueprint: flask.request -> ProxyRequest -> service -> flask.Response, nothing more."""
 from __future__ import annotations
 
+from typing import Any, Mapping
 from urllib.parse import quote, unquote
 
 from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
+from buddy.access import Target
 from buddy.errors import BadProxyRequest
 from buddy.messages import ProxyRequest
 from buddy.service import ProxyService
@@ -25,31 +28,59 @@ def raw_target() -> bytes:
     return raw.split("?", 1)[0].split("#", 1)[0].encode("latin-1")
 
 
+def read_body(server: Mapping[str, Any]) -> bytes:
+    """The whole request body, refused with 413 past `server.max_request_body`, also when it arrives chunked.
+
+    A client that announces more than it sends cannot hold a thread forever: reads give up after
+    `server.body_timeout` seconds (400).
+    """
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None:
+        sock.settimeout(server["body_timeout"])
+    if request.content_length is not None:
+        return request.get_data(cache=False)  # werkzeug answers 413 when Content-Length is over the limit
+    if not request.environ.get("wsgi.input_terminated"):
+        return b""
+    limit = server["max_request_body"]
+    try:
+        body = request.environ["wsgi.input"].read(limit + 1)
+    except OSError as exc:
+        raise BadRequest("the request body could not be read") from exc
+    if len(body) > limit:
+        raise RequestEntityTooLarge()
+    return body
+
+
 @bp.route("/", methods=METHODS, provide_automatic_options=False, defaults={"_": ""})
 @bp.route("/<path:_>", methods=METHODS, provide_automatic_options=False)
 def proxy(_: str) -> Response:
-    service: ProxyService = current_app.extensions["buddy"].service
-    target = raw_target()
-    first, slash, rest = target[1:].partition(b"/")
-    name = unquote(first.decode("latin-1"))
-    domain = service.settings.domains.get(name)
+    buddy = current_app.extensions["buddy"]
+    service: ProxyService = buddy.service
+    first, slash, rest = raw_target()[1:].partition(b"/")
+    target = Target(
+        first=unquote(first.decode("latin-1")),
+        rest=rest if slash else None,
+        query=request.environ.get("QUERY_STRING", ""),
+        headers=list(request.headers.items()),
+    )
+    target = buddy.access.admit(target, service.settings.domains.keys(), request.remote_addr or "unknown")
+    domain = service.settings.domains.get(target.first)
     if domain is None:
         response = jsonify(
             error="unknown domain",
-            domain=name,
-            message=f"'{name}' is not a configured domain; use /<domain>/<path>",
+            domain=target.first,
+            message=f"'{target.first}' is not a configured domain; use /<domain>/<path>",
             configured=sorted(service.settings.domains),
         )
         response.status_code = 404
         return response
-    path = upstream_path(domain, safe_path(rest) if slash else None)
     proxy_request = ProxyRequest(
         domain=domain,
         method=request.method,
-        path=path,
-        query=safe_query(request.environ.get("QUERY_STRING", "").encode("latin-1")),
-        headers=list(request.headers.items()),
-        body=request.get_data(cache=False),
+        path=upstream_path(domain, None if target.rest is None else safe_path(target.rest)),
+        query=safe_query(target.query.encode("latin-1")),
+        headers=target.headers,
+        body=read_body(service.settings.server),
     )
     result = service.handle(proxy_request)
     body = result.stream if result.stream is not None else result.body

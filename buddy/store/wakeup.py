@@ -121,6 +121,8 @@ class WakeupHub:
                         self._wake(data.decode() if isinstance(data, bytes) else str(data))
             except (redis.RedisError, OSError, ValueError) as exc:
                 self._listening.clear()
+                if self._stop.is_set():
+                    break  # shutting down: Redis may already be gone, nothing to report
                 if failures == 0:
                     log.warning("wake-up subscription lost, waiters poll until it is back: %s", exc)
                 failures += 1

@@ -17,8 +17,13 @@ def gunicorn(tmp_path: Path) -> Iterator[StartGunicorn]:
     """Start gunicorn instances: `gunicorn(config, env={...}, workers=2)`; all are stopped after the test."""
     started: list[Gunicorn] = []
 
-    def start(config: Mapping[str, Any] | None, env: Mapping[str, str] | None = None, workers: int = 2) -> Gunicorn:
-        instance = Gunicorn(tmp_path, config, env or {}, workers=workers)
+    def start(
+        config: Mapping[str, Any] | None,
+        env: Mapping[str, str] | None = None,
+        workers: int = 2,
+        extra_args: tuple[str, ...] = (),
+    ) -> Gunicorn:
+        instance = Gunicorn(tmp_path, config, env or {}, workers=workers, extra_args=extra_args)
         started.append(instance)
         return instance
 

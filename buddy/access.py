@@ -1,0 +1,110 @@
+"""Access control: find the proxy's key wherever the client put it, compare in constant time, and remove it.
+
+The key is accepted from `X-API-Buddy-Key`, `Authorization: Bearer <key>`, `?key=<key>` and a path prefix
+`/<key>/<domain>/...`. Whatever matches is taken out before anything else sees the request; a bearer token
+or `key=` parameter that is not the proxy key belongs to the upstream and is left exactly as it was.
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from dataclasses import dataclass, replace
+from typing import Callable
+from urllib.parse import unquote_plus
+
+log = logging.getLogger("buddy.security")
+KEY_HEADER = "x-api-buddy-key"
+
+
+class Unauthorized(Exception):
+    """No valid access key: 401, before any cache, throttle or upstream work."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A request's routing parts: first path segment, the rest (None when there is no slash), query, headers."""
+
+    first: str
+    rest: bytes | None
+    query: str
+    headers: list[tuple[str, str]]
+
+
+def same(candidate: str, key: str) -> bool:
+    """Constant-time comparison (the time does not depend on how much of the candidate is right)."""
+    return hmac.compare_digest(candidate.encode("utf-8", "surrogateescape"), key.encode("utf-8", "surrogateescape"))
+
+
+def strip_key(target: Target, key: str, domains: frozenset[str] | set[str]) -> tuple[Target, bool]:
+    """Remove every occurrence of the proxy key; True if at least one was found."""
+    found = False
+    if target.first not in domains and target.rest is not None and same(target.first, key):
+        first, slash, rest = target.rest.partition(b"/")
+        target = replace(target, first=unquote_plus(first.decode("latin-1")), rest=rest if slash else None)
+        found = True
+    headers = []
+    for name, value in target.headers:
+        lower = name.lower()
+        if lower == KEY_HEADER:
+            found = same(value.strip(), key) or found
+            continue  # never forwarded, right or wrong
+        if lower == "authorization" and value[:7].lower() == "bearer " and same(value[7:].strip(), key):
+            found = True
+            continue
+        headers.append((name, value))
+    items = []
+    for item in target.query.split("&") if target.query else []:
+        name, _, value = item.partition("=")
+        if unquote_plus(name) == "key" and same(unquote_plus(value), key):
+            found = True
+            continue
+        items.append(item)
+    return replace(target, headers=headers, query="&".join(items)), found
+
+
+class AccessControl:
+    """Checks requests when `security.require_secure_key` is on; otherwise only drops X-API-Buddy-Key."""
+
+    def __init__(self, required: bool, key: Callable[[], str], log_events: bool = True) -> None:
+        self.required = required
+        self.key = key
+        self.log_events = log_events
+
+    def admit(self, target: Target, domains: frozenset[str] | set[str], client: str) -> Target:
+        if not self.required:
+            headers = [(n, v) for n, v in target.headers if n.lower() != KEY_HEADER]
+            return replace(target, headers=headers)
+        stripped, found = strip_key(target, self.key(), domains)
+        if not found:
+            if self.log_events:
+                log.warning("refused a request from %s: missing or wrong access key", client)
+            raise Unauthorized()
+        return stripped
+
+
+def exposure_warning(binds: list[str], require_key: bool) -> str | None:
+    """A warning when the proxy listens beyond loopback with no access key required, else None."""
+    if require_key:
+        return None
+    exposed = [bind for bind in binds if not _loopback(bind)]
+    if not exposed:
+        return None
+    return (
+        f"!!! reference-api-buddy listens on {', '.join(exposed)} without an access key: anyone who can reach "
+        "it can spend your upstream quotas and read your cache. Set security.require_secure_key = true "
+        "(and BUDDY_SECURE_KEY), or bind to 127.0.0.1. !!!"
+    )
+
+
+def _loopback(bind: str) -> bool:
+    if bind.startswith(("unix:", "fd://")):
+        return True
+    host = bind.rsplit(":", 1)[0] if not bind.endswith("]") else bind
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from elsewhere
