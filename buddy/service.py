@@ -21,6 +21,9 @@ from buddy.upstream import UpstreamClient, build_url, forwardable_request_header
 
 log = logging.getLogger("buddy.service")
 CACHEABLE_METHODS = frozenset({"GET", "HEAD", "POST"})
+# A request carrying one of these asks for an answer about its own copy (a range, a 304): it is sent
+# through as it is, neither answered from nor stored in the cache, nor coalesced with others.
+UNSHAREABLE_HEADERS = ("Range", "If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since", "If-Range")
 LOCK_MARGIN_SECONDS = 2.0
 
 
@@ -53,7 +56,7 @@ class ProxyService:
 
     def entry_for(self, request: ProxyRequest) -> EntryId | None:
         """Which cache entry answers the request, or None when it must not be cached at all."""
-        if request.method not in CACHEABLE_METHODS or request.header("Range"):
+        if request.method not in CACHEABLE_METHODS or any(request.header(h) for h in UNSHAREABLE_HEADERS):
             return None
         domain = request.domain
         shape = RequestShape(

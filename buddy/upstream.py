@@ -5,6 +5,7 @@ import logging
 import os
 import re
 import threading
+from http.cookiejar import DefaultCookiePolicy
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
@@ -29,6 +30,8 @@ _SEGMENT_SAFE = "!$&'()*+,;=:@~-._"
 _QUERY_SAFE = "=&;+%/:?@!$'()*,~-._[]"
 _BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _PLAIN_PATH = re.compile(rb"[A-Za-z0-9!$&'()*+,;=:@~._/-]*")
 _DOT_SEGMENT = re.compile(rb"(?:^|/)\.\.?(?:/|$)")
 
@@ -52,12 +55,20 @@ def forwardable_request_headers(headers: list[tuple[str, str]]) -> dict[str, str
 
 
 def client_response_headers(headers: Iterable[tuple[str, str]], decoded: bool) -> list[tuple[str, str]]:
-    """What the client gets back; Content-Length is recomputed, Content-Encoding dropped once decoded."""
+    """What the client gets back; Content-Length is recomputed, Content-Encoding dropped once decoded.
+
+    Headers that could not be sent on (a name that is no token, control characters or line folding in a
+    value) are dropped, so that one odd upstream header never turns into a 500, let alone a cached one.
+    """
     headers = list(headers)
     drop = dropped_headers(headers) | {"content-length"}
     if decoded:
         drop |= {"content-encoding"}
-    return [(name, value) for name, value in headers if name.lower() not in drop]
+    return [
+        (name, value)
+        for name, value in headers
+        if name.lower() not in drop and _TOKEN.fullmatch(name) and not _BAD_VALUE.search(value)
+    ]
 
 
 def storable_headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
@@ -90,8 +101,8 @@ def safe_query(raw_query: bytes) -> str:
     """The query as sent, with stray characters (space, '#', non-ASCII) percent-encoded."""
     if _BAD_PERCENT.search(raw_query):
         raise BadProxyRequest("malformed percent-encoding in the query")
-    if _CONTROL.search(unquote_to_bytes(raw_query)):
-        raise BadProxyRequest("control characters in the query")
+    if _CONTROL.search(raw_query):
+        raise BadProxyRequest("control characters in the query")  # encoded ones (%0A in SPARQL) are data
     return quote(raw_query, safe=_QUERY_SAFE)
 
 
@@ -188,6 +199,9 @@ class UpstreamClient:
                     session.mount("https://", adapter)
                     session.mount("http://", adapter)
                     session.trust_env = False  # never route through a proxy from the environment
+                    # The session serves every client of this worker: it must never keep one client's
+                    # cookies and send them with another's requests.
+                    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
                     self._session, self._pid = session, os.getpid()
         return self._session
 
@@ -217,7 +231,10 @@ class UpstreamClient:
         self, domain: DomainSettings, response: requests.Response, progress: Callable[[], None]
     ) -> UpstreamResponse:
         raw_headers = list(response.raw.headers.items())
-        encodings = [e.strip().lower() for e in response.headers.get("Content-Encoding", "").split(",") if e.strip()]
+        encodings = [
+            e.strip().lower() for e in response.headers.get("Content-Encoding", "").split(",")
+            if e.strip() and e.strip().lower() != "identity"
+        ]
         decoded = bool(encodings) and all(e in response.raw.CONTENT_DECODERS for e in encodings)
         headers = client_response_headers(raw_headers, decoded)
         result = UpstreamResponse(response.status_code, response.reason or "", headers, decoded=decoded)

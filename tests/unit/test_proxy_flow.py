@@ -107,11 +107,18 @@ def test_oversize_bodies_stream_through_and_are_not_cached(client: FlaskClient, 
     assert fake_redis.keys("buddy:cache:*") == []
 
 
-def test_range_requests_are_never_served_from_or_stored_in_the_cache(client: FlaskClient, upstream: UpstreamStub) -> None:
+@pytest.mark.parametrize("header,value", [("Range", "bytes=0-3"), ("If-None-Match", '"v1"'),
+                                          ("If-Modified-Since", "Wed, 21 Oct 2015 07:28:00 GMT")])
+def test_range_and_conditional_requests_bypass_the_cache(client: FlaskClient, upstream: UpstreamStub,
+                                                         header: str, value: str) -> None:
     client.get("/up/file")
-    ranged = client.get("/up/file", headers={"Range": "bytes=0-3"})
-    assert ranged.headers["X-Cache"] == "MISS"
-    assert upstream.count() == 2
+    assert client.get("/up/file").headers["X-Cache"] == "HIT"
+    own = client.get("/up/file", headers={header: value})
+    assert own.headers["X-Cache"] == "MISS"
+    assert upstream.log[-1].headers[header.lower()] == value
+    client.get("/up/other", headers={header: value})
+    assert client.get("/up/other").headers["X-Cache"] == "MISS"  # nothing was stored for it
+    assert upstream.count() == 3 + 1
 
 
 def test_redirects_are_passed_to_the_client_not_followed(client: FlaskClient, upstream: UpstreamStub) -> None:
@@ -195,3 +202,10 @@ def test_redis_down_serves_through_with_bypass(app: Flask, client: FlaskClient, 
     app.extensions["buddy"].guard.failed_at = 0.0  # skip the pause before Redis is tried again
     assert client.get("/up/x").headers["X-Cache"] == "MISS"
     assert client.get("/up/x").headers["X-Cache"] == "HIT"
+
+
+def test_upstream_cookies_never_ride_along_with_another_clients_request(app: Flask, upstream: UpstreamStub) -> None:
+    alice, bob = app.test_client(use_cookies=False), app.test_client(use_cookies=False)
+    assert "Set-Cookie" in alice.get("/up/cookie", headers={"Authorization": "Bearer alice"}).headers
+    bob.get("/up/bobs-request")
+    assert "cookie" not in upstream.log[-1].headers
