@@ -85,7 +85,10 @@ def create_app(
         keys,
         ResponseCache(redis_client, guard),
         UpstreamClient(settings.cache["max_cache_response_size"]),
-        Coalescer(redis_client, guard, keys, hub, settings.cache["coalesce_timeout_seconds"]),
+        Coalescer(
+            redis_client, guard, keys, hub, settings.cache["coalesce_timeout_seconds"],
+            relay_limit=settings.cache["max_relay_size"],
+        ),
         RateLimiter(redis_client, guard, keys, settings.throttling["progressive_max_delay"]),
         LocalLimiter(settings.throttling["progressive_max_delay"], int(os.environ.get("BUDDY_WORKERS", "1"))),
     )

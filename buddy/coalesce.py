@@ -9,10 +9,10 @@ import redis
 
 from buddy import codec
 from buddy.codec import CachedResponse
-from buddy.errors import CoalesceTimeout
+from buddy.errors import CoalesceTimeout, StoreUnavailable
 from buddy.messages import ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
-from buddy.store.fill_lock import FillLock
+from buddy.store.fill_lock import FillLock, LockKeeper
 from buddy.store.guard import StoreGuard
 from buddy.store.relay import RelayWriter, follow_chunks, read_meta
 from buddy.store.wakeup import WakeupHub
@@ -20,22 +20,30 @@ from buddy.upstream import BodyStream, storable_headers
 
 POLL_SECONDS = 1.0  # a waiter re-checks this often even without a wake-up (a dead leader publishes nothing)
 DEAF_POLL_SECONDS = 0.05  # ... and this often while its process's subscription is not confirmed
-HEARTBEAT_SECONDS = 1.0
 SHARED_RESULT_TTL_MS = 30_000
+FOLLOWERS_TTL_MS = 120_000
 
 
 class Coalescer:
     """`run(entry, lead)`: become the leader and call `lead(token)`, or follow whoever leads and return its result."""
 
     def __init__(
-        self, client: redis.Redis, guard: StoreGuard, keys: RedisKeys, hub: WakeupHub, timeout: float
+        self,
+        client: redis.Redis,
+        guard: StoreGuard,
+        keys: RedisKeys,
+        hub: WakeupHub,
+        timeout: float,
+        relay_limit: int,
     ) -> None:
         self.client = client
         self.guard = guard
         self.keys = keys
         self.hub = hub
         self.timeout = timeout
+        self.relay_limit = relay_limit
         self.lock = FillLock(client, guard, keys)
+        self.keeper = LockKeeper(self.lock)
 
     def run(
         self, entry: EntryId, lock_ttl_ms: int, idle_timeout: float, lead: Callable[[str], ProxyResult]
@@ -48,6 +56,7 @@ class Coalescer:
         while True:
             won, holder = self.lock.acquire(entry, token, lock_ttl_ms, vanished)
             if won:
+                self.keeper.hold(entry, token, lock_ttl_ms)
                 return lead(token)
             if holder:
                 result = self._follow(entry, holder, deadline, idle_timeout)
@@ -61,8 +70,10 @@ class Coalescer:
         """Wait for `holder`'s result; None when the holder is gone without one (the caller then tries to lead)."""
         waiter = self.hub.register(entry)  # before the re-check: a result published from now on wakes us
         try:
+            first = True
             while True:
-                result, lock_holder = self._check(entry, holder, idle_timeout)
+                result, lock_holder = self._check(entry, holder, idle_timeout, count_me=first)
+                first = False
                 if result is not None:
                     return result
                 if lock_holder != holder:
@@ -75,21 +86,26 @@ class Coalescer:
         finally:
             self.hub.unregister(entry, waiter)
 
-    def _check(self, entry: EntryId, holder: str, idle_timeout: float) -> tuple[ProxyResult | None, str]:
+    def _check(
+        self, entry: EntryId, holder: str, idle_timeout: float, count_me: bool
+    ) -> tuple[ProxyResult | None, str]:
         """One round trip: who holds the lock now, then the cache entry, this leader's shared result and relay.
 
         The lock is read first: a leader writes its result before it deletes the lock, so a lock seen gone
-        here means the reads after it see the result, if there is one.
+        here means the reads after it see that result, if there is one.
         """
         relay_key = self.keys.relay(entry, holder)
 
         def read() -> list:
             pipe = self.client.pipeline(transaction=False)
+            if count_me:
+                pipe.incr(self.keys.followers(entry, holder))
+                pipe.pexpire(self.keys.followers(entry, holder), FOLLOWERS_TTL_MS)
             pipe.get(self.keys.lock(entry))
             pipe.get(self.keys.cache(entry.domain, entry.digest))
             pipe.get(self.keys.shared_result(entry, holder))
             pipe.exists(relay_key)
-            return pipe.execute()
+            return pipe.execute()[-4:]
 
         lock_holder, cached, shared, relaying = self.guard.run(read)
         lock_holder = lock_holder.decode() if lock_holder else ""
@@ -107,33 +123,31 @@ class Coalescer:
                 return ProxyResult(status, reason, headers, stream=chunks, cache="COALESCED"), lock_holder
         return None, lock_holder
 
-    def heartbeat(self, entry: EntryId, token: str, lock_ttl_ms: int) -> Callable[[], None]:
-        """A callable the leader invokes as it makes progress; it extends the lock at most once a second."""
-        last = [time.monotonic()]
-
-        def beat() -> None:
-            now = time.monotonic()
-            if now - last[0] >= HEARTBEAT_SECONDS:
-                last[0] = now
-                self.lock.extend(entry, token, lock_ttl_ms)
-
-        return beat
-
-    def hand_off(self, entry: EntryId, token: str, result: ProxyResult, stored: bool) -> None:
+    def hand_off(self, entry: EntryId, token: str, result: ProxyResult | None, stored: bool) -> None:
         """The leader is done: followers read the cache entry if it was stored, else a shared copy of the result."""
+        self.keeper.drop(entry, token)
         shared = b""
-        if not stored and result.body is not None:
+        if result is not None and not stored and result.body is not None:
             copy = CachedResponse(result.status, result.reason, storable_headers(result.headers), result.body, time.time())
             shared = codec.encode(copy)
         self.lock.release(entry, token, shared, SHARED_RESULT_TTL_MS)
 
-    def relay(self, entry: EntryId, token: str, result: ProxyResult, beat: Callable[[], None]) -> "RelayedBody":
-        """Start relaying an over-size body: followers attach now and read it while the leader's client does."""
-        writer = RelayWriter(self.client, self.guard, self.keys.relay(entry, token))
+    def relay(self, entry: EntryId, token: str, result: ProxyResult) -> Iterator[bytes]:
+        """An over-size body: relay it to the requests waiting on this leader, if there are any.
+
+        With nobody waiting, nothing is copied into Redis and the lock goes at once (a request that comes
+        later fetches for itself). Otherwise the body goes into a Redis stream as it arrives, at most
+        `relay_limit` bytes of it, and the relay goes on even if the leader's own client stops reading.
+        """
+        assert isinstance(result.stream, BodyStream)
+        waiting = self.guard.run(lambda: self.client.get(self.keys.followers(entry, token)))
+        if not waiting:
+            self.hand_off(entry, token, None, stored=False)
+            return result.stream
+        writer = RelayWriter(self.client, self.guard, self.keys.relay(entry, token), self.relay_limit)
         writer.start(result.status, result.reason, storable_headers(result.headers))
         self.lock.announce(entry)
-        assert isinstance(result.stream, BodyStream)
-        return RelayedBody(result.stream, writer, beat, lambda: self.lock.release(entry, token))
+        return RelayedBody(result.stream, writer, lambda: self.hand_off(entry, token, None, stored=False))
 
 
 def coalesced(entry: CachedResponse) -> ProxyResult:
@@ -141,34 +155,42 @@ def coalesced(entry: CachedResponse) -> ProxyResult:
 
 
 class RelayedBody:
-    """The leader's streamed body, copied chunk by chunk into the relay; finishing releases the lock."""
+    """The leader's streamed body, copied chunk by chunk into the relay; finishing releases the lock.
 
-    def __init__(
-        self, source: BodyStream, writer: RelayWriter, beat: Callable[[], None], release: Callable[[], None]
-    ) -> None:
+    If the leader's client goes away (or asked with HEAD), `close()` keeps reading the upstream into the
+    relay, so that the followers still get the whole body.
+    """
+
+    def __init__(self, source: BodyStream, writer: RelayWriter, release: Callable[[], None]) -> None:
         self.source = source
         self.writer = writer
-        self.beat = beat
         self.release = release
+        self._chunks = iter(source)
         self._finished = False
 
     def __iter__(self) -> Iterator[bytes]:
-        for chunk in self.source:
+        for chunk in self._chunks:
             self.writer.chunk(chunk)
-            self.beat()
             yield chunk
-        self._finish(complete=not self.source.failed)
+        self._finish()
 
     def close(self) -> None:
+        if self._finished:
+            return
+        if not self.writer.broken:
+            for chunk in self._chunks:
+                self.writer.chunk(chunk)
+                if self.writer.broken:
+                    break
         self.source.close()
-        self._finish(complete=False)
+        self._finish()
 
-    def _finish(self, complete: bool) -> None:
+    def _finish(self) -> None:
         if self._finished:
             return
         self._finished = True
-        self.writer.finish(complete)
+        self.writer.finish(complete=not self.source.failed and not self.writer.broken)
         try:
             self.release()
-        except Exception:  # the lock expires by itself; the client's response is already complete
-            pass
+        except StoreUnavailable:
+            pass  # the lock expires by itself; the body is already out

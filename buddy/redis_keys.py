@@ -33,6 +33,10 @@ class RedisKeys:
         """A leader's uncacheable result, kept briefly for the followers of that leader only."""
         return f"{self.prefix}result:{{{entry.domain}}}:{entry.digest}:{token}"
 
+    def followers(self, entry: EntryId, token: str) -> str:
+        """How many requests wait on this leader: an over-size body is relayed only when someone does."""
+        return f"{self.prefix}followers:{{{entry.domain}}}:{entry.digest}:{token}"
+
     def relay(self, entry: EntryId, token: str) -> str:
         """A stream carrying an over-size body from its leader to the followers as it arrives."""
         return f"{self.prefix}relay:{{{entry.domain}}}:{entry.digest}:{token}"

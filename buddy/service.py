@@ -6,7 +6,6 @@ import logging
 import math
 import time
 from email.utils import parsedate_to_datetime
-from typing import Callable
 
 from buddy.codec import CachedResponse
 from buddy.coalesce import Coalescer
@@ -74,8 +73,8 @@ class ProxyService:
     def handle(self, request: ProxyRequest) -> ProxyResult:
         result = self._answer(request)
         if request.method == "HEAD" and result.stream is not None:
-            result.close_stream()
-            result.stream, result.body = None, b""
+            result.close_stream()  # a relay keeps reading for its followers; headers (Content-Length) stay
+            result.stream = iter(())
         return result
 
     def _answer(self, request: ProxyRequest) -> ProxyResult:
@@ -93,40 +92,39 @@ class ProxyService:
         try:
             return self.coalescer.run(
                 entry, lock_ttl_ms, domain.read_timeout + LOCK_MARGIN_SECONDS,
-                lambda token: self._lead(request, entry, token, lock_ttl_ms),
+                lambda token: self._lead(request, entry, token),
             )
         except CoalesceTimeout as exc:
             return json_result(504, "Gateway Timeout", error="coalesce timeout", domain=exc.domain, message=str(exc))
         except StoreUnavailable:
             return self._bypass(request)
 
-    def _lead(self, request: ProxyRequest, entry: EntryId, token: str, lock_ttl_ms: int) -> ProxyResult:
+    def _lead(self, request: ProxyRequest, entry: EntryId, token: str) -> ProxyResult:
         """Fetch as the one leader; whatever happens, followers are handed a result or the lock is let go."""
-        beat = self.coalescer.heartbeat(entry, token, lock_ttl_ms)
         handed_off = False
-
-        def hold_lock_through(delay: float) -> None:
-            self.coalescer.lock.extend(entry, token, lock_ttl_ms + int(delay * 1000))
-
         try:
-            result = self._call_upstream(request, progress=_quietly(beat), before_sleep=hold_lock_through)
-            if result.stream is not None:
-                result.stream = self.coalescer.relay(entry, token, result, _quietly(beat))
-                handed_off = True  # the relay releases the lock when the body is done
-                return result
-            stored = self._store(request.domain, entry, result)
-            self.coalescer.hand_off(entry, token, result, stored)
-            handed_off = True
-            if not stored and self.ttl_for(request.domain, result.status):
+            # The previous leader may have stored the entry between our miss and our lock.
+            hit = self.cache.get(self.keys.cache(entry.domain, entry.digest))
+            if hit is not None:
+                return from_cache(hit)
+            result = self._call_upstream(request)
+            try:
+                if result.stream is not None:
+                    result.stream = self.coalescer.relay(entry, token, result)
+                    handed_off = True  # the relay (or relay()) has let go of the lock
+                    return result
+                stored = self._store(request.domain, entry, result)
+                self.coalescer.hand_off(entry, token, result, stored)
+                handed_off = True
+                if not stored and self.ttl_for(request.domain, result.status):
+                    result.cache = "BYPASS"
+            except StoreUnavailable:
                 result.cache = "BYPASS"
-            return result
-        except StoreUnavailable:
-            result.cache = "BYPASS"
             return result
         finally:
             if not handed_off:
                 try:
-                    self.coalescer.lock.release(entry, token)
+                    self.coalescer.hand_off(entry, token, None, stored=False)
                 except StoreUnavailable:
                     pass  # the lock expires by itself
 
@@ -146,24 +144,15 @@ class ProxyService:
         result.cache = "BYPASS"
         return result
 
-    def _call_upstream(
-        self,
-        request: ProxyRequest,
-        progress: Callable[[], None] = lambda: None,
-        before_sleep: Callable[[float], None] = lambda delay: None,
-    ) -> ProxyResult:
+    def _call_upstream(self, request: ProxyRequest) -> ProxyResult:
         """Throttle, then fetch: wait for the reserved slot, or answer 429 at once when it is too far off."""
         domain = request.domain
         decision, limiter = self._throttle(domain)
         if not decision.accepted:
             return refused(domain, decision)
         if decision.delay > 0:
-            try:
-                before_sleep(decision.delay)
-            except StoreUnavailable:
-                pass  # the lock may expire early; at worst a follower fetches too
-            time.sleep(decision.delay)
-        result = self._fetch(request, progress)
+            time.sleep(decision.delay)  # a leader's lock is kept alive meanwhile by the LockKeeper
+        result = self._fetch(request)
         if decision.delay > 0:
             result.extra.append(("X-Throttle-Delay", f"{decision.delay:.3f}"))
         if limiter is self.limiter:
@@ -186,14 +175,14 @@ class ProxyService:
         except StoreUnavailable:
             pass
 
-    def _fetch(self, request: ProxyRequest, progress: Callable[[], None] = lambda: None) -> ProxyResult:
+    def _fetch(self, request: ProxyRequest) -> ProxyResult:
         domain = request.domain
         url = build_url(domain, request.path, request.query)
         # A HEAD miss fetches the GET so that the entry it stores serves both.
         method = "GET" if request.method == "HEAD" else request.method
         headers = forwardable_request_headers(request.headers)
         try:
-            response = self.upstream.send(domain, method, url, headers, request.body, progress)
+            response = self.upstream.send(domain, method, url, headers, request.body)
         except UpstreamError as exc:
             log.warning("%s (%s)", exc, exc.__cause__ or "")
             error = "upstream timeout" if exc.status == 504 else "upstream unavailable"
@@ -247,15 +236,3 @@ def from_cache(entry: CachedResponse) -> ProxyResult:
     age = max(0, int(time.time() - entry.stored_at))
     headers = [(name, value) for name, value in entry.headers if name.lower() != "age"]
     return ProxyResult(entry.status, entry.reason, headers, entry.body, cache="HIT", extra=[("Age", str(age))])
-
-
-def _quietly(beat: Callable[[], None]) -> Callable[[], None]:
-    """A heartbeat that never fails the fetch: a lost extension only risks an early takeover."""
-
-    def call() -> None:
-        try:
-            beat()
-        except StoreUnavailable:
-            pass
-
-    return call

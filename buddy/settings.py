@@ -115,6 +115,7 @@ class CacheSchema(_Section):
     negative_ttl_seconds = _positive_int(load_default=300)
     max_cache_response_size = _positive_int(load_default=10 * 1024 * 1024)
     coalesce_timeout_seconds = _positive_number(load_default=60.0)
+    max_relay_size = _positive_int(load_default=64 * 1024 * 1024)
     # Accepted so that seed configurations keep loading; the cache now lives in Redis.
     database_path = _string(load_default=None, allow_none=True)
     max_cache_entries = _positive_int(load_default=None, allow_none=True)

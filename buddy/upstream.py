@@ -7,7 +7,7 @@ import re
 import threading
 from http.cookiejar import DefaultCookiePolicy
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 
 import requests
@@ -212,9 +212,8 @@ class UpstreamClient:
         url: str,
         headers: dict[str, str],
         body: bytes,
-        progress: Callable[[], None] = lambda: None,
     ) -> UpstreamResponse:
-        """Send one request; `progress` is called as body chunks arrive (the coalescing leader's heartbeat)."""
+        """Send one request; the body is read whole up to the size limit, streamed past it."""
         headers = {**headers, "Accept-Encoding": "gzip, deflate"}
         try:
             response = self.session.request(
@@ -225,11 +224,9 @@ class UpstreamClient:
             raise UpstreamTimeout(domain.name, f"upstream '{domain.name}' did not answer in time") from exc
         except requests.RequestException as exc:
             raise UpstreamUnavailable(domain.name, f"could not reach upstream '{domain.name}'") from exc
-        return self._read(domain, response, progress)
+        return self._read(domain, response)
 
-    def _read(
-        self, domain: DomainSettings, response: requests.Response, progress: Callable[[], None]
-    ) -> UpstreamResponse:
+    def _read(self, domain: DomainSettings, response: requests.Response) -> UpstreamResponse:
         raw_headers = list(response.raw.headers.items())
         encodings = [
             e.strip().lower() for e in response.headers.get("Content-Encoding", "").split(",")
@@ -252,7 +249,6 @@ class UpstreamClient:
         try:
             for chunk in chunks:
                 buffer += chunk
-                progress()
                 if len(buffer) > self.max_body:
                     result.stream = BodyStream(bytes(buffer), chunks, response, domain.name)
                     return result

@@ -1,11 +1,15 @@
 """The coalescing lock: SET NX PX with a token, extended and released only by its owner, through Lua."""
 from __future__ import annotations
 
+import os
+import threading
+import time
 from importlib import resources
 
 import redis
 
 from buddy.redis_keys import EntryId, RedisKeys
+from buddy.errors import StoreUnavailable
 from buddy.store.guard import StoreGuard
 
 SUCCESSOR_GRACE_MS = 30_000  # a successor is remembered this long after its lock would expire
@@ -54,3 +58,55 @@ class FillLock:
     @staticmethod
     def wake_message(entry: EntryId) -> str:
         return f"{entry.domain}\n{entry.digest}"
+
+
+class LockKeeper:
+    """Extends every fill lock this process holds, a third of its TTL before it would expire.
+
+    A slow leader (a trickling body, a long throttle wait) thus never loses its lock, while a leader
+    whose process dies stops being extended and loses it within one lock TTL.
+    """
+
+    def __init__(self, lock: FillLock) -> None:
+        self.lock = lock
+        self._held: dict[tuple[EntryId, str], tuple[int, float]] = {}  # -> (ttl ms, when to extend next)
+        self._mutex = threading.Lock()
+        self._changed = threading.Event()
+        self._pid = 0
+
+    def hold(self, entry: EntryId, token: str, ttl_ms: int) -> None:
+        with self._mutex:
+            self._held[(entry, token)] = (ttl_ms, time.monotonic() + ttl_ms / 3000)
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="buddy-lock-keeper", daemon=True).start()
+        self._changed.set()
+
+    def drop(self, entry: EntryId, token: str) -> None:
+        with self._mutex:
+            self._held.pop((entry, token), None)
+
+    def held(self) -> int:
+        with self._mutex:
+            return len(self._held)
+
+    def _run(self) -> None:
+        while True:
+            with self._mutex:
+                due = min((when for _, when in self._held.values()), default=time.monotonic() + 1.0)
+            self._changed.wait(max(0.0, min(1.0, due - time.monotonic())))
+            self._changed.clear()
+            now = time.monotonic()
+            with self._mutex:
+                ready = [(key, ttl) for key, (ttl, when) in self._held.items() if when <= now]
+            for (entry, token), ttl_ms in ready:
+                try:
+                    kept = self.lock.extend(entry, token, ttl_ms)
+                except StoreUnavailable:
+                    kept = True  # try again next time; the lock may still be ours
+                with self._mutex:
+                    if (entry, token) in self._held:
+                        if kept:
+                            self._held[(entry, token)] = (ttl_ms, now + ttl_ms / 3000)
+                        else:
+                            del self._held[(entry, token)]  # expired or taken over: nothing left to keep

@@ -18,10 +18,12 @@ RELAY_TTL_SECONDS = 60
 class RelayWriter:
     """Writes meta, chunks and an end mark; a Redis failure stops the relay, never the leader's own response."""
 
-    def __init__(self, client: redis.Redis, guard: StoreGuard, key: str) -> None:
+    def __init__(self, client: redis.Redis, guard: StoreGuard, key: str, limit: int) -> None:
         self.client = client
         self.guard = guard
         self.key = key
+        self.limit = limit
+        self.written = 0
         self.broken = False
 
     def _add(self, kind: bytes, data: bytes) -> None:
@@ -44,10 +46,20 @@ class RelayWriter:
         self._add(b"m", json.dumps({"s": status, "r": reason, "h": headers}).encode())
 
     def chunk(self, data: bytes) -> None:
+        if self.broken:
+            return
+        self.written += len(data)
+        if self.written > self.limit:
+            log.warning("over-size body passed the relay limit (%d bytes); coalesced requests end early", self.limit)
+            self._add(b"x", b"")
+            self.broken = True
+            return
         self._add(b"c", data)
 
     def finish(self, complete: bool) -> None:
-        self._add(b"e" if complete else b"x", b"")
+        if not self.broken:
+            self._add(b"e" if complete else b"x", b"")
+            self.broken = True  # nothing more goes in
 
 
 def read_meta(client: redis.Redis, guard: StoreGuard, key: str) -> tuple[bytes, int, str, list[tuple[str, str]]] | None:

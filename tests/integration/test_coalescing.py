@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -110,3 +111,45 @@ def test_no_request_waits_past_the_coalesce_timeout(gunicorn, redis_url, upstrea
     assert all(r.json()["error"] == "coalesce timeout" and r.json()["domain"] == "up" for r in late)
     assert upstream.count() == 1
     assert time.monotonic() - started < 4
+
+
+def test_an_oversize_body_with_nobody_waiting_is_not_copied_into_redis(gunicorn, redis_server, redis_url, upstream) -> None:
+    proxy = gunicorn(config_for(upstream, cache={"max_cache_response_size": 65536}), env={"REDIS_URL": redis_url})
+    response = requests.get(f"{proxy.url}/up/big/2000000", timeout=30)
+    assert len(response.content) == 2_000_000
+    client = redis_server.client()
+    assert client.keys("buddy:relay:*") == [] and client.keys("buddy:lock:*") == []
+    assert client.info("memory")["used_memory"] < 1_500_000
+
+
+def test_followers_get_the_whole_body_when_the_leaders_client_hangs_up(gunicorn, redis_url, upstream) -> None:
+    proxy = gunicorn(config_for(upstream, cache={"max_cache_response_size": 65536}),
+                     env={"REDIS_URL": redis_url}, workers=2)
+    size, url = 1_500_000, "/up/big/1500000?sleep=800"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as leader:
+        leader.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n".encode())  # same key as requests
+        while upstream.count() == 0:
+            time.sleep(0.02)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            followers = [pool.submit(requests.get, proxy.url + url, timeout=30) for _ in range(4)]
+            time.sleep(0.3)
+            leader.recv(1000)  # the start of the body, then hang up
+            leader.close()
+            answers = [f.result() for f in followers]
+    assert [len(a.content) for a in answers] == [size] * 4
+    assert {a.headers["X-Cache"] for a in answers} == {"COALESCED"}
+    assert upstream.count() == 1
+
+
+def test_a_head_leader_still_relays_the_body_to_get_followers(gunicorn, redis_url, upstream) -> None:
+    proxy = gunicorn(config_for(upstream, cache={"max_cache_response_size": 65536}),
+                     env={"REDIS_URL": redis_url}, workers=2)
+    url = "/up/big/300000?sleep=600"
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        head = pool.submit(requests.head, proxy.url + url, timeout=30)
+        while upstream.count() == 0:
+            time.sleep(0.02)
+        gets = [pool.submit(requests.get, proxy.url + url, timeout=30) for _ in range(3)]
+        assert head.result().headers["Content-Length"] == "300000"
+        assert [len(g.result().content) for g in gets] == [300000] * 3
+    assert upstream.count() == 1

@@ -32,7 +32,7 @@ def make(client: fakeredis.FakeRedis):
     def build(timeout: float = 10.0) -> Coalescer:
         hub = WakeupHub(client, KEYS.fill_channel)
         hubs.append(hub)
-        return Coalescer(client, StoreGuard(), KEYS, hub, timeout)
+        return Coalescer(client, StoreGuard(), KEYS, hub, timeout, relay_limit=1 << 20)
 
     yield build
     for hub in hubs:
@@ -171,3 +171,31 @@ def test_only_the_owner_can_extend_or_release(make, client) -> None:
     assert c.lock.extend(ENTRY, "owner", 60_000) and client.pttl(KEYS.lock(ENTRY)) > 50_000
     c.lock.release(ENTRY, "owner")
     assert client.get(KEYS.lock(ENTRY)) is None
+
+
+def test_a_slow_leader_keeps_its_lock_past_the_ttl(make) -> None:
+    leader, follower = make(), make()
+    calls: list[str] = []
+    gate = threading.Event()
+
+    def slow(token: str) -> ProxyResult:
+        calls.append(token)
+        gate.wait(10)  # far longer than the 400 ms lock TTL: only the keeper holds the lock meanwhile
+        leader.hand_off(ENTRY, token, answer(b"slow but sure"), stored=False)
+        return answer(b"slow but sure")
+
+    first = threading.Thread(target=lambda: leader.run(ENTRY, 400, 5.0, slow))
+    first.start()
+    while not calls:
+        time.sleep(0.01)
+    results: list[ProxyResult] = []
+    second = threading.Thread(target=lambda: results.append(
+        follower.run(ENTRY, 400, 5.0, lambda t: calls.append(t) or answer(b"second fetch"))))
+    second.start()
+    time.sleep(1.5)
+    gate.set()
+    first.join(5)
+    second.join(5)
+    assert len(calls) == 1
+    assert results[0].body == b"slow but sure" and results[0].cache == "COALESCED"
+    assert leader.keeper.held() == 0
