@@ -50,8 +50,8 @@ def connect_redis(settings: Settings) -> tuple[redis.Redis, str]:
     url = settings.redis["url"]
     if not url:
         embedded = EmbeddedRedis(settings.data_dir, settings.redis["maxmemory"])
-        if embedded.ensure():
-            atexit.register(embedded.stop)
+        embedded.ensure()
+        atexit.register(embedded.stop)  # the last process to leave stops it
         url = embedded.url
     timeout = settings.redis["socket_timeout"]
     client = redis.Redis.from_url(

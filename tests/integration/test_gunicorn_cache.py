@@ -1,6 +1,8 @@
 """The cache across real gunicorn workers and instances, measured from the upstream stub's own log."""
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -78,6 +80,29 @@ def test_embedded_redis_keeps_the_cache_across_restarts(gunicorn, tmp_path: Path
     response = get(f"{again.url}/up/persisted")
     assert response.headers["X-Cache"] == "HIT"
     assert upstream.count() == 1
+
+
+def test_instances_sharing_a_data_folder_keep_redis_until_the_last_one_leaves(gunicorn, tmp_path, upstream) -> None:
+    env = {"BUDDY_DATA_DIR": str(tmp_path / "shared")}
+    first, second = gunicorn(config_for(upstream), env=env), gunicorn(config_for(upstream), env=env)
+    assert get(f"{first.url}/up/shared").headers["X-Cache"] == "MISS"
+    first.stop()
+    assert get(f"{second.url}/up/shared").headers["X-Cache"] == "HIT"
+    second.stop()
+    assert not EmbeddedRedis(tmp_path / "shared").alive()
+
+
+def test_a_redis_left_behind_by_a_killed_master_is_adopted_and_stopped(gunicorn, tmp_path, upstream) -> None:
+    env = {"BUDDY_DATA_DIR": str(tmp_path / "orphan")}
+    doomed = gunicorn(config_for(upstream), env=env)
+    get(f"{doomed.url}/up/kept")
+    os.killpg(doomed.process.pid, signal.SIGKILL)  # the master never gets to stop its redis-server
+    doomed.process.wait()
+    assert EmbeddedRedis(tmp_path / "orphan").alive()
+    heir = gunicorn(config_for(upstream), env=env)
+    assert get(f"{heir.url}/up/kept").headers["X-Cache"] == "HIT"
+    heir.stop()
+    assert not EmbeddedRedis(tmp_path / "orphan").alive()
 
 
 def test_crafted_targets_never_reach_another_local_server(gunicorn, redis_url, upstream) -> None:
