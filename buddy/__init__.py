@@ -19,6 +19,7 @@ from buddy.redis_keys import RedisKeys
 from buddy.service import ProxyService
 from buddy.settings import Settings, load_settings
 from buddy.store.guard import StoreGuard
+from buddy.store.metrics import MetricsRecorder
 from buddy.store.rate_limiter import LocalLimiter, RateLimiter
 from buddy.store.response_cache import ResponseCache
 from buddy.store.secure_key import SecureKeyStore
@@ -79,11 +80,12 @@ def create_app(
         redis_client, url = connect_redis(settings)
     guard = StoreGuard()
     keys = RedisKeys(settings.redis["prefix"])
+    metrics = MetricsRecorder(redis_client, guard, keys)
     hub = WakeupHub(redis_client, keys.fill_channel)
     service = ProxyService(
         settings,
         keys,
-        ResponseCache(redis_client, guard),
+        ResponseCache(redis_client, guard, keys),
         UpstreamClient(settings.cache["max_cache_response_size"]),
         Coalescer(
             redis_client, guard, keys, hub, settings.cache["coalesce_timeout_seconds"],
@@ -91,6 +93,7 @@ def create_app(
         ),
         RateLimiter(redis_client, guard, keys, settings.throttling["progressive_max_delay"]),
         LocalLimiter(settings.throttling["progressive_max_delay"], int(os.environ.get("BUDDY_WORKERS", "1"))),
+        metrics,
     )
     secure_key = SecureKeyStore(redis_client, guard, keys, settings.security["secure_key"])
     access = AccessControl(

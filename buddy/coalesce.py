@@ -128,7 +128,10 @@ class Coalescer:
         self.keeper.drop(entry, token)
         shared = b""
         if result is not None and not stored and result.body is not None:
-            copy = CachedResponse(result.status, result.reason, storable_headers(result.headers), result.body, time.time())
+            copy = CachedResponse(
+                result.status, result.reason, storable_headers(result.headers), result.body, time.time(),
+                result.fetch_ms,
+            )
             shared = codec.encode(copy)
         self.lock.release(entry, token, shared, SHARED_RESULT_TTL_MS)
 
@@ -151,7 +154,9 @@ class Coalescer:
 
 
 def coalesced(entry: CachedResponse) -> ProxyResult:
-    return ProxyResult(entry.status, entry.reason, list(entry.headers), entry.body, cache="COALESCED")
+    return ProxyResult(
+        entry.status, entry.reason, list(entry.headers), entry.body, cache="COALESCED", fetch_ms=entry.fetch_ms
+    )
 
 
 class RelayedBody:

@@ -38,11 +38,13 @@ class CachedResponse:
     headers: tuple[tuple[str, str], ...]
     body: bytes
     stored_at: float
+    fetch_ms: int = 0  # how long the upstream took: what each hit on this entry saves
 
 
 def encode(response: CachedResponse) -> bytes:
     meta = json.dumps(
-        {"s": response.status, "r": response.reason, "h": response.headers, "t": response.stored_at},
+        {"s": response.status, "r": response.reason, "h": response.headers, "t": response.stored_at,
+         "d": response.fetch_ms},
         separators=(",", ":"),
     ).encode()
     payload = _HEADER_LEN.pack(len(meta)) + meta + response.body
@@ -59,6 +61,8 @@ def decode(blob: bytes) -> CachedResponse:
         (size,) = _HEADER_LEN.unpack_from(payload)
         meta = json.loads(payload[4 : 4 + size])
         headers = tuple((str(name), str(value)) for name, value in meta["h"])
-        return CachedResponse(int(meta["s"]), str(meta["r"]), headers, payload[4 + size :], float(meta["t"]))
+        return CachedResponse(
+            int(meta["s"]), str(meta["r"]), headers, payload[4 + size :], float(meta["t"]), int(meta.get("d", 0))
+        )
     except (zstandard.ZstdError, struct.error, ValueError, KeyError, TypeError) as exc:
         raise CodecError(str(exc)) from exc

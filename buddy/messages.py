@@ -34,6 +34,7 @@ class ProxyResult:
     stream: Iterator[bytes] | None = None
     cache: str = "MISS"
     extra: list[tuple[str, str]] = field(default_factory=list)
+    fetch_ms: int = 0  # how long the upstream took to produce this answer
 
     def all_headers(self) -> list[tuple[str, str]]:
         return [*self.headers, ("X-Cache", self.cache), *self.extra]

@@ -21,6 +21,18 @@ class RedisKeys:
     def cache(self, domain: str, digest: str) -> str:
         return f"{self.prefix}cache:{{{domain}}}:{digest}"
 
+    def index(self, domain: str) -> str:
+        """The domain's index of cached responses: digest -> expiry (ms), for counting and clearing."""
+        return f"{self.prefix}index:{{{domain}}}"
+
+    def sizes(self, domain: str) -> str:
+        """The size in bytes of each of the domain's cached responses: digest -> bytes."""
+        return f"{self.prefix}sizes:{{{domain}}}"
+
+    def stats(self, domain: str) -> str:
+        """The domain's counters: hits, misses, coalesced, upstream calls and times, bytes, savings..."""
+        return f"{self.prefix}stats:{{{domain}}}"
+
     def lock(self, entry: EntryId) -> str:
         """The fill lock: held by the one request that fetches this entry (SET NX PX, value = its token)."""
         return f"{self.prefix}lock:{{{entry.domain}}}:{entry.digest}"
@@ -48,6 +60,16 @@ class RedisKeys:
     def rate_penalty(self, domain: str) -> str:
         """Hash holding the domain's progressive penalty: until, level, last."""
         return f"{self.prefix}penalty:{{{domain}}}"
+
+    @property
+    def recent_errors(self) -> str:
+        """A capped list of the latest upstream errors (JSON events), newest first."""
+        return f"{self.prefix}errors"
+
+    @property
+    def workers(self) -> str:
+        """Proxy processes seen lately: host:pid -> last flush time."""
+        return f"{self.prefix}workers"
 
     @property
     def secure_key(self) -> str:

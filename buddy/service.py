@@ -14,6 +14,7 @@ from buddy.fingerprint import RequestShape, credentials_digest, fingerprint, var
 from buddy.messages import ProxyRequest, ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
 from buddy.settings import DomainSettings, Settings
+from buddy.store.metrics import MetricsRecorder
 from buddy.store.rate_limiter import Decision, LocalLimiter, RateLimiter
 from buddy.store.response_cache import ResponseCache
 from buddy.upstream import UpstreamClient, build_url, forwardable_request_headers, storable_headers
@@ -44,6 +45,7 @@ class ProxyService:
         coalescer: Coalescer,
         limiter: RateLimiter,
         fallback_limiter: LocalLimiter,
+        metrics: MetricsRecorder,
     ) -> None:
         self.settings = settings
         self.keys = keys
@@ -52,6 +54,7 @@ class ProxyService:
         self.coalescer = coalescer
         self.limiter = limiter
         self.fallback_limiter = fallback_limiter
+        self.metrics = metrics
 
     def entry_for(self, request: ProxyRequest) -> EntryId | None:
         """Which cache entry answers the request, or None when it must not be cached at all."""
@@ -72,6 +75,7 @@ class ProxyService:
 
     def handle(self, request: ProxyRequest) -> ProxyResult:
         result = self._answer(request)
+        self._tally(request.domain.name, result)
         if request.method == "HEAD" and result.stream is not None:
             result.close_stream()  # a relay keeps reading for its followers; headers (Content-Length) stay
             result.stream = iter(())
@@ -80,9 +84,11 @@ class ProxyService:
     def _answer(self, request: ProxyRequest) -> ProxyResult:
         entry = self.entry_for(request)
         if entry is None:
-            return self._call_upstream(request)
+            result = self._call_upstream(request)
+            result.cache = "PASS"  # shown to the client as MISS; counted apart from cache misses
+            return result
         try:
-            hit = self.cache.get(self.keys.cache(entry.domain, entry.digest))
+            hit = self.cache.get(entry)
         except StoreUnavailable:
             return self._bypass(request)
         if hit is not None:
@@ -99,12 +105,26 @@ class ProxyService:
         except StoreUnavailable:
             return self._bypass(request)
 
+    def _tally(self, domain: str, result: ProxyResult) -> None:
+        """Count what the request cost and saved (buffered; flushed to Redis once a second)."""
+        count = self.metrics.count
+        if result.cache == "PASS":
+            result.cache = "MISS"
+            count(domain, "passthrough")
+        elif result.cache in ("HIT", "COALESCED"):
+            count(domain, "hits" if result.cache == "HIT" else "coalesced")
+            if result.body is not None:
+                count(domain, "bytes_saved", len(result.body))
+                count(domain, "ms_saved", result.fetch_ms)
+        else:
+            count(domain, "misses")
+
     def _lead(self, request: ProxyRequest, entry: EntryId, token: str) -> ProxyResult:
         """Fetch as the one leader; whatever happens, followers are handed a result or the lock is let go."""
         handed_off = False
         try:
             # The previous leader may have stored the entry between our miss and our lock.
-            hit = self.cache.get(self.keys.cache(entry.domain, entry.digest))
+            hit = self.cache.get(entry)
             if hit is not None:
                 return from_cache(hit)
             result = self._call_upstream(request)
@@ -132,9 +152,11 @@ class ProxyService:
         ttl = self.ttl_for(domain, result.status) if result.body is not None else None
         if not ttl:
             return False
-        stored = CachedResponse(result.status, result.reason, storable_headers(result.headers), result.body, time.time())
+        stored = CachedResponse(
+            result.status, result.reason, storable_headers(result.headers), result.body, time.time(), result.fetch_ms
+        )
         try:
-            self.cache.put(self.keys.cache(entry.domain, entry.digest), stored, ttl)
+            self.cache.put(entry, stored, ttl)
         except StoreUnavailable:
             return False
         return True
@@ -149,8 +171,11 @@ class ProxyService:
         domain = request.domain
         decision, limiter = self._throttle(domain)
         if not decision.accepted:
+            self.metrics.count(domain.name, "throttle_refused")
             return refused(domain, decision)
         if decision.delay > 0:
+            self.metrics.count(domain.name, "throttle_delayed")
+            self.metrics.count(domain.name, "throttle_delay_ms", int(decision.delay * 1000))
             time.sleep(decision.delay)  # a leader's lock is kept alive meanwhile by the LockKeeper
         result = self._fetch(request)
         if decision.delay > 0:
@@ -181,14 +206,31 @@ class ProxyService:
         # A HEAD miss fetches the GET so that the entry it stores serves both.
         method = "GET" if request.method == "HEAD" else request.method
         headers = forwardable_request_headers(request.headers)
+        started = time.monotonic()
         try:
             response = self.upstream.send(domain, method, url, headers, request.body)
         except UpstreamError as exc:
-            log.warning("%s (%s)", exc, exc.__cause__ or "")
+            # The cause's text would carry the URL, and with it any credentials in the query: name its type only.
+            log.warning("%s (%s)", exc, type(exc.__cause__).__name__)
+            outcome = "timeout" if exc.status == 504 else "unreachable"
+            self._count_upstream(domain.name, outcome, started)
+            self.metrics.error(domain.name, outcome, str(exc))
             error = "upstream timeout" if exc.status == 504 else "upstream unavailable"
             reason = "Gateway Timeout" if exc.status == 504 else "Bad Gateway"
             return json_result(exc.status, reason, error=error, domain=domain.name, message=str(exc))
-        return ProxyResult(response.status, response.reason, response.headers, response.body, response.stream)
+        fetch_ms = self._count_upstream(domain.name, str(response.status), started)
+        if response.status >= 500 or response.status == 429:
+            self.metrics.error(domain.name, str(response.status), f"upstream '{domain.name}' answered {response.status}")
+        return ProxyResult(
+            response.status, response.reason, response.headers, response.body, response.stream, fetch_ms=fetch_ms
+        )
+
+    def _count_upstream(self, domain: str, outcome: str, started: float) -> int:
+        elapsed_ms = int((time.monotonic() - started) * 1000)
+        self.metrics.count(domain, "upstream_requests")
+        self.metrics.count(domain, "upstream_ms", elapsed_ms)
+        self.metrics.count(domain, f"status:{outcome}")
+        return elapsed_ms
 
     def ttl_for(self, domain: DomainSettings, status: int) -> int | None:
         """2xx for the domain's TTL, 404/410 for the negative TTL, nothing else (never 5xx, 429 or 206)."""
@@ -235,4 +277,6 @@ def retry_after_seconds(headers: list[tuple[str, str]]) -> float | None:
 def from_cache(entry: CachedResponse) -> ProxyResult:
     age = max(0, int(time.time() - entry.stored_at))
     headers = [(name, value) for name, value in entry.headers if name.lower() != "age"]
-    return ProxyResult(entry.status, entry.reason, headers, entry.body, cache="HIT", extra=[("Age", str(age))])
+    return ProxyResult(
+        entry.status, entry.reason, headers, entry.body, cache="HIT", extra=[("Age", str(age))], fetch_ms=entry.fetch_ms
+    )

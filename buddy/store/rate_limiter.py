@@ -15,7 +15,7 @@ from buddy.settings import DomainSettings
 from buddy.store.fill_lock import load_script
 from buddy.store.guard import StoreGuard
 
-GUARD_MS = 50  # every window is this much longer than configured, so that arrival jitter never breaks a limit
+GUARD_MS = 100  # every window is this much longer than configured, so that arrival jitter never breaks a limit
 QUIET_MS = 60_000  # the penalty level decays to 0 after this long without a 429/503 or a refusal
 
 

@@ -1,26 +1,50 @@
-"""The response cache: one compressed blob per key with a Redis-native TTL."""
+"""The response cache: one compressed blob per key with a Redis-native TTL, and a per-domain index of entries."""
 from __future__ import annotations
 
 import logging
+from typing import Callable, NamedTuple
 
 import redis
 
 from buddy import codec
 from buddy.codec import CachedResponse
+from buddy.redis_keys import EntryId, RedisKeys
+from buddy.store.fill_lock import load_script
 from buddy.store.guard import StoreGuard
 
 log = logging.getLogger("buddy.cache")
+BATCH = 500  # entries per round trip when pruning or clearing: Redis is never blocked for long
+
+
+class DomainEntries(NamedTuple):
+    """What the index says about one domain's cached responses."""
+
+    entries: int
+    size_bytes: int
+    expired: int
+    ttl_buckets: dict[str, int]
+
+
+TTL_BUCKETS = (("under_1h", 0, 3600), ("1h_to_1d", 3600, 86400), ("1d_to_7d", 86400, 604800),
+               ("over_7d", 604800, None))
 
 
 class ResponseCache:
-    """GET and SET of encoded responses; a blob that does not decode counts as a miss."""
+    """GET and SET of encoded responses; a blob that does not decode counts as a miss.
 
-    def __init__(self, client: redis.Redis, guard: StoreGuard) -> None:
+    Every stored entry is also listed in its domain's index (digest -> expiry, and its size), so that a
+    domain can be counted, measured and cleared without scanning the keyspace.
+    """
+
+    def __init__(self, client: redis.Redis, guard: StoreGuard, keys: RedisKeys) -> None:
         self.client = client
         self.guard = guard
+        self.keys = keys
+        self._store = client.register_script(load_script("store_entry"))
+        self._prune = client.register_script(load_script("prune_index"))
 
-    def get(self, key: str) -> CachedResponse | None:
-        blob = self.guard.run(lambda: self.client.get(key))
+    def get(self, entry: EntryId) -> CachedResponse | None:
+        blob = self.guard.run(lambda: self.client.get(self.keys.cache(entry.domain, entry.digest)))
         if blob is None:
             return None
         try:
@@ -29,6 +53,58 @@ class ResponseCache:
             log.info("unreadable cache entry treated as a miss: %s", exc)
             return None
 
-    def put(self, key: str, response: CachedResponse, ttl_seconds: int) -> None:
+    def put(self, entry: EntryId, response: CachedResponse, ttl_seconds: int) -> None:
         blob = codec.encode(response)
-        self.guard.run(lambda: self.client.set(key, blob, ex=ttl_seconds))
+        d = entry.domain
+        keys = [self.keys.cache(d, entry.digest), self.keys.index(d), self.keys.sizes(d), self.keys.stats(d)]
+        self.guard.run(lambda: self._store(keys=keys, args=[blob, ttl_seconds * 1000, entry.digest]))
+
+    def prune(self, domain: str) -> int:
+        """Drop index entries whose TTL has passed; returns how many."""
+        keys = [self.keys.index(domain), self.keys.sizes(domain), self.keys.stats(domain)]
+        total = 0
+        while True:
+            pruned = int(self.guard.run(lambda: self._prune(keys=keys, args=[BATCH])))
+            total += pruned
+            if pruned < BATCH:
+                return total
+
+    def describe(self, domain: str) -> DomainEntries:
+        """Live entries, their size, how many expired so far, and how much TTL they have left."""
+        self.prune(domain)
+        now = self.guard.run(lambda: self.client.time())
+        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+
+        def read() -> list:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zcard(self.keys.index(domain))
+            pipe.hmget(self.keys.stats(domain), ["bytes", "expired"])
+            for _, low, high in TTL_BUCKETS:
+                pipe.zcount(self.keys.index(domain), now_ms + low * 1000, now_ms + high * 1000 if high else "+inf")
+            return pipe.execute()
+
+        entries, (size, expired), *buckets = self.guard.run(read)
+        ttl = {name: int(count) for (name, _, _), count in zip(TTL_BUCKETS, buckets)}
+        return DomainEntries(int(entries), int(size or 0), int(expired or 0), ttl)
+
+    def clear(self, domain: str, progress: Callable[[int], None] = lambda n: None) -> int:
+        """Remove every cached response of `domain`, a batch at a time; returns how many went."""
+        index, sizes = self.keys.index(domain), self.keys.sizes(domain)
+        removed = 0
+        while True:
+            digests = [d.decode() for d in self.guard.run(lambda: self.client.zrange(index, 0, BATCH - 1))]
+            if not digests:
+                break
+
+            def unlink() -> list:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.unlink(*[self.keys.cache(domain, d) for d in digests])
+                pipe.zrem(index, *digests)
+                pipe.hdel(sizes, *digests)
+                return pipe.execute()
+
+            gone = int(self.guard.run(unlink)[0])
+            removed += gone
+            progress(len(digests))
+        self.guard.run(lambda: self.client.hset(self.keys.stats(domain), "bytes", 0))
+        return removed

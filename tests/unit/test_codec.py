@@ -8,6 +8,7 @@ import pytest
 
 from buddy import codec
 from buddy.codec import CachedResponse
+from buddy.redis_keys import EntryId, RedisKeys
 from buddy.store.guard import StoreGuard
 from buddy.store.response_cache import ResponseCache
 
@@ -38,10 +39,12 @@ def test_foreign_versions_and_garbage_raise_codec_error(blob: bytes) -> None:
 
 def test_a_truncated_or_old_entry_reads_as_a_miss() -> None:
     client = fakeredis.FakeRedis()
-    cache = ResponseCache(client, StoreGuard())
-    cache.put("k", ENTRY, 60)
-    assert cache.get("k") == ENTRY
-    client.set("k", codec.encode(ENTRY)[:-20])
-    assert cache.get("k") is None
-    client.set("k", b"RB\x00" + codec.encode(ENTRY)[3:])  # a format version this build does not read
-    assert cache.get("k") is None
+    keys = RedisKeys("t:")
+    cache = ResponseCache(client, StoreGuard(), keys)
+    entry = EntryId("up", "d1")
+    cache.put(entry, ENTRY, 60)
+    assert cache.get(entry) == ENTRY
+    client.set(keys.cache("up", "d1"), codec.encode(ENTRY)[:-20])
+    assert cache.get(entry) is None
+    client.set(keys.cache("up", "d1"), b"RB\x00" + codec.encode(ENTRY)[3:])  # a format version this build does not read
+    assert cache.get(entry) is None

@@ -1,0 +1,104 @@
+"""Counters for the whole proxy, kept in Redis: each process buffers increments and flushes them once a second.
+
+Buffering keeps a cache hit at one Redis round trip; the counters lag by at most the flush interval, and
+a process that is killed loses at most that much counting.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections import Counter
+
+import redis
+
+from buddy.errors import StoreUnavailable
+from buddy.redis_keys import RedisKeys
+from buddy.store.guard import StoreGuard
+
+log = logging.getLogger("buddy.metrics")
+RECENT_ERRORS = 50
+WORKER_SEEN_SECONDS = 15
+
+
+class MetricsRecorder:
+    """`count(domain, field, n)` and `error(...)` cost a dict update; a thread flushes them in one pipeline."""
+
+    def __init__(self, client: redis.Redis, guard: StoreGuard, keys: RedisKeys, interval: float = 1.0) -> None:
+        self.client = client
+        self.guard = guard
+        self.keys = keys
+        self.interval = interval
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._errors: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pid = 0
+        self._thread: threading.Thread | None = None
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def count(self, domain: str, field: str, n: int = 1) -> None:
+        self._ensure_running()
+        with self._lock:
+            self._counts[(domain, field)] += n
+
+    def error(self, domain: str, status: str, message: str) -> None:
+        event = json.dumps({"time": round(time.time(), 3), "domain": domain, "status": status, "message": message})
+        with self._lock:
+            self._errors.append(event)
+            del self._errors[:-RECENT_ERRORS]
+
+    def flush(self) -> None:
+        with self._lock:
+            counts, self._counts = self._counts, Counter()
+            errors, self._errors = self._errors, []
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+        def write() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for (domain, field), n in counts.items():
+                pipe.hincrby(self.keys.stats(domain), field, n)
+            if errors:
+                pipe.lpush(self.keys.recent_errors, *errors)
+                pipe.ltrim(self.keys.recent_errors, 0, RECENT_ERRORS - 1)
+            pipe.zadd(self.keys.workers, {self.worker: time.time()})
+            pipe.zremrangebyscore(self.keys.workers, "-inf", time.time() - WORKER_SEEN_SECONDS)
+            pipe.execute()
+
+        try:
+            self.guard.run(write)
+        except StoreUnavailable:
+            with self._lock:  # keep them for the next flush
+                self._counts.update(counts)
+                self._errors[:0] = errors
+                del self._errors[:-RECENT_ERRORS]
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread.is_alive() and self._pid == os.getpid():
+            thread.join(5)
+        self.flush()
+
+    def _ensure_running(self) -> None:
+        if self._pid == os.getpid() and not self._stop.is_set():
+            return
+        with self._lock:
+            if self._pid != os.getpid() and not self._stop.is_set():
+                self._pid = os.getpid()
+                self._counts.clear()  # a forked child starts its own tally
+                self._thread = threading.Thread(target=self._run, name="buddy-metrics", daemon=True)
+                self._thread.start()
+
+    def start(self) -> None:
+        self._ensure_running()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.flush()
+            except Exception:  # never let the flusher die: counting is not worth a crash
+                log.exception("flushing metrics failed")
