@@ -15,6 +15,7 @@ from buddy.coalesce import Coalescer
 from buddy.embedded import EmbeddedRedis
 from buddy.http_errors import register_error_handlers
 from buddy.logs import configure_logging
+from buddy.monitoring import MonitoringManager
 from buddy.redis_keys import RedisKeys
 from buddy.service import ProxyService
 from buddy.settings import Settings, load_settings
@@ -27,7 +28,7 @@ from buddy.store.wakeup import WakeupHub
 from buddy.upstream import UpstreamClient
 
 __version__ = "0.2.0"
-__all__ = ["create_app", "Buddy", "__version__"]
+__all__ = ["create_app", "Buddy", "CachingProxy", "__version__"]
 
 log = logging.getLogger("buddy")
 
@@ -38,17 +39,26 @@ class Buddy:
 
     settings: Settings
     redis: redis.Redis
-    guard: StoreGuard
+    redis_url: str
     service: ProxyService
-    hub: WakeupHub
     access: AccessControl
     secure_key: SecureKeyStore
-    redis_url: str
+    monitoring: MonitoringManager
+    embedded: EmbeddedRedis | None = None
+
+    def shutdown(self) -> None:
+        """Stop this app's threads, flush its counters, and leave the embedded Redis (stopping it if last)."""
+        self.service.coalescer.hub.stop()
+        self.service.coalescer.keeper.stop()
+        self.service.metrics.stop()
+        self.redis.close()
+        if self.embedded is not None:
+            self.embedded.stop()
 
 
-def connect_redis(settings: Settings) -> tuple[redis.Redis, str]:
+def connect_redis(settings: Settings) -> tuple[redis.Redis, str, EmbeddedRedis | None]:
     """The configured Redis, or the embedded one for this data folder (started here if nobody runs it yet)."""
-    url = settings.redis["url"]
+    url, embedded = settings.redis["url"], None
     if not url:
         embedded = EmbeddedRedis(settings.data_dir, settings.redis["maxmemory"])
         embedded.ensure()
@@ -58,7 +68,7 @@ def connect_redis(settings: Settings) -> tuple[redis.Redis, str]:
     client = redis.Redis.from_url(
         url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
     )
-    return client, url
+    return client, url, embedded
 
 
 def create_app(
@@ -75,37 +85,45 @@ def create_app(
     app.url_map.merge_slashes = False  # `/x//y` must reach the upstream as sent, not be redirected
     app.url_map.strict_slashes = False
 
-    url = "(injected)"
+    url, embedded = "(injected)", None
     if redis_client is None:
-        redis_client, url = connect_redis(settings)
+        redis_client, url, embedded = connect_redis(settings)
     guard = StoreGuard()
     keys = RedisKeys(settings.redis["prefix"])
     metrics = MetricsRecorder(redis_client, guard, keys)
     hub = WakeupHub(redis_client, keys.fill_channel)
+    cache = ResponseCache(redis_client, guard, keys)
+    max_delay = settings.throttling["progressive_max_delay"]
     service = ProxyService(
         settings,
         keys,
-        ResponseCache(redis_client, guard, keys),
+        cache,
         UpstreamClient(settings.cache["max_cache_response_size"]),
-        Coalescer(
-            redis_client, guard, keys, hub, settings.cache["coalesce_timeout_seconds"],
-            relay_limit=settings.cache["max_relay_size"],
-        ),
-        RateLimiter(redis_client, guard, keys, settings.throttling["progressive_max_delay"]),
-        LocalLimiter(settings.throttling["progressive_max_delay"], int(os.environ.get("BUDDY_WORKERS", "1"))),
+        Coalescer(redis_client, guard, keys, hub, settings.cache["coalesce_timeout_seconds"],
+                  relay_limit=settings.cache["max_relay_size"]),
+        RateLimiter(redis_client, guard, keys, max_delay),
+        LocalLimiter(max_delay, int(os.environ.get("BUDDY_WORKERS", "1"))),
         metrics,
     )
     secure_key = SecureKeyStore(redis_client, guard, keys, settings.security["secure_key"])
     access = AccessControl(
         settings.security["require_secure_key"], secure_key.get, settings.security["log_security_events"]
     )
-    app.extensions["buddy"] = Buddy(settings, redis_client, guard, service, hub, access, secure_key, url)
+    monitoring = MonitoringManager(redis_client, guard, keys, settings, cache, url, __version__)
+    buddy = Buddy(settings, redis_client, url, service, access, secure_key, monitoring, embedded)
+    app.extensions["buddy"] = buddy
     hub.start()  # subscribe now (this runs in each worker after the fork), not on the first wait
+    metrics.start()
+    atexit.register(metrics.stop)  # flush what this process counted
     atexit.register(hub.stop)  # runs before an embedded Redis registered earlier is stopped
 
-    from buddy import cli, views
+    from buddy import admin, cli, views
 
     register_error_handlers(app)
+    app.register_blueprint(admin.bp)
     app.register_blueprint(views.bp)
     app.cli.add_command(cli.group)
     return app
+
+
+from buddy.caching_proxy import CachingProxy  # noqa: E402  (it builds on create_app)

@@ -72,15 +72,24 @@ class LockKeeper:
         self._held: dict[tuple[EntryId, str], tuple[int, float]] = {}  # -> (ttl ms, when to extend next)
         self._mutex = threading.Lock()
         self._changed = threading.Event()
+        self._stopped = threading.Event()
         self._pid = 0
+        self._thread: threading.Thread | None = None
 
     def hold(self, entry: EntryId, token: str, ttl_ms: int) -> None:
         with self._mutex:
             self._held[(entry, token)] = (ttl_ms, time.monotonic() + ttl_ms / 3000)
             if self._pid != os.getpid():
                 self._pid = os.getpid()
-                threading.Thread(target=self._run, name="buddy-lock-keeper", daemon=True).start()
+                self._thread = threading.Thread(target=self._run, name="buddy-lock-keeper", daemon=True)
+                self._thread.start()
         self._changed.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._changed.set()
+        if self._thread is not None and self._pid == os.getpid():
+            self._thread.join(5)
 
     def drop(self, entry: EntryId, token: str) -> None:
         with self._mutex:
@@ -91,7 +100,7 @@ class LockKeeper:
             return len(self._held)
 
     def _run(self) -> None:
-        while True:
+        while not self._stopped.is_set():
             with self._mutex:
                 due = min((when for _, when in self._held.values()), default=time.monotonic() + 1.0)
             self._changed.wait(max(0.0, min(1.0, due - time.monotonic())))

@@ -23,6 +23,7 @@ class StoreGuard:
         self.failed_at: float | None = None
         self.last_error = ""
         self._logged_at = 0.0
+        self._refused_logged_at = 0.0
         self._lock = threading.Lock()
 
     @property
@@ -35,8 +36,13 @@ class StoreGuard:
             raise StoreUnavailable(self.last_error)
         try:
             result = call()
-        except redis.RedisError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
             self._failed(exc)
+            raise StoreUnavailable(str(exc)) from exc
+        except redis.RedisError as exc:
+            # Redis answered, with an error (out of memory, read-only replica, ...): this call fails, the
+            # next one may not, so Redis is not skipped; logged at most once per interval all the same.
+            self._refused(exc)
             raise StoreUnavailable(str(exc)) from exc
         if failed_at is not None:
             self._recovered()
@@ -52,6 +58,13 @@ class StoreGuard:
                     "Redis unavailable: serving without cache (X-Cache: BYPASS), rate limits kept per process: %s",
                     self.last_error,
                 )
+
+    def _refused(self, exc: Exception) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._refused_logged_at >= self.log_every:
+                self._refused_logged_at = now
+                log.error("Redis refused a command, serving that request without it: %s: %s", type(exc).__name__, exc)
 
     def _recovered(self) -> None:
         with self._lock:

@@ -76,6 +76,9 @@ class WakeupHub:
 
     def stop(self) -> None:
         self._stop.set()
+        thread = self._thread
+        if thread is not None and thread.is_alive() and self._pid == os.getpid():
+            thread.join(5)
 
     @staticmethod
     def _name(entry: EntryId) -> str:
@@ -91,7 +94,7 @@ class WakeupHub:
             waiter.event.set()
 
     def _ensure_running(self) -> None:
-        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+        if self._stop.is_set() or (self._pid == os.getpid() and self._thread is not None and self._thread.is_alive()):
             return
         with self._lock:
             if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():

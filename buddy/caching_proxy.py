@@ -1,0 +1,83 @@
+"""The seed's embedded API: `CachingProxy(config).start(blocking=False)` serves from a thread of the caller."""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Mapping
+
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from buddy import Buddy, create_app
+from buddy.monitoring import MonitoringManager
+
+log = logging.getLogger("buddy")
+
+
+class CachingProxy:
+    """A whole proxy inside a Python program, on the embedded Redis unless `redis.url` (or REDIS_URL) says otherwise.
+
+        proxy = CachingProxy({"domain_mappings": {"conceptnet": {"upstream": "https://api.conceptnet.io"}}})
+        proxy.start(blocking=False)
+        ...  # http://127.0.0.1:8080/conceptnet/c/en/dog
+        proxy.stop()
+    """
+
+    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+        self.app = create_app(config)
+        self.buddy: Buddy = self.app.extensions["buddy"]
+        self._server: BaseWSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        server = self.buddy.settings.server
+        return f"http://{server['host']}:{server['port']}"
+
+    def start(self, blocking: bool = False) -> None:
+        """Serve on `server.host:server.port`; with blocking=False from a background thread, else until stop()."""
+        server = self.buddy.settings.server
+        self._server = make_server(server["host"], server["port"], self.app, threaded=True)
+        if blocking:
+            try:
+                self._server.serve_forever()
+            finally:
+                self.stop()
+            return
+        self._thread = threading.Thread(target=self._server.serve_forever, name="buddy-server", daemon=True)
+        self._thread.start()
+        log.info("reference-api-buddy serving on %s", self.url)
+
+    def stop(self) -> None:
+        """Stop serving and leave nothing running: no thread of ours, no embedded redis-server we started."""
+        if self._server is not None:
+            if self._thread is not None:
+                self._server.shutdown()
+                self._thread.join(10)
+            self._server.server_close()
+            self._server, self._thread = None, None
+        self.buddy.shutdown()
+
+    def get_secure_key(self) -> str:
+        return self.buddy.secure_key.get()
+
+    def get_metrics(self) -> dict[str, Any]:
+        self.buddy.service.metrics.flush()  # this process's latest counts first
+        return self.buddy.monitoring.get_all()
+
+    def clear_cache(self, domain: str | None = None) -> int:
+        """Remove the cached responses of one domain, or of all; returns how many went."""
+        if domain is not None and domain not in self.buddy.settings.domains:
+            raise ValueError(f"'{domain}' is not a configured domain: {sorted(self.buddy.settings.domains)}")
+        domains = [domain] if domain else list(self.buddy.settings.domains)
+        return sum(self.buddy.service.cache.clear(name) for name in domains)
+
+    def get_monitoring_manager(self) -> MonitoringManager:
+        self.buddy.service.metrics.flush()
+        return self.buddy.monitoring
+
+    def __enter__(self) -> "CachingProxy":
+        self.start(blocking=False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,107 @@
+"""The operator's view against real gunicorn workers, the flask CLI, and the embedded Python API."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.ports import free_port
+from tests.support.processes import ROOT
+from tests.support.upstream_stub import UpstreamStub
+
+
+def two_domains(upstream: UpstreamStub) -> dict:
+    return {"domain_mappings": {"up": {"upstream": upstream.url}, "other": {"upstream": upstream.url + "/o"}}}
+
+
+def settled_metrics(url: str, want_hits: int, timeout: float = 5.0) -> dict:
+    """Workers flush their counters once a second: poll until they have all landed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        report = requests.get(f"{url}/admin/metrics", timeout=10).json()
+        if report["cache"]["hit_count"] >= want_hits or time.monotonic() > deadline:
+            return report
+        time.sleep(0.2)
+
+
+def test_counts_describe_the_whole_proxy_not_one_worker(gunicorn, redis_url, upstream) -> None:
+    proxy = gunicorn(two_domains(upstream), env={"REDIS_URL": redis_url}, workers=4)
+    for round_ in range(3):
+        for i in range(10):
+            requests.get(f"{proxy.url}/up/item/{i}", timeout=10, headers={"Connection": "close"})
+    report = settled_metrics(proxy.url, want_hits=20)
+    cache = report["cache"]
+    assert (cache["hit_count"], cache["miss_count"]) == (20, 10)
+    assert cache["entries_per_domain"] == {"up": 10, "other": 0}
+    assert cache["upstream_calls_avoided"] == 20 and cache["bytes_saved"] > 0
+    assert report["upstream"]["by_domain"]["up"]["total_requests"] == upstream.count() == 10
+    assert report["proxy_health"]["active_workers"] >= 2
+
+    text = requests.get(f"{proxy.url}/metrics", timeout=10).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("buddy_cache_hits_total", (("domain", "up"),))] == 20
+    assert samples[("buddy_cache_entries", (("domain", "up"),))] == 10
+
+
+def test_flask_cli_clear_cache_empties_one_domain_only(gunicorn, redis_url, upstream) -> None:
+    proxy = gunicorn(two_domains(upstream), env={"REDIS_URL": redis_url})
+    for path in ("/up/a", "/up/b", "/other/c"):
+        requests.get(proxy.url + path, timeout=10)
+    result = subprocess.run([sys.executable, "-m", "flask", "buddy", "clear-cache", "up"], cwd=ROOT, env=proxy.env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "up: 2 entries removed" in result.stdout and "clearing up" in result.stderr
+    assert requests.get(f"{proxy.url}/up/a", timeout=10).headers["X-Cache"] == "MISS"
+    assert requests.get(f"{proxy.url}/other/c", timeout=10).headers["X-Cache"] == "HIT"
+    stats = subprocess.run([sys.executable, "-m", "flask", "buddy", "stats"], cwd=ROOT, env=proxy.env,
+                           capture_output=True, text=True, timeout=60)
+    assert stats.returncode == 0 and stats.stdout.splitlines()[0].split()[0] == "domain"
+
+
+def test_check_config_works_even_when_the_app_cannot_load(tmp_path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[domain_mappings.wikidata]\nupstream = "ftp://nope"\n')
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "BUDDY_CONFIG": str(bad)}
+    result = subprocess.run([sys.executable, "-m", "flask", "buddy", "check-config"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "domain_mappings.wikidata.upstream: must be an http:// or https:// URL with a host" in result.stderr
+
+
+EMBEDDED = textwrap.dedent("""
+    import sys, threading, psutil, requests
+    from buddy import CachingProxy
+    upstream, port, data_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    proxy = CachingProxy({"domain_mappings": {"up": {"upstream": upstream}},
+                          "server": {"port": port}, "redis": {"data_dir": data_dir}})
+    proxy.start(blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    print(requests.get(base + "/up/x", timeout=10).headers["X-Cache"])
+    print(requests.get(base + "/up/x", timeout=10).headers["X-Cache"])
+    metrics = proxy.get_metrics()
+    print(metrics["cache"]["hit_count"], metrics["cache"]["miss_count"])
+    print(proxy.get_monitoring_manager().get_cache_stats()["entries_per_domain"]["up"])
+    print(len(proxy.get_secure_key()) >= 32)
+    print(proxy.clear_cache("up"))
+    redis_servers = [p for p in psutil.Process().children(recursive=True) if "redis-server" in p.name()]
+    print(len(redis_servers))
+    proxy.stop()
+    print([t.name for t in threading.enumerate() if t.name.startswith("buddy")])
+    print(sum(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in redis_servers))
+""")
+
+
+def test_the_embedded_api_serves_and_stop_leaves_nothing_running(tmp_path, upstream) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", EMBEDDED, upstream.url, str(free_port()), str(tmp_path / "data")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines == ["MISS", "HIT", "1 1", "1", "True", "1", "1", "[]", "0"], result.stderr
+    assert upstream.count() == 1
