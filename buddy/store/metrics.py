@@ -77,6 +77,9 @@ class MetricsRecorder:
                 del self._errors[:-RECENT_ERRORS]
 
     def stop(self) -> None:
+        """Stop the flusher and write what is left; later calls (atexit after shutdown()) do nothing."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         thread = self._thread
         if thread is not None and thread.is_alive() and self._pid == os.getpid():

@@ -18,12 +18,13 @@ def two_domains(upstream: UpstreamStub) -> dict:
     return {"domain_mappings": {"up": {"upstream": upstream.url}, "other": {"upstream": upstream.url + "/o"}}}
 
 
-def settled_metrics(url: str, want_hits: int, timeout: float = 5.0) -> dict:
-    """Workers flush their counters once a second: poll until they have all landed."""
+def settled_metrics(url: str, hits: int, misses: int, timeout: float = 5.0) -> dict:
+    """Workers flush their counters once a second: poll until every worker's share has landed."""
     deadline = time.monotonic() + timeout
     while True:
         report = requests.get(f"{url}/admin/metrics", timeout=10).json()
-        if report["cache"]["hit_count"] >= want_hits or time.monotonic() > deadline:
+        cache = report["cache"]
+        if (cache["hit_count"] >= hits and cache["miss_count"] >= misses) or time.monotonic() > deadline:
             return report
         time.sleep(0.2)
 
@@ -33,7 +34,7 @@ def test_counts_describe_the_whole_proxy_not_one_worker(gunicorn, redis_url, ups
     for round_ in range(3):
         for i in range(10):
             requests.get(f"{proxy.url}/up/item/{i}", timeout=10, headers={"Connection": "close"})
-    report = settled_metrics(proxy.url, want_hits=20)
+    report = settled_metrics(proxy.url, hits=20, misses=10)
     cache = report["cache"]
     assert (cache["hit_count"], cache["miss_count"]) == (20, 10)
     assert cache["entries_per_domain"] == {"up": 10, "other": 0}
