@@ -37,6 +37,7 @@ def start_proxy(workdir: Path, redis_url: str, upstream: str, worker_class: str,
     port = free_port()
     config = workdir / f"config-{port}.json"
     config.write_text(json.dumps({"domain_mappings": {"up": {"upstream": upstream, "read_timeout": 30}},
+                                  "throttling": {"default_requests_per_hour": 1_000_000},
                                   "logging": {"level": "WARNING"}}))
     env = {**os.environ, "REDIS_URL": redis_url, "BUDDY_CONFIG": str(config)}
     args = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{port}", "-w", "4",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterator
 
 from buddy.settings import DomainSettings
@@ -18,9 +19,16 @@ class ProxyRequest:
     headers: list[tuple[str, str]]
     body: bytes
 
+    @cached_property
+    def _by_name(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for key, value in self.headers:
+            found.setdefault(key.lower(), value)
+        return found
+
     def header(self, name: str) -> str:
-        name = name.lower()
-        return next((value for key, value in self.headers if key.lower() == name), "")
+        """The first value of a header, '' when absent (names compare case-insensitively)."""
+        return self._by_name.get(name.lower(), "")
 
 
 @dataclass

@@ -107,17 +107,14 @@ class ProxyService:
 
     def _tally(self, domain: str, result: ProxyResult) -> None:
         """Count what the request cost and saved (buffered; flushed to Redis once a second)."""
-        count = self.metrics.count
         if result.cache == "PASS":
             result.cache = "MISS"
-            count(domain, "passthrough")
+            self.metrics.count(domain, "passthrough")
         elif result.cache in ("HIT", "COALESCED"):
-            count(domain, "hits" if result.cache == "HIT" else "coalesced")
-            if result.body is not None:
-                count(domain, "bytes_saved", len(result.body))
-                count(domain, "ms_saved", result.fetch_ms)
+            saved = {} if result.body is None else {"bytes_saved": len(result.body), "ms_saved": result.fetch_ms}
+            self.metrics.count_many(domain, {"hits" if result.cache == "HIT" else "coalesced": 1, **saved})
         else:
-            count(domain, "misses")
+            self.metrics.count(domain, "misses")
 
     def _lead(self, request: ProxyRequest, entry: EntryId, token: str) -> ProxyResult:
         """Fetch as the one leader; whatever happens, followers are handed a result or the lock is let go."""

@@ -41,9 +41,14 @@ class MetricsRecorder:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def count(self, domain: str, field: str, n: int = 1) -> None:
-        self._ensure_running()
+        self.count_many(domain, {field: n})
+
+    def count_many(self, domain: str, fields: dict[str, int]) -> None:
+        if self._pid != os.getpid():
+            self._ensure_running()
         with self._lock:
-            self._counts[(domain, field)] += n
+            for field, n in fields.items():
+                self._counts[(domain, field)] += n
 
     def error(self, domain: str, status: str, message: str) -> None:
         event = json.dumps({"time": round(time.time(), 3), "domain": domain, "status": status, "message": message})
