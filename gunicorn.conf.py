@@ -8,6 +8,7 @@ import sys
 from buddy.access import exposure_warning
 from buddy.embedded import EmbeddedRedis
 from buddy.errors import ConfigError
+from buddy.logs import gunicorn_logconfig
 from buddy.settings import load_settings
 
 try:
@@ -17,6 +18,8 @@ except ConfigError as _exc:
     raise SystemExit(2)
 
 bind = [f"{_settings.server['host']}:{_settings.server['port']}"]
+loglevel = _settings.logging["level"].lower()
+logconfig_dict = gunicorn_logconfig(_settings.logging)  # the app's logging section, for gunicorn's error log too
 workers = int(os.environ.get("WEB_CONCURRENCY", "4"))
 worker_class = "gthread"
 threads = int(os.environ.get("BUDDY_THREADS", "64"))

@@ -47,9 +47,10 @@ def sorted_query(query: str) -> tuple[str, ...]:
     return tuple(sorted(items, key=lambda item: item.split("=", 1)[0]))
 
 
-def credentials_digest(headers: Iterable[tuple[str, str]]) -> str:
-    """A hash of the credential headers a request carries; '' when it carries none."""
-    found = sorted((name.lower(), value) for name, value in headers if name.lower() in CREDENTIAL_HEADERS)
+def credentials_digest(headers: Iterable[tuple[str, str]], names: Iterable[str] = CREDENTIAL_HEADERS) -> str:
+    """A hash of the credential headers (`names`, lower case) a request carries; '' when it carries none."""
+    names = frozenset(names)
+    found = sorted((name.lower(), value) for name, value in headers if name.lower() in names)
     if not found:
         return ""
     return hashlib.sha256(json.dumps(found).encode()).hexdigest()

@@ -35,3 +35,23 @@ def configure_logging(section: Mapping[str, Any]) -> logging.Logger:
         logger.addHandler(handler)
     logger.propagate = not handlers
     return logger
+
+
+def gunicorn_logconfig(section: Mapping[str, Any]) -> dict[str, Any]:
+    """gunicorn's `logconfig_dict`: its error log gets the same level, format, console and file as the app."""
+    handlers: dict[str, dict[str, Any]] = {}
+    if section["enable_console"]:
+        handlers["buddy_console"] = {"class": "logging.StreamHandler", "formatter": "buddy", "stream": "ext://sys.stderr"}
+    if section["enable_file"] and section["file_path"]:
+        handlers["buddy_file"] = {
+            "class": "logging.handlers.RotatingFileHandler", "formatter": "buddy", "filename": section["file_path"],
+            "maxBytes": section["max_file_size"], "backupCount": section["backup_count"],
+        }
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"buddy": {"format": section["format"], "datefmt": section["date_format"]}},
+        "handlers": handlers,
+        "root": {"level": "WARNING", "handlers": []},
+        "loggers": {"gunicorn.error": {"level": section["level"], "handlers": list(handlers), "propagate": False}},
+    }

@@ -69,7 +69,9 @@ class ProxyService:
             body=request.body,
             content_type=request.header("Content-Type"),
             vary=vary_values(request.headers, domain.vary_headers),
-            credentials="" if domain.share_across_credentials else credentials_digest(request.headers),
+            credentials="" if domain.share_across_credentials else credentials_digest(
+                request.headers, domain.credential_headers
+            ),
         )
         return EntryId(domain.name, fingerprint(shape))
 

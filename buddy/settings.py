@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from buddy.errors import ConfigError
+from buddy.fingerprint import CREDENTIAL_HEADERS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -84,6 +85,7 @@ class DomainSchema(_Section):
     negative_ttl_seconds = _positive_int(load_default=None, allow_none=True)
     vary_headers = fields.List(_string(), load_default=None, allow_none=True)
     share_across_credentials = _boolean(load_default=False)
+    credential_headers = fields.List(_string(), load_default=None, allow_none=True)
     connect_timeout = _positive_number(load_default=None, allow_none=True)
     read_timeout = _positive_number(load_default=None, allow_none=True)
     max_requests_per_second = _positive_int(load_default=None, allow_none=True)
@@ -205,6 +207,7 @@ class DomainSettings:
     negative_ttl_seconds: int
     vary_headers: tuple[str, ...]
     share_across_credentials: bool
+    credential_headers: tuple[str, ...]
     connect_timeout: float
     read_timeout: float
     max_requests_per_second: int | None
@@ -352,6 +355,9 @@ def _build(data: dict[str, Any]) -> Settings:
             negative_ttl_seconds=spec["negative_ttl_seconds"] or cache["negative_ttl_seconds"],
             vary_headers=tuple(sorted({h.lower() for h in vary})),
             share_across_credentials=spec["share_across_credentials"],
+            credential_headers=tuple(sorted({h.lower() for h in (
+                spec["credential_headers"] if spec["credential_headers"] is not None else CREDENTIAL_HEADERS
+            )})),
             connect_timeout=spec["connect_timeout"] or server["connect_timeout"],
             read_timeout=spec["read_timeout"] or server["request_timeout"],
             max_requests_per_second=spec["max_requests_per_second"],

@@ -146,7 +146,6 @@ class UpstreamResponse:
     headers: list[tuple[str, str]]
     body: bytes | None = None
     stream: "BodyStream | None" = None
-    decoded: bool = False
 
 
 @dataclass
@@ -234,7 +233,7 @@ class UpstreamClient:
         ]
         decoded = bool(encodings) and all(e in response.raw.CONTENT_DECODERS for e in encodings)
         headers = client_response_headers(raw_headers, decoded)
-        result = UpstreamResponse(response.status_code, response.reason or "", headers, decoded=decoded)
+        result = UpstreamResponse(response.status_code, response.reason or "", headers)
         if "location" in (name.lower() for name, _ in headers):
             result.headers = [
                 (n, rewrite_location(domain, response.url, v) if n.lower() == "location" else v) for n, v in headers

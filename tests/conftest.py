@@ -65,5 +65,7 @@ def buddy_config(upstream: UpstreamStub) -> dict[str, Any]:
 
 
 @pytest.fixture
-def app(buddy_config: dict[str, Any], fake_redis: fakeredis.FakeRedis) -> Flask:
-    return create_app(buddy_config, redis_client=fake_redis, environ={})
+def app(buddy_config: dict[str, Any], fake_redis: fakeredis.FakeRedis) -> Iterator[Flask]:
+    app = create_app(buddy_config, redis_client=fake_redis, environ={})
+    yield app
+    app.extensions["buddy"].shutdown()

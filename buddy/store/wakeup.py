@@ -109,7 +109,7 @@ class WakeupHub:
             try:
                 pubsub.subscribe(self.channel)
                 while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=1.0)
+                    message = pubsub.get_message(timeout=0.25)  # short, so that stop() is quick
                     if not message:
                         continue
                     if message.get("type") == "subscribe":

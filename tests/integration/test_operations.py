@@ -106,3 +106,15 @@ def test_the_embedded_api_serves_and_stop_leaves_nothing_running(tmp_path, upstr
     lines = result.stdout.splitlines()
     assert lines == ["MISS", "HIT", "1 1", "1", "True", "1", "1", "[]", "0"], result.stderr
     assert upstream.count() == 1
+
+
+def test_the_logging_section_applies_to_gunicorn_and_the_app_alike(gunicorn, redis_url, upstream, tmp_path) -> None:
+    log_file = tmp_path / "buddy.log"
+    config = {"domain_mappings": {"up": {"upstream": f"http://127.0.0.1:{free_port()}"}},
+              "logging": {"enable_file": True, "file_path": str(log_file), "format": "BUDDY|%(name)s|%(message)s"}}
+    proxy = gunicorn(config, env={"REDIS_URL": redis_url})
+    assert requests.get(f"{proxy.url}/up/x", timeout=10).status_code == 502
+    proxy.stop()
+    lines = log_file.read_text().splitlines()
+    assert any(line.startswith("BUDDY|gunicorn.error|Booting worker") for line in lines)
+    assert any(line.startswith("BUDDY|buddy.service|could not reach upstream 'up'") for line in lines)

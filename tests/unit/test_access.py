@@ -22,8 +22,10 @@ def secured(buddy_config: dict[str, Any], key: str | None = KEY) -> dict[str, An
 
 
 @pytest.fixture
-def app(buddy_config: dict[str, Any], fake_redis: fakeredis.FakeRedis) -> Flask:
-    return create_app(secured(buddy_config), redis_client=fake_redis, environ={})
+def app(buddy_config: dict[str, Any], fake_redis: fakeredis.FakeRedis):
+    app = create_app(secured(buddy_config), redis_client=fake_redis, environ={})
+    yield app
+    app.extensions["buddy"].shutdown()
 
 
 def everything_seen(upstream: UpstreamStub) -> str:

@@ -209,3 +209,14 @@ def test_upstream_cookies_never_ride_along_with_another_clients_request(app: Fla
     assert "Set-Cookie" in alice.get("/up/cookie", headers={"Authorization": "Bearer alice"}).headers
     bob.get("/up/bobs-request")
     assert "cookie" not in upstream.log[-1].headers
+
+
+def test_credential_headers_are_configurable_per_domain(upstream: UpstreamStub, fake_redis) -> None:
+    config = {"domain_mappings": {"up": {"upstream": upstream.url, "credential_headers": ["Cookie", "X-Team-Token"]}},
+              "logging": {"enable_console": False}}
+    client = create_app(config, redis_client=fake_redis, environ={}).test_client(use_cookies=False)
+    for headers in ({"Cookie": "s=alice"}, {"Cookie": "s=bob"}, {"X-Team-Token": "t1"}, {"Authorization": "Bearer x"},
+                    {"Cookie": "s=alice"}, {}):
+        client.get("/up/account", headers=headers)
+    # alice, bob, t1, and one shared entry for the last three: Authorization is not a credential here
+    assert upstream.count() == 4
