@@ -22,14 +22,26 @@ def test_file_logging_uses_the_format_and_is_not_stacked(tmp_path) -> None:
     assert path.read_text() == "DEBUG|buddy.cache|stored entry\n"
 
 
-def test_parent_logger_receives_the_records(caplog) -> None:
-    host = logging.getLogger("hostapp")
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_parent_logger_receives_the_records() -> None:
+    host, collect = logging.getLogger("hostapp"), Collect()
+    host.addHandler(collect)
+    host.setLevel(logging.INFO)
     configure_logging(section(parent_logger="hostapp", level="INFO"))
     try:
-        with caplog.at_level(logging.INFO, logger="hostapp"):
-            logging.getLogger("buddy.upstream").info("fetched")
-        assert [(r.name, r.message) for r in caplog.records] == [("buddy.upstream", "fetched")]
+        logging.getLogger("buddy.upstream").info("fetched")
+        logging.getLogger("buddy.upstream").debug("below the level")
+        assert [(r.name, r.getMessage()) for r in collect.records] == [("buddy.upstream", "fetched")]
         assert logging.getLogger("buddy").parent is host
     finally:
+        host.removeHandler(collect)
         logging.getLogger("buddy").parent = logging.getLogger()
         configure_logging(section(enable_console=False))
