@@ -13,6 +13,7 @@ from flask import Flask
 from buddy.access import AccessControl
 from buddy.coalesce import Coalescer
 from buddy.embedded import EmbeddedRedis
+from buddy.errors import StoreUnavailable
 from buddy.http_errors import register_error_handlers
 from buddy.logs import configure_logging
 from buddy.monitoring import MonitoringManager
@@ -109,6 +110,11 @@ def create_app(
     access = AccessControl(
         settings.security["require_secure_key"], secure_key.get, settings.security["log_security_events"]
     )
+    if settings.security["require_secure_key"]:
+        try:
+            secure_key.get()  # now, so that the log filter knows the key before the first request is logged
+        except StoreUnavailable:
+            log.warning("the access key is in Redis, which is unreachable; requests get 503 until it is back")
     monitoring = MonitoringManager(redis_client, guard, keys, settings, cache, url, __version__)
     buddy = Buddy(settings, redis_client, url, service, access, secure_key, monitoring, embedded)
     app.extensions["buddy"] = buddy

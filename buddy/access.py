@@ -11,7 +11,9 @@ import ipaddress
 import logging
 from dataclasses import dataclass, replace
 from typing import Callable
-from urllib.parse import unquote_plus
+from urllib.parse import unquote, unquote_plus
+
+from buddy.redaction import spellings
 
 log = logging.getLogger("buddy.security")
 KEY_HEADER = "x-api-buddy-key"
@@ -29,6 +31,7 @@ class Target:
     rest: bytes | None
     query: str
     headers: list[tuple[str, str]]
+    raw_first: str = ""  # the first segment as sent, before percent-decoding
 
 
 def same(candidate: str, key: str) -> bool:
@@ -36,12 +39,22 @@ def same(candidate: str, key: str) -> bool:
     return hmac.compare_digest(candidate.encode("utf-8", "surrogateescape"), key.encode("utf-8", "surrogateescape"))
 
 
+def spelled(raw: str, key: str) -> bool:
+    """Is `raw`, as it stands in the request line, the key or one of its plain percent-encodings?
+
+    Only these spellings are accepted, so that the log filter, which masks exactly these, covers every
+    form in which an accepted key can have been written (an arbitrary %-encoding would slip past it).
+    """
+    return any([same(raw, form) for form in spellings(key)])  # a list: compare against every form, always
+
+
 def strip_key(target: Target, key: str, domains: frozenset[str] | set[str]) -> tuple[Target, bool]:
     """Remove every occurrence of the proxy key; True if at least one was found."""
     found = False
-    if target.first not in domains and target.rest is not None and same(target.first, key):
+    if target.first not in domains and target.rest is not None and spelled(target.raw_first or target.first, key):
         first, slash, rest = target.rest.partition(b"/")
-        target = replace(target, first=unquote_plus(first.decode("latin-1")), rest=rest if slash else None)
+        raw = first.decode("latin-1")
+        target = replace(target, first=unquote(raw), raw_first=raw, rest=rest if slash else None)
         found = True
     headers = []
     for name, value in target.headers:
@@ -56,7 +69,7 @@ def strip_key(target: Target, key: str, domains: frozenset[str] | set[str]) -> t
     items = []
     for item in target.query.split("&") if target.query else []:
         name, _, value = item.partition("=")
-        if unquote_plus(name) == "key" and same(unquote_plus(value), key):
+        if unquote_plus(name) == "key" and spelled(value, key):
             found = True
             continue
         items.append(item)

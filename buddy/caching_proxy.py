@@ -5,12 +5,19 @@ import logging
 import threading
 from typing import Any, Mapping
 
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from buddy import Buddy, create_app
+from buddy.access import exposure_warning
 from buddy.monitoring import MonitoringManager
 
 log = logging.getLogger("buddy")
+
+
+class _Handler(WSGIRequestHandler):
+    """One request per connection: no keep-alive thread outlives stop(). Loopback makes that cheap."""
+
+    protocol_version = "HTTP/1.0"
 
 
 class CachingProxy:
@@ -27,6 +34,7 @@ class CachingProxy:
         self.buddy: Buddy = self.app.extensions["buddy"]
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
+        self._stopped = False
 
     @property
     def url(self) -> str:
@@ -34,9 +42,23 @@ class CachingProxy:
         return f"http://{server['host']}:{server['port']}"
 
     def start(self, blocking: bool = False) -> None:
-        """Serve on `server.host:server.port`; with blocking=False from a background thread, else until stop()."""
+        """Serve on `server.host:server.port`; with blocking=False from a background thread, else until stop().
+
+        Raises OSError when the address is taken, RuntimeError when already started or stopped.
+        """
+        if self._stopped:
+            raise RuntimeError("this CachingProxy was stopped; create a new one to serve again")
+        if self._server is not None:
+            raise RuntimeError(f"this CachingProxy is already serving on {self.url}")
         server = self.buddy.settings.server
-        self._server = make_server(server["host"], server["port"], self.app, threaded=True)
+        warning = exposure_warning([f"{server['host']}:{server['port']}"], self.buddy.access.required)
+        if warning:
+            log.warning(warning)
+        try:
+            self._server = make_server(server["host"], server["port"], self.app, threaded=True,
+                                       request_handler=_Handler)
+        except SystemExit:  # werkzeug reports a taken port by printing and exiting; the host program must not
+            raise OSError(f"cannot listen on {server['host']}:{server['port']}: the address is in use") from None
         if blocking:
             try:
                 self._server.serve_forever()
@@ -49,12 +71,15 @@ class CachingProxy:
 
     def stop(self) -> None:
         """Stop serving and leave nothing running: no thread of ours, no embedded redis-server we started."""
-        if self._server is not None:
+        if self._stopped:
+            return
+        self._stopped = True
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()  # returns once serve_forever() has ended, in whichever thread it ran
             if self._thread is not None:
-                self._server.shutdown()
                 self._thread.join(10)
-            self._server.server_close()
-            self._server, self._thread = None, None
+            server.server_close()
         self.buddy.shutdown()
 
     def get_secure_key(self) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 
@@ -11,7 +12,7 @@ from flask.cli import AppGroup
 
 from buddy.errors import ConfigError, StoreUnavailable
 from buddy.monitoring import redacted_url
-from buddy.settings import load_settings, read_config_file, validate_config
+from buddy.settings import load_settings
 
 group = AppGroup("buddy", help="Operate reference-api-buddy: key, stats, clear-cache, check-config.")
 
@@ -38,8 +39,9 @@ def clear_cache_command(domain: str | None) -> None:
         raise click.BadParameter(f"not a configured domain; choose from {', '.join(sorted(buddy.settings.domains))}",
                                  param_hint="DOMAIN")
     try:
+        cache = buddy.service.cache
         for name in [domain] if domain else sorted(buddy.settings.domains):
-            total = buddy.redis.zcard(buddy.service.keys.index(name))
+            total = cache.guard.run(lambda: buddy.redis.zcard(buddy.service.keys.index(name)))
             with click.progressbar(length=total, label=f"clearing {name}", file=sys.stderr) as bar:
                 removed = buddy.service.cache.clear(name, progress=bar.update)
             click.echo(f"{name}: {removed} entries removed")
@@ -82,7 +84,8 @@ def _size(n: int) -> str:
 def check_config_command(path: str | None) -> None:
     """Validate PATH (or $BUDDY_CONFIG with the environment) and print the effective config, secrets redacted."""
     try:
-        settings = validate_config(read_config_file(path)) if path else load_settings()
+        # The same order as the proxy's: the file, then REDIS_URL, BUDDY_DATA_DIR and BUDDY_SECURE_KEY.
+        settings = load_settings(environ={**os.environ, "BUDDY_CONFIG": path} if path else os.environ)
     except ConfigError as exc:
         click.echo(str(exc), err=True)
         sys.exit(1)

@@ -5,7 +5,7 @@ import json
 import os
 import time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 
@@ -29,12 +29,15 @@ def _ints(raw: dict[bytes, bytes]) -> dict[str, int]:
 
 
 def redacted_url(url: str) -> str:
-    """A Redis URL fit to show: the password replaced."""
+    """A Redis URL fit to show: the password replaced, whether in the user part or a ?password= parameter."""
     parts = urlsplit(url)
     if parts.password:
         netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+        parts = parts._replace(netloc=netloc)
+    if parts.query:
+        query = [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts)
 
 
 class MonitoringManager:

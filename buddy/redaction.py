@@ -1,10 +1,10 @@
-"""Keep the access key out of every log line: a filter on the handlers of the app's, gunicorn's and the root logger."""
+"""Keep the access key out of every log line: a filter on the usual loggers and on every handler they have."""
 from __future__ import annotations
 
 import logging
 from urllib.parse import quote, quote_plus
 
-LOGGERS = ("", "buddy", "gunicorn.error", "gunicorn.access")
+LOGGERS = ("", "buddy", "gunicorn.error", "gunicorn.access", "werkzeug")
 MASK = "[redacted]"
 
 
@@ -16,7 +16,7 @@ class SecretFilter(logging.Filter):
         self.secrets: set[str] = set()
 
     def add(self, secret: str) -> None:
-        self.secrets |= {secret, quote(secret, safe=""), quote_plus(secret)}
+        self.secrets |= spellings(secret)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:
@@ -31,10 +31,25 @@ class SecretFilter(logging.Filter):
 _filter = SecretFilter()
 
 
+def spellings(secret: str) -> set[str]:
+    """The forms in which a secret may appear in a request line: as is, and percent-encoded (either hex case)."""
+    encoded = {quote(secret, safe=""), quote_plus(secret)}
+    return {secret} | encoded | {_lower_hex(e) for e in encoded}
+
+
+def _lower_hex(text: str) -> str:
+    return "".join(part if i == 0 else part[:2].lower() + part[2:] for i, part in enumerate(text.split("%")))
+
+
 def redact_in_logs(secret: str) -> None:
-    """From now on, no handler of the usual loggers writes `secret`; call again after handlers change."""
+    """From now on no record of the usual loggers, nor any of their handlers, shows `secret`.
+
+    The filter goes on each logger (records created there, e.g. werkzeug's or gunicorn's request lines)
+    and on each of its handlers (records that propagate to them from child loggers).
+    """
     _filter.add(secret)
     for name in LOGGERS:
-        for handler in logging.getLogger(name).handlers:
-            if _filter not in handler.filters:
-                handler.addFilter(_filter)
+        logger = logging.getLogger(name)
+        for target in (logger, *logger.handlers):
+            if _filter not in target.filters:
+                target.addFilter(_filter)

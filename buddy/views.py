@@ -59,6 +59,7 @@ def proxy(_: str) -> Response:
     first, slash, rest = raw_target()[1:].partition(b"/")
     target = Target(
         first=unquote(first.decode("latin-1")),
+        raw_first=first.decode("latin-1"),
         rest=rest if slash else None,
         query=request.environ.get("QUERY_STRING", ""),
         headers=list(request.headers.items()),
@@ -66,10 +67,12 @@ def proxy(_: str) -> Response:
     target = buddy.access.admit(target, service.settings.domains.keys(), request.remote_addr or "unknown")
     domain = service.settings.domains.get(target.first)
     if domain is None:
+        # With access keys on, the name is not echoed: it may be a key typed twice or mistyped.
+        name = "(not shown)" if buddy.access.required else target.first
         response = jsonify(
             error="unknown domain",
-            domain=target.first,
-            message=f"'{target.first}' is not a configured domain; use /<domain>/<path>",
+            domain=name,
+            message=f"'{name}' is not a configured domain; use /<domain>/<path>",
             configured=sorted(service.settings.domains),
         )
         response.status_code = 404

@@ -39,6 +39,7 @@ class MetricsRecorder:
         self._pid = 0
         self._thread: threading.Thread | None = None
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.serving = False  # set by the first request this process counts
 
     def count(self, domain: str, field: str, n: int = 1) -> None:
         self.count_many(domain, {field: n})
@@ -46,6 +47,7 @@ class MetricsRecorder:
     def count_many(self, domain: str, fields: dict[str, int]) -> None:
         if self._pid != os.getpid():
             self._ensure_running()
+        self.serving = True
         with self._lock:
             for field, n in fields.items():
                 self._counts[(domain, field)] += n
@@ -69,8 +71,9 @@ class MetricsRecorder:
             if errors:
                 pipe.lpush(self.keys.recent_errors, *errors)
                 pipe.ltrim(self.keys.recent_errors, 0, RECENT_ERRORS - 1)
-            pipe.zadd(self.keys.workers, {self.worker: time.time()})
-            pipe.zremrangebyscore(self.keys.workers, "-inf", time.time() - WORKER_SEEN_SECONDS)
+            if self.serving:  # a `flask buddy` command is no worker
+                pipe.zadd(self.keys.workers, {self.worker: time.time()})
+                pipe.zremrangebyscore(self.keys.workers, "-inf", time.time() - WORKER_SEEN_SECONDS)
             pipe.execute()
 
         try:

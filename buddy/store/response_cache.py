@@ -106,5 +106,21 @@ class ResponseCache:
             gone = int(self.guard.run(unlink)[0])
             removed += gone
             progress(len(digests))
-        self.guard.run(lambda: self.client.hset(self.keys.stats(domain), "bytes", 0))
+        removed += self._clear_unindexed(domain)
+        # Whatever was stored meanwhile is still indexed: its sizes are what is left.
+        left = sum(int(v) for v in self.guard.run(lambda: self.client.hvals(sizes)))
+        self.guard.run(lambda: self.client.hset(self.keys.stats(domain), "bytes", left))
         return removed
+
+    def _clear_unindexed(self, domain: str) -> int:
+        """Entries the index does not list (stored by an older version, or an index evicted by an
+        allkeys-* Redis): found with SCAN MATCH, a batch at a time, so Redis is never blocked for long."""
+        removed, cursor = 0, 0
+        while True:
+            cursor, found = self.guard.run(
+                lambda: self.client.scan(cursor, match=self.keys.cache_pattern(domain), count=BATCH)
+            )
+            if found:
+                removed += int(self.guard.run(lambda: self.client.unlink(*found)))
+            if cursor == 0:
+                return removed

@@ -65,15 +65,18 @@ def test_every_placement_works_and_the_key_is_nowhere(gunicorn, redis_url, upstr
 
 def test_a_generated_key_works_on_every_worker_and_survives_restart(gunicorn, redis_url, upstream) -> None:
     env = {"REDIS_URL": redis_url}
-    proxy = gunicorn(secured(upstream, key=None), env=env, workers=3)
+    proxy = gunicorn(secured(upstream, key=None), env=env, workers=3, extra_args=DEBUG_LOGS)
     printed = subprocess.run([sys.executable, "-m", "flask", "buddy", "key"], cwd=ROOT, env=proxy.env,
                              capture_output=True, text=True, timeout=60)
     key = printed.stdout.strip()
     assert printed.returncode == 0 and len(key) >= 32 and printed.stdout == key + "\n"
+    # First, before any worker has needed the key: gunicorn logs this request line at DEBUG.
+    assert requests.get(f"{proxy.url}/{key}/up/prefixed", timeout=10).status_code == 200
     statuses = [requests.get(f"{proxy.url}/up/w{i}", headers={"X-API-Buddy-Key": key, "Connection": "close"},
                              timeout=10).status_code for i in range(12)]
     assert statuses == [200] * 12
     proxy.stop()
+    assert key not in proxy.log()  # not even in the first request line a worker logs at DEBUG
     again = gunicorn(secured(upstream, key=None), env=env, workers=1)
     assert requests.get(f"{again.url}/up/w0", headers={"X-API-Buddy-Key": key}, timeout=10).status_code == 200
 

@@ -92,7 +92,7 @@ EMBEDDED = textwrap.dedent("""
     redis_servers = [p for p in psutil.Process().children(recursive=True) if "redis-server" in p.name()]
     print(len(redis_servers))
     proxy.stop()
-    print([t.name for t in threading.enumerate() if t.name.startswith("buddy")])
+    print([t.name for t in threading.enumerate() if t is not threading.main_thread()])
     print(sum(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in redis_servers))
 """)
 
@@ -118,3 +118,42 @@ def test_the_logging_section_applies_to_gunicorn_and_the_app_alike(gunicorn, red
     lines = log_file.read_text().splitlines()
     assert any(line.startswith("BUDDY|gunicorn.error|Booting worker") for line in lines)
     assert any(line.startswith("BUDDY|buddy.service|could not reach upstream 'up'") for line in lines)
+
+
+def test_caching_proxy_lifecycle_errors_are_clear(redis_url, upstream) -> None:
+    import threading
+
+    import pytest
+
+    from buddy import CachingProxy
+
+    port = free_port()
+    config = {"domain_mappings": {"up": {"upstream": upstream.url}}, "server": {"port": port},
+              "redis": {"url": redis_url}, "logging": {"enable_console": False}}
+    first = CachingProxy(config)
+    first.start()
+    try:
+        with pytest.raises(RuntimeError, match="already serving"):
+            first.start()
+        second = CachingProxy(config)
+        with pytest.raises(OSError, match="in use"):
+            second.start()
+        second.stop()
+    finally:
+        first.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        first.start()
+
+    blocking = CachingProxy(config)
+    runner = threading.Thread(target=blocking.start, kwargs={"blocking": True})
+    runner.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/up/b", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    blocking.stop()  # from another thread: ends the blocking start()
+    runner.join(10)
+    assert not runner.is_alive()

@@ -123,8 +123,8 @@ def test_environment_key_overrides_the_file(buddy_config, fake_redis, tmp_path) 
 
 
 def test_no_redis_for_a_generated_key_fails_closed(buddy_config, redis_server_fake, fake_redis, upstream) -> None:
+    redis_server_fake.connected = False  # from start-up on: the generated key cannot be read
     app = create_app(secured(buddy_config, key=None), redis_client=fake_redis, environ={})
-    redis_server_fake.connected = False
     response = app.test_client().get("/up/x", headers={"X-API-Buddy-Key": "anything-at-all-here"})
     assert response.status_code == 503 and response.json["error"] == "access key unavailable"
     assert upstream.count() == 0
@@ -136,3 +136,15 @@ def test_listening_beyond_loopback_without_a_key_is_warned_about() -> None:
     assert warning is not None and "0.0.0.0:8080" in warning and "127.0.0.1:9" not in warning
     assert exposure_warning(["devbox.lan:8080"], False) is not None
     assert exposure_warning(["0.0.0.0:8080"], True) is None
+
+
+def test_only_plain_spellings_of_the_key_are_accepted(client, upstream) -> None:
+    weird = "".join(f"%{ord(c):02X}" for c in KEY[:5]) + KEY[5:]  # an arbitrary %-encoding of the same key
+    assert client.get(f"/{weird}/up/a").status_code == 401
+    assert client.get(f"/up/a?key={weird}").status_code == 401
+    assert upstream.count() == 0
+
+
+def test_an_unknown_name_is_not_echoed_when_keys_are_on(client) -> None:
+    response = client.get(f"/{KEY}/{KEY}/up/a")
+    assert response.status_code == 404 and KEY not in response.get_data(as_text=True)
