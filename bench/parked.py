@@ -115,7 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = "sync,gthread" + (",gevent" if importlib.util.find_spec("gevent") else "")
     parser.add_argument("--classes", default=default)
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("BUDDY_THREADS", "32")))
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("BUDDY_THREADS", "64")))
     args = parser.parse_args()
     upstream = UpstreamStub()
     with tempfile.TemporaryDirectory() as tmp:
