@@ -14,6 +14,7 @@ from buddy.store.guard import StoreGuard
 
 log = logging.getLogger("buddy.cache")
 BATCH = 500  # entries per round trip when pruning or clearing: Redis is never blocked for long
+PRUNE_ON_STORE = 10
 
 
 class DomainEntries(NamedTuple):
@@ -54,10 +55,19 @@ class ResponseCache:
             return None
 
     def put(self, entry: EntryId, response: CachedResponse, ttl_seconds: int) -> None:
+        """Store the entry and, in the same round trip, forget a few expired ones from the index, so that
+        the index stays bounded even when nobody reads the metrics (which prune the rest)."""
         blob = codec.encode(response)
         d = entry.domain
         keys = [self.keys.cache(d, entry.digest), self.keys.index(d), self.keys.sizes(d), self.keys.stats(d)]
-        self.guard.run(lambda: self._store(keys=keys, args=[blob, ttl_seconds * 1000, entry.digest]))
+
+        def store() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            self._store(keys=keys, args=[blob, ttl_seconds * 1000, entry.digest], client=pipe)
+            self._prune(keys=keys[1:], args=[PRUNE_ON_STORE], client=pipe)
+            pipe.execute()
+
+        self.guard.run(store)
 
     def prune(self, domain: str) -> int:
         """Drop index entries whose TTL has passed; returns how many."""
