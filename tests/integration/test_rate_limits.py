@@ -42,13 +42,12 @@ def test_four_per_second_holds_across_two_instances(gunicorn, redis_url, upstrea
 
 def test_a_slot_further_off_than_the_max_delay_is_refused_at_once(gunicorn, redis_url, upstream) -> None:
     proxy = gunicorn(config_for(upstream, max_delay=2, max_requests_per_minute=3), env={"REDIS_URL": redis_url})
-    started = time.monotonic()
     responses = fire([f"{proxy.url}/up/term/{i}" for i in range(6)])
     refused = [r for r in responses if r.status_code == 429]
     assert sorted(r.status_code for r in responses) == [200, 200, 200, 429, 429, 429]
     assert upstream.count() == 3
-    assert time.monotonic() - started < 1.5
     for response in refused:
+        assert response.elapsed.total_seconds() < 1.5  # at once, not after holding them for the 2 s max delay
         assert 55 <= int(response.headers["Retry-After"]) <= 61
         assert response.headers["X-RateLimit-Limit"] == "3" and response.headers["X-RateLimit-Remaining"] == "0"
         assert response.json()["error"] == "rate limited" and response.json()["domain"] == "up"
