@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Collection, Iterable
 
 KEY_VERSION = "v1"
 _EMPTY_BODY = hashlib.sha256(b"").hexdigest()
@@ -47,9 +47,8 @@ def sorted_query(query: str) -> tuple[str, ...]:
     return tuple(sorted(items, key=lambda item: item.split("=", 1)[0]))
 
 
-def credentials_digest(headers: Iterable[tuple[str, str]], names: Iterable[str] = CREDENTIAL_HEADERS) -> str:
+def credentials_digest(headers: Iterable[tuple[str, str]], names: Collection[str] = CREDENTIAL_HEADERS) -> str:
     """A hash of the credential headers (`names`, lower case) a request carries; '' when it carries none."""
-    names = frozenset(names)
     found = sorted((name.lower(), value) for name, value in headers if name.lower() in names)
     if not found:
         return ""

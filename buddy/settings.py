@@ -207,7 +207,7 @@ class DomainSettings:
     negative_ttl_seconds: int
     vary_headers: tuple[str, ...]
     share_across_credentials: bool
-    credential_headers: tuple[str, ...]
+    credential_headers: frozenset[str]
     connect_timeout: float
     read_timeout: float
     max_requests_per_second: int | None
@@ -355,7 +355,7 @@ def _build(data: dict[str, Any]) -> Settings:
             negative_ttl_seconds=spec["negative_ttl_seconds"] or cache["negative_ttl_seconds"],
             vary_headers=tuple(sorted({h.lower() for h in vary})),
             share_across_credentials=spec["share_across_credentials"],
-            credential_headers=tuple(sorted({h.lower() for h in (
+            credential_headers=frozenset(sorted({h.lower() for h in (
                 spec["credential_headers"] if spec["credential_headers"] is not None else CREDENTIAL_HEADERS
             )})),
             connect_timeout=spec["connect_timeout"] or server["connect_timeout"],

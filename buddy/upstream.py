@@ -33,6 +33,7 @@ _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _PLAIN_PATH = re.compile(rb"[A-Za-z0-9!$&'()*+,;=:@~._/-]*")
+_PLAIN_QUERY = re.compile(rb"[A-Za-z0-9=&;+/:?@!$'()*,~._-]*")
 _DOT_SEGMENT = re.compile(rb"(?:^|/)\.\.?(?:/|$)")
 
 
@@ -99,6 +100,8 @@ def safe_path(raw_rest: bytes) -> str:
 
 def safe_query(raw_query: bytes) -> str:
     """The query as sent, with stray characters (space, '#', non-ASCII) percent-encoded."""
+    if _PLAIN_QUERY.fullmatch(raw_query):
+        return raw_query.decode("ascii")  # nothing to check or encode: the common case, kept cheap
     if _BAD_PERCENT.search(raw_query):
         raise BadProxyRequest("malformed percent-encoding in the query")
     if _CONTROL.search(raw_query):

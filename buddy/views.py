@@ -34,13 +34,16 @@ def read_body(server: Mapping[str, Any]) -> bytes:
     A client that announces more than it sends cannot hold a thread forever: reads give up after
     `server.body_timeout` seconds (400).
     """
+    chunked = "chunked" in request.environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    if request.content_length is None and not chunked:
+        return b""  # most GETs: nothing to read, nothing to wait for
     sock = request.environ.get("gunicorn.socket")
     if sock is not None:
         sock.settimeout(server["body_timeout"])
     if request.content_length is not None:
         return request.get_data(cache=False)  # werkzeug answers 413 when Content-Length is over the limit
     if not request.environ.get("wsgi.input_terminated"):
-        return b""
+        return b""  # a server that cannot frame a chunked body for us: read nothing rather than too much
     limit = server["max_request_body"]
     try:
         body = request.environ["wsgi.input"].read(limit + 1)
