@@ -86,8 +86,9 @@ class AccessControl:
 
     def admit(self, target: Target, domains: frozenset[str] | set[str], client: str) -> Target:
         if not self.required:
-            headers = [(n, v) for n, v in target.headers if n.lower() != KEY_HEADER]
-            return replace(target, headers=headers)
+            if not any(n.lower() == KEY_HEADER for n, _ in target.headers):
+                return target
+            return replace(target, headers=[(n, v) for n, v in target.headers if n.lower() != KEY_HEADER])
         stripped, found = strip_key(target, self.key(), domains)
         if not found:
             if self.log_events:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 from urllib.parse import quote, unquote
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Request, Response, current_app, jsonify, request
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
 from buddy.access import Target
@@ -17,9 +17,8 @@ bp = Blueprint("proxy", __name__)
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
-def raw_target() -> bytes:
+def raw_target(environ: dict[str, Any]) -> bytes:
     """The request path exactly as the client sent it (gunicorn's RAW_URI), before any decoding."""
-    environ = request.environ
     raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     if raw is None:
         raw = quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""), safe="/%")
@@ -28,25 +27,25 @@ def raw_target() -> bytes:
     return raw.split("?", 1)[0].split("#", 1)[0].encode("latin-1")
 
 
-def read_body(server: Mapping[str, Any]) -> bytes:
+def read_body(req: Request, server: Mapping[str, Any]) -> bytes:
     """The whole request body, refused with 413 past `server.max_request_body`, also when it arrives chunked.
 
     A client that announces more than it sends cannot hold a thread forever: reads give up after
     `server.body_timeout` seconds (400).
     """
-    chunked = "chunked" in request.environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-    if request.content_length is None and not chunked:
+    chunked = "chunked" in req.environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    if req.content_length is None and not chunked:
         return b""  # most GETs: nothing to read, nothing to wait for
-    sock = request.environ.get("gunicorn.socket")
+    sock = req.environ.get("gunicorn.socket")
     if sock is not None:
         sock.settimeout(server["body_timeout"])
-    if request.content_length is not None:
-        return request.get_data(cache=False)  # werkzeug answers 413 when Content-Length is over the limit
-    if not request.environ.get("wsgi.input_terminated"):
+    if req.content_length is not None:
+        return req.get_data(cache=False)  # werkzeug answers 413 when Content-Length is over the limit
+    if not req.environ.get("wsgi.input_terminated"):
         return b""  # a server that cannot frame a chunked body for us: read nothing rather than too much
     limit = server["max_request_body"]
     try:
-        body = request.environ["wsgi.input"].read(limit + 1)
+        body = req.environ["wsgi.input"].read(limit + 1)
     except OSError as exc:
         raise BadRequest("the request body could not be read") from exc
     if len(body) > limit:
@@ -59,15 +58,18 @@ def read_body(server: Mapping[str, Any]) -> bytes:
 def proxy(_: str) -> Response:
     buddy = current_app.extensions["buddy"]
     service: ProxyService = buddy.service
-    first, slash, rest = raw_target()[1:].partition(b"/")
+    req: Request = request._get_current_object()  # one context lookup, not one per attribute
+    environ = req.environ
+    first, slash, rest = raw_target(environ)[1:].partition(b"/")
+    raw_first = first.decode("latin-1")
     target = Target(
-        first=unquote(first.decode("latin-1")),
-        raw_first=first.decode("latin-1"),
+        first=unquote(raw_first),
+        raw_first=raw_first,
         rest=rest if slash else None,
-        query=request.environ.get("QUERY_STRING", ""),
-        headers=list(request.headers.items()),
+        query=environ.get("QUERY_STRING", ""),
+        headers=list(req.headers.items()),
     )
-    target = buddy.access.admit(target, service.settings.domains.keys(), request.remote_addr or "unknown")
+    target = buddy.access.admit(target, service.settings.domains.keys(), req.remote_addr or "unknown")
     domain = service.settings.domains.get(target.first)
     if domain is None:
         # With access keys on, the name is not echoed: it may be a key typed twice or mistyped.
@@ -82,11 +84,11 @@ def proxy(_: str) -> Response:
         return response
     proxy_request = ProxyRequest(
         domain=domain,
-        method=request.method,
+        method=req.method,
         path=upstream_path(domain, None if target.rest is None else safe_path(target.rest)),
         query=safe_query(target.query.encode("latin-1")),
         headers=target.headers,
-        body=read_body(service.settings.server),
+        body=read_body(req, service.settings.server),
     )
     result = service.handle(proxy_request)
     body = result.stream if result.stream is not None else result.body
