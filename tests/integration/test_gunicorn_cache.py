@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import redis
 import requests
 
 from buddy.embedded import EmbeddedRedis

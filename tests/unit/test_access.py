@@ -7,7 +7,6 @@ from typing import Any
 
 import fakeredis
 import pytest
-from flask import Flask
 
 from buddy import create_app
 from buddy.access import Target, exposure_warning, strip_key

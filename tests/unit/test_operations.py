@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import fakeredis
 import pytest
 from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
