@@ -26,10 +26,6 @@ class StoreGuard:
         self._refused_logged_at = 0.0
         self._lock = threading.Lock()
 
-    @property
-    def degraded(self) -> bool:
-        return self.failed_at is not None
-
     def run(self, call: Callable[[], T]) -> T:
         failed_at = self.failed_at
         if failed_at is not None and time.monotonic() - failed_at < self.retry_after:
