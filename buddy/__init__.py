@@ -40,7 +40,6 @@ class Buddy:
 
     settings: Settings
     redis: redis.Redis
-    redis_url: str
     service: ProxyService
     access: AccessControl
     secure_key: SecureKeyStore
@@ -116,7 +115,7 @@ def create_app(
         except StoreUnavailable:
             log.warning("the access key is in Redis, which is unreachable; requests get 503 until it is back")
     monitoring = MonitoringManager(redis_client, guard, keys, settings, cache, url, __version__)
-    buddy = Buddy(settings, redis_client, url, service, access, secure_key, monitoring, embedded)
+    buddy = Buddy(settings, redis_client, service, access, secure_key, monitoring, embedded)
     app.extensions["buddy"] = buddy
     hub.start()  # subscribe now (this runs in each worker after the fork), not on the first wait
     metrics.start()

@@ -55,7 +55,8 @@ class MonitoringManager:
         self.redis_url = redis_url
         self.version = version
 
-    def _counters(self) -> dict[str, dict[str, int]]:
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Every configured domain's counters (hits, misses, upstream calls and times, ...)."""
         names = list(self.settings.domains)
 
         def read() -> list:
@@ -66,10 +67,9 @@ class MonitoringManager:
 
         return {name: _ints(raw) for name, raw in zip(names, self.guard.run(read))}
 
-    counters = _counters  # public: the Prometheus collector reads the same numbers
 
     def get_cache_stats(self) -> dict[str, Any]:
-        counters = self._counters()
+        counters = self.counters()
         described = {name: self.cache.describe(name) for name in self.settings.domains}
         total = {field: sum(c.get(field, 0) for c in counters.values())
                  for field in ("hits", "misses", "coalesced", "sets", "bytes_saved", "ms_saved")}
@@ -136,7 +136,7 @@ class MonitoringManager:
         return dict(zip(names, map(int, self.guard.run(read))))
 
     def get_upstream_stats(self) -> dict[str, Any]:
-        counters, hour = self._counters(), self._last_hour()
+        counters, hour = self.counters(), self._last_hour()
         overall: dict[str, int] = {}
         for c in counters.values():
             for k, v in c.items():
@@ -183,7 +183,7 @@ class MonitoringManager:
         }
 
     def get_throttling_stats(self) -> dict[str, Any]:
-        counters = self._counters()
+        counters = self.counters()
         names = list(self.settings.domains)
 
         def read() -> tuple[list, float]:
