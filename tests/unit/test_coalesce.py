@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from importlib import resources
 
 import fakeredis
 import pytest
@@ -54,9 +55,16 @@ def lead_with(coalescer: Coalescer, result: ProxyResult, calls: list[str], gate:
     return lead
 
 
-def test_every_lua_script_ships_in_the_package() -> None:
-    for name in ("acquire_lock", "extend_lock", "release_lock"):
-        assert "KEYS[1]" in load_script(name)
+def test_every_lua_script_ships_in_the_package_and_compiles(redis_server) -> None:
+    shipped = {p.name[:-4] for p in resources.files("buddy.store").joinpath("lua").iterdir() if p.name.endswith(".lua")}
+    used = {"acquire_lock", "extend_lock", "release_lock", "throttle", "penalize", "reset_penalty",
+            "store_entry", "prune_index"}
+    assert used <= shipped
+    client = redis_server.client()
+    for name in sorted(shipped):
+        text = load_script(name)
+        assert "KEYS[1]" in text.split("\n", 1)[1], name  # the header says what KEYS and ARGV hold
+        client.script_load(text)  # a syntax error would fail here, not on the first request
 
 
 def test_followers_get_the_leaders_result_and_only_one_leads(make, monkeypatch) -> None:
