@@ -32,6 +32,8 @@ class Target:
     query: str
     headers: list[tuple[str, str]]
     raw_first: str = ""  # the first segment as sent, before percent-decoding
+    key_prefix: str = ""  # the key as the client spelled it in a path prefix, when it did
+    key_param: str = ""  # ... and in a `key=` query parameter
 
 
 def same(candidate: str, key: str) -> bool:
@@ -54,7 +56,8 @@ def strip_key(target: Target, key: str, domains: frozenset[str] | set[str]) -> t
     if target.first not in domains and target.rest is not None and spelled(target.raw_first or target.first, key):
         first, slash, rest = target.rest.partition(b"/")
         raw = first.decode("latin-1")
-        target = replace(target, first=unquote(raw), raw_first=raw, rest=rest if slash else None)
+        prefix = target.raw_first or target.first
+        target = replace(target, first=unquote(raw), raw_first=raw, rest=rest if slash else None, key_prefix=prefix)
         found = True
     headers = []
     for name, value in target.headers:
@@ -66,14 +69,14 @@ def strip_key(target: Target, key: str, domains: frozenset[str] | set[str]) -> t
             found = True
             continue
         headers.append((name, value))
-    items = []
+    items, param = [], ""
     for item in target.query.split("&") if target.query else []:
         name, _, value = item.partition("=")
         if unquote_plus(name) == "key" and spelled(value, key):
-            found = True
+            found, param = True, value
             continue
         items.append(item)
-    return replace(target, headers=headers, query="&".join(items)), found
+    return replace(target, headers=headers, query="&".join(items), key_param=param), found
 
 
 class AccessControl:

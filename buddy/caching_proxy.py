@@ -15,9 +15,10 @@ log = logging.getLogger("buddy")
 
 
 class _Handler(WSGIRequestHandler):
-    """One request per connection: no keep-alive thread outlives stop(). Loopback makes that cheap."""
+    """HTTP/1.1, so that a streamed body is chunked and a client can tell one that was cut off; werkzeug
+    still answers `Connection: close`, one request per connection, so no keep-alive thread outlives stop()."""
 
-    protocol_version = "HTTP/1.0"
+    protocol_version = "HTTP/1.1"
 
 
 class CachingProxy:

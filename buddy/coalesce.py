@@ -8,8 +8,7 @@ from typing import Callable, Iterator
 import redis
 
 from buddy import codec
-from buddy.codec import CachedResponse
-from buddy.errors import CoalesceTimeout, StoreUnavailable
+from buddy.errors import BrokenBody, CoalesceTimeout, StoreUnavailable
 from buddy.messages import ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
 from buddy.store.fill_lock import FillLock, LockKeeper
@@ -24,6 +23,18 @@ SHARED_RESULT_TTL_MS = 30_000
 FOLLOWERS_TTL_MS = 120_000
 
 
+class NotShared(Exception):
+    """The leader's answer is not for this request: `private` (each asks the upstream itself) or `vary`
+    (it varies on a header this request sends differently: look the entry up again)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+Accept = Callable[[ProxyResult], bool]
+
+
 class Coalescer:
     """`run(entry, lead)`: become the leader and call `lead(token)`, or follow whoever leads and return its result."""
 
@@ -33,24 +44,32 @@ class Coalescer:
         guard: StoreGuard,
         keys: RedisKeys,
         hub: WakeupHub,
-        timeout: float,
         relay_limit: int,
     ) -> None:
         self.client = client
         self.guard = guard
         self.keys = keys
         self.hub = hub
-        self.timeout = timeout
         self.relay_limit = relay_limit
         self.lock = FillLock(client, guard, keys)
         self.keeper = LockKeeper(self.lock)
 
     def run(
-        self, entry: EntryId, lock_ttl_ms: int, idle_timeout: float, lead: Callable[[str], ProxyResult]
+        self,
+        entry: EntryId,
+        lock_ttl_ms: int,
+        idle_timeout: float,
+        timeout: float,
+        lead: Callable[[str], ProxyResult],
+        accept: Accept = lambda result: True,
     ) -> ProxyResult:
-        """StoreUnavailable before anything was fetched propagates, so the caller can serve without Redis."""
+        """Lead, or wait up to `timeout` for the leader's answer and return it if `accept` says it is ours.
+
+        StoreUnavailable before anything was fetched propagates, so the caller can serve without Redis;
+        NotShared when the leader's answer may not be given to this request.
+        """
         started = time.monotonic()
-        deadline = started + self.timeout
+        deadline = started + timeout
         token = secrets.token_hex(12)
         vanished = ""
         while True:
@@ -59,14 +78,16 @@ class Coalescer:
                 self.keeper.hold(entry, token, lock_ttl_ms)
                 return lead(token)
             if holder:
-                result = self._follow(entry, holder, deadline, idle_timeout)
+                result = self._follow(entry, holder, deadline, idle_timeout, accept)
                 if result is not None:
                     return result
                 vanished = holder
             if time.monotonic() >= deadline:
                 raise CoalesceTimeout(entry.domain, time.monotonic() - started)
 
-    def _follow(self, entry: EntryId, holder: str, deadline: float, idle_timeout: float) -> ProxyResult | None:
+    def _follow(
+        self, entry: EntryId, holder: str, deadline: float, idle_timeout: float, accept: Accept
+    ) -> ProxyResult | None:
         """Wait for `holder`'s result; None when the holder is gone without one (the caller then tries to lead)."""
         waiter = self.hub.register(entry)  # before the re-check: a result published from now on wakes us
         try:
@@ -75,6 +96,9 @@ class Coalescer:
                 result, lock_holder = self._check(entry, holder, idle_timeout, count_me=first)
                 first = False
                 if result is not None:
+                    if not accept(result):
+                        result.close_stream()
+                        raise NotShared("vary")
                     return result
                 if lock_holder != holder:
                     return None
@@ -109,12 +133,17 @@ class Coalescer:
 
         lock_holder, cached, shared, relaying = self.guard.run(read)
         lock_holder = lock_holder.decode() if lock_holder else ""
+        if shared == codec.NOT_SHARED:
+            raise NotShared("private")
         for blob in (cached, shared):
             if blob:
                 try:
-                    return coalesced(codec.decode(blob)), lock_holder
+                    found = codec.decode(blob)
                 except codec.CodecError:
                     continue
+                if isinstance(found, ProxyResult):  # a vary pointer is no answer: the leader shares one
+                    found.cache = "COALESCED"
+                    return found, lock_holder
         if relaying:
             meta = read_meta(self.client, self.guard, relay_key)
             if meta is not None:
@@ -123,17 +152,12 @@ class Coalescer:
                 return ProxyResult(status, reason, headers, stream=chunks, cache="COALESCED"), lock_holder
         return None, lock_holder
 
-    def hand_off(self, entry: EntryId, token: str, result: ProxyResult | None, stored: bool) -> None:
-        """The leader is done: followers read the cache entry if it was stored, else a shared copy of the result."""
+    def hand_off(self, entry: EntryId, token: str, shared: ProxyResult | None, private: bool = False) -> None:
+        """The leader is done. Its followers read the cache entry, else `shared` (a copy of its answer with
+        nothing private in it), else nothing (they fetch for themselves); `private`: tell them so at once."""
         self.keeper.drop(entry, token)
-        shared = b""
-        if result is not None and not stored and result.body is not None:
-            copy = CachedResponse(
-                result.status, result.reason, storable_headers(result.headers), result.body, time.time(),
-                result.fetch_ms,
-            )
-            shared = codec.encode(copy)
-        self.lock.release(entry, token, shared, SHARED_RESULT_TTL_MS)
+        blob = codec.NOT_SHARED if private else codec.encode(shared) if shared is not None else b""
+        self.lock.release(entry, token, blob, SHARED_RESULT_TTL_MS)
 
     def relay(self, entry: EntryId, token: str, result: ProxyResult) -> Iterator[bytes]:
         """An over-size body: relay it to the requests waiting on this leader, if there are any.
@@ -145,18 +169,12 @@ class Coalescer:
         assert isinstance(result.stream, BodyStream)
         waiting = self.guard.run(lambda: self.client.get(self.keys.followers(entry, token)))
         if not waiting:
-            self.hand_off(entry, token, None, stored=False)
+            self.hand_off(entry, token, None)
             return result.stream
         writer = RelayWriter(self.client, self.guard, self.keys.relay(entry, token), self.relay_limit)
         writer.start(result.status, result.reason, storable_headers(result.headers))
         self.lock.announce(entry)
-        return RelayedBody(result.stream, writer, lambda: self.hand_off(entry, token, None, stored=False))
-
-
-def coalesced(entry: CachedResponse) -> ProxyResult:
-    return ProxyResult(
-        entry.status, entry.reason, list(entry.headers), entry.body, cache="COALESCED", fetch_ms=entry.fetch_ms
-    )
+        return RelayedBody(result.stream, writer, lambda: self.hand_off(entry, token, None))
 
 
 class RelayedBody:
@@ -174,19 +192,26 @@ class RelayedBody:
         self._finished = False
 
     def __iter__(self) -> Iterator[bytes]:
-        for chunk in self._chunks:
-            self.writer.chunk(chunk)
-            yield chunk
+        try:
+            for chunk in self._chunks:
+                self.writer.chunk(chunk)
+                yield chunk
+        except BrokenBody:
+            self._finish()  # the relay ends unfinished too, then the leader's client is cut off
+            raise
         self._finish()
 
     def close(self) -> None:
         if self._finished:
             return
-        if not self.writer.broken:
-            for chunk in self._chunks:
-                self.writer.chunk(chunk)
-                if self.writer.broken:
-                    break
+        try:
+            if not self.writer.broken:
+                for chunk in self._chunks:
+                    self.writer.chunk(chunk)
+                    if self.writer.broken:
+                        break
+        except BrokenBody:
+            pass  # marked unfinished for the followers below; the leader's client has gone already
         self.source.close()
         self._finish()
 

@@ -1,4 +1,11 @@
-"""Cached response <-> versioned, zstd-compressed bytes; anything that does not decode is a miss, never a crash.
+"""Stored values <-> versioned bytes; anything that does not decode is a miss, never a crash.
+
+Three kinds of value live under a cache key or a leader's shared-result key:
+- a response (`RB`): zstd-compressed metadata and body;
+- a vary pointer (`RV`): the upstream said `Vary: <names>`, so the answers live under variant keys made
+  from the values of those request headers (see policy.variant_digest);
+- "not for sharing" (`RP`): a leader's answer that its followers must not be given (private, no-store,
+  Vary: *); each follower asks the upstream itself.
 
 zstd level 1 was chosen by `bench/codec_choice.py`: on ConceptNet- and Wikidata-shaped JSON it compresses
 better than zlib level 6 while encoding about 6x and decoding about 4x faster.
@@ -8,11 +15,15 @@ from __future__ import annotations
 import json
 import struct
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import zstandard
 
+from buddy.messages import ProxyResult
+
 MAGIC = b"RB"
+POINTER_MAGIC = b"RV"
+NOT_SHARED = b"RP\x01"
 VERSION = 1
 _HEADER_LEN = struct.Struct(">I")
 _local = threading.local()  # zstd contexts are not thread-safe; one pair per thread
@@ -29,40 +40,55 @@ class CodecError(ValueError):
     """The blob is from another format version, truncated or corrupt."""
 
 
-@dataclass(frozen=True)
-class CachedResponse:
-    """A stored upstream answer: what the client gets back byte for byte on a hit."""
+class VaryPointer(NamedTuple):
+    """Stored at a request's primary key when the upstream's answers vary on these request headers."""
 
-    status: int
-    reason: str
-    headers: tuple[tuple[str, str], ...]
-    body: bytes
-    stored_at: float
-    fetch_ms: int = 0  # how long the upstream took: what each hit on this entry saves
+    names: tuple[str, ...]
 
 
-def encode(response: CachedResponse) -> bytes:
-    meta = json.dumps(
-        {"s": response.status, "r": response.reason, "h": response.headers, "t": response.stored_at,
-         "d": response.fetch_ms},
-        separators=(",", ":"),
-    ).encode()
+def encode(response: ProxyResult) -> bytes:
+    """A response with a whole body (a stream is never stored)."""
+    assert response.body is not None, "only whole bodies are stored"
+    fields = {"s": response.status, "r": response.reason, "h": response.headers, "t": response.stored_at,
+              "d": response.fetch_ms}
+    if response.vary:
+        fields.update(v=response.vary, k=response.variant)
+    meta = json.dumps(fields, separators=(",", ":")).encode()
     payload = _HEADER_LEN.pack(len(meta)) + meta + response.body
     return MAGIC + bytes([VERSION]) + _contexts()[0].compress(payload)
 
 
-def decode(blob: bytes) -> CachedResponse:
-    if blob[:2] != MAGIC or len(blob) < 3:
-        raise CodecError("not a cached response")
+def encode_pointer(pointer: VaryPointer) -> bytes:
+    return POINTER_MAGIC + bytes([VERSION]) + json.dumps(list(pointer.names)).encode()
+
+
+def decode(blob: bytes) -> ProxyResult | VaryPointer:
+    """A stored response or vary pointer; CodecError for anything else (including the not-shared mark)."""
+    if len(blob) < 3 or blob[:2] not in (MAGIC, POINTER_MAGIC):
+        raise CodecError("not a stored value")
     if blob[2] != VERSION:
         raise CodecError(f"format version {blob[2]}, expected {VERSION}")
     try:
+        if blob[:2] == POINTER_MAGIC:
+            names = json.loads(blob[3:])
+            if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+                raise CodecError("a vary pointer must list header names")
+            return VaryPointer(tuple(names))
         payload = _contexts()[1].decompress(blob[3:])
         (size,) = _HEADER_LEN.unpack_from(payload)
         meta = json.loads(payload[4 : 4 + size])
-        headers = tuple((str(name), str(value)) for name, value in meta["h"])
-        return CachedResponse(
-            int(meta["s"]), str(meta["r"]), headers, payload[4 + size :], float(meta["t"]), int(meta.get("d", 0))
+        headers = [(str(name), str(value)) for name, value in meta["h"]]
+        return ProxyResult(
+            int(meta["s"]), str(meta["r"]), headers, payload[4 + size :], fetch_ms=int(meta.get("d", 0)),
+            stored_at=float(meta["t"]), vary=tuple(str(n) for n in meta.get("v", ())), variant=str(meta.get("k", "")),
         )
     except (zstandard.ZstdError, struct.error, ValueError, KeyError, TypeError) as exc:
         raise CodecError(str(exc)) from exc
+
+
+def decode_response(blob: bytes) -> ProxyResult:
+    """A stored response; CodecError for a pointer or anything else."""
+    value = decode(blob)
+    if not isinstance(value, ProxyResult):
+        raise CodecError("a vary pointer, not a response")
+    return value

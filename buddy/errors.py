@@ -1,6 +1,8 @@
 """The proxy's short family of errors; register_error_handlers turns them into JSON responses."""
 from __future__ import annotations
 
+import errno
+
 
 class BuddyError(Exception):
     """Base class for every error the proxy raises on purpose."""
@@ -19,17 +21,18 @@ class StoreUnavailable(BuddyError):
 
 
 class UpstreamError(BuddyError):
-    """The upstream could not answer; `status` is the HTTP status the client gets."""
+    """The upstream could not answer; `status` is the HTTP status the client gets, `kind` names the failure."""
 
     status = 502
 
-    def __init__(self, domain: str, message: str) -> None:
+    def __init__(self, domain: str, message: str, kind: str = "unreachable") -> None:
         self.domain = domain
+        self.kind = kind
         super().__init__(message)
 
 
 class UpstreamUnavailable(UpstreamError):
-    """Connection refused, reset, DNS or TLS failure: 502."""
+    """Connection refused, reset, DNS or TLS failure, a malformed answer, a body that broke off: 502."""
 
     status = 502
 
@@ -38,6 +41,19 @@ class UpstreamTimeout(UpstreamError):
     """Connect or read timeout: 504."""
 
     status = 504
+
+
+class BrokenBody(BrokenPipeError):
+    """A body already on its way to the client cannot be finished: the upstream or the relay broke off.
+
+    Raised from the body's iterator, so that the server closes the connection without the final chunk
+    (or short of Content-Length): the only way left to tell the client the body is not whole. It is a
+    BrokenPipeError (EPIPE) so that gunicorn and werkzeug close quietly rather than log a traceback;
+    the proxy logs the cause itself.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EPIPE, message)
 
 
 class CoalesceTimeout(BuddyError):

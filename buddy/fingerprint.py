@@ -1,4 +1,5 @@
-"""Request -> cache key: method (HEAD as GET), domain, path, query, body, Content-Type, vary headers, credentials."""
+"""Request -> cache key: method (HEAD as GET), domain and its upstream, path, query, body, Content-Type, vary
+headers, credentials."""
 from __future__ import annotations
 
 import hashlib
@@ -6,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Collection, Iterable
 
-KEY_VERSION = "v1"
+KEY_VERSION = "v2"  # v2: the upstream's origin and base path are part of the key
 _EMPTY_BODY = hashlib.sha256(b"").hexdigest()
 
 # Headers whose values are upstream credentials: a response bought with them is partitioned by their hash.
@@ -24,6 +25,7 @@ class RequestShape:
 
     method: str
     domain: str
+    upstream: str  # scheme://host:port/base-path: a remapped domain never serves the old upstream's answers
     path: str
     query: str
     body: bytes
@@ -70,6 +72,7 @@ def fingerprint(shape: RequestShape) -> str:
         KEY_VERSION,
         normalize_method(shape.method),
         shape.domain,
+        shape.upstream,
         shape.path,
         list(sorted_query(shape.query)),
         hashlib.sha256(shape.body).hexdigest() if shape.body else _EMPTY_BODY,

@@ -1,4 +1,4 @@
-"""The two values that cross the service boundary: a mapped client request and the result it gets."""
+"""The two values that cross the service boundary: a mapped client request and the one response type of the flow."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,7 +10,13 @@ from buddy.settings import DomainSettings
 
 @dataclass(frozen=True)
 class ProxyRequest:
-    """A client request already mapped to its domain, with a safe upstream path and query."""
+    """A client request already mapped to its domain, with a safe upstream path and query.
+
+    `headers` are the client's (access key already removed); `forwarded` is exactly what the upstream is
+    sent (hop-by-hop headers and those named in Connection dropped), and so what the cache key is made of.
+    `key_prefix`/`key_param` say how the client spelled the access key in the path or query, if it did:
+    a redirect inside the mapping keeps them, so following it needs no other key.
+    """
 
     domain: DomainSettings
     method: str
@@ -18,22 +24,28 @@ class ProxyRequest:
     query: str
     headers: list[tuple[str, str]]
     body: bytes
+    forwarded: dict[str, str]
+    key_prefix: str = ""
+    key_param: str = ""
 
     @cached_property
     def _by_name(self) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for key, value in self.headers:
-            found.setdefault(key.lower(), value)
-        return found
+        return {name.lower(): value for name, value in reversed(self.forwarded.items())}
 
     def header(self, name: str) -> str:
-        """The first value of a header, '' when absent (names compare case-insensitively)."""
+        """The value of a header as the upstream gets it, '' when absent (names compare case-insensitively)."""
         return self._by_name.get(name.lower(), "")
 
 
 @dataclass
 class ProxyResult:
-    """What the client gets: status, headers and either a whole body or a closable stream of chunks."""
+    """Every answer in the flow: an upstream's, a stored entry, a leader's shared copy, or one the proxy makes.
+
+    `body` holds a whole body; `stream` an over-size one, read once. `stored_at` and `fetch_ms` say when the
+    upstream produced it and how long that took (what a hit saves). `vary` names the request headers,
+    beyond the mapping's own vary_headers, that the upstream's `Vary` chose this answer by; `variant` is
+    the digest of the entry it was stored under for them (see policy.variant_digest).
+    """
 
     status: int
     reason: str
@@ -42,10 +54,18 @@ class ProxyResult:
     stream: Iterator[bytes] | None = None
     cache: str = "MISS"
     extra: list[tuple[str, str]] = field(default_factory=list)
-    fetch_ms: int = 0  # how long the upstream took to produce this answer
+    fetch_ms: int = 0
+    stored_at: float = 0.0
+    vary: tuple[str, ...] = ()
+    variant: str = ""
 
     def all_headers(self) -> list[tuple[str, str]]:
         return [*self.headers, ("X-Cache", self.cache), *self.extra]
+
+    def header(self, name: str) -> str:
+        """Every value of a response header joined with ', ' ('' when absent)."""
+        lower = name.lower()
+        return ", ".join(value for key, value in self.headers if key.lower() == lower)
 
     def close_stream(self) -> None:
         close = getattr(self.stream, "close", None)

@@ -5,25 +5,21 @@ import json
 import logging
 import math
 import time
-from email.utils import parsedate_to_datetime
+from typing import NamedTuple
 
-from buddy.codec import CachedResponse
-from buddy.coalesce import Coalescer
+from buddy import policy
+from buddy.codec import VaryPointer
+from buddy.coalesce import Coalescer, NotShared
 from buddy.errors import CoalesceTimeout, StoreUnavailable, UpstreamError
-from buddy.fingerprint import RequestShape, credentials_digest, fingerprint, vary_values
 from buddy.messages import ProxyRequest, ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
 from buddy.settings import DomainSettings, Settings
 from buddy.store.metrics import MetricsRecorder
 from buddy.store.rate_limiter import Decision, LocalLimiter, RateLimiter
 from buddy.store.response_cache import ResponseCache
-from buddy.upstream import UpstreamClient, build_url, forwardable_request_headers, storable_headers
+from buddy.upstream import UpstreamClient, build_url, keep_access_key, storable_headers
 
 log = logging.getLogger("buddy.service")
-CACHEABLE_METHODS = frozenset({"GET", "HEAD", "POST"})
-# A request carrying one of these asks for an answer about its own copy (a range, a 304): it is sent
-# through as it is, neither answered from nor stored in the cache, nor coalesced with others.
-UNSHAREABLE_HEADERS = ("Range", "If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since", "If-Range")
 LOCK_MARGIN_SECONDS = 2.0
 
 
@@ -31,6 +27,14 @@ def json_result(status: int, reason: str, **body: object) -> ProxyResult:
     """An answer the proxy makes itself (errors), shaped like any upstream answer so followers can share it."""
     payload = json.dumps(body).encode()
     return ProxyResult(status, reason, [("Content-Type", "application/json")], payload)
+
+
+class Lookup(NamedTuple):
+    """Where a request's answer lives: its primary entry, or the variant a vary pointer there leads to."""
+
+    primary: EntryId
+    entry: EntryId
+    hit: ProxyResult | None
 
 
 class ProxyService:
@@ -56,106 +60,150 @@ class ProxyService:
         self.fallback_limiter = fallback_limiter
         self.metrics = metrics
 
-    def entry_for(self, request: ProxyRequest) -> EntryId | None:
-        """Which cache entry answers the request, or None when it must not be cached at all."""
-        if request.method not in CACHEABLE_METHODS or any(request.header(h) for h in UNSHAREABLE_HEADERS):
-            return None
-        domain = request.domain
-        shape = RequestShape(
-            method=request.method,
-            domain=domain.name,
-            path=request.path,
-            query=request.query,
-            body=request.body,
-            content_type=request.header("Content-Type"),
-            vary=vary_values(request.headers, domain.vary_headers),
-            credentials="" if domain.share_across_credentials else credentials_digest(
-                request.headers, domain.credential_headers
-            ),
-        )
-        return EntryId(domain.name, fingerprint(shape))
-
     def handle(self, request: ProxyRequest) -> ProxyResult:
         result = self._answer(request)
         self._tally(request.domain.name, result)
         if request.method == "HEAD" and result.stream is not None:
             result.close_stream()  # a relay keeps reading for its followers; headers (Content-Length) stay
             result.stream = iter(())
+        if request.key_prefix or request.key_param:
+            result.headers = keep_access_key(result.headers, request.domain, request.key_prefix, request.key_param)
         return result
 
+    def lookup(self, request: ProxyRequest, primary: EntryId) -> Lookup:
+        """Read the request's entry, following a vary pointer to the variant for this request's headers."""
+        found = self.cache.get(primary)
+        if isinstance(found, VaryPointer):
+            entry = EntryId(primary.domain, policy.variant_digest(primary.digest, found.names, request.forwarded))
+            found = self.cache.get(entry)
+            return Lookup(primary, entry, found if isinstance(found, ProxyResult) else None)
+        return Lookup(primary, primary, found)
+
     def _answer(self, request: ProxyRequest) -> ProxyResult:
-        entry = self.entry_for(request)
-        if entry is None:
+        if not policy.cacheable_request(request):
             result = self._call_upstream(request)
             result.cache = "PASS"  # shown to the client as MISS; counted apart from cache misses
             return result
-        try:
-            hit = self.cache.get(entry)
-        except StoreUnavailable:
-            return self._bypass(request)
-        if hit is not None:
-            return from_cache(hit)
         domain = request.domain
+        primary = policy.entry_for(request)
         lock_ttl_ms = int((domain.connect_timeout + domain.read_timeout + LOCK_MARGIN_SECONDS) * 1000)
-        try:
-            return self.coalescer.run(
-                entry, lock_ttl_ms, domain.read_timeout + LOCK_MARGIN_SECONDS,
-                lambda token: self._lead(request, entry, token),
-            )
-        except CoalesceTimeout as exc:
-            return json_result(504, "Gateway Timeout", error="coalesce timeout", domain=exc.domain, message=str(exc))
-        except StoreUnavailable:
-            return self._bypass(request)
+        for _ in range(2):  # a second look when the leader's answer turned out to vary on our headers
+            try:
+                found = self.lookup(request, primary)
+            except StoreUnavailable:
+                return self._bypass(request)
+            if found.hit is not None:
+                return from_cache(found.hit)
+            try:
+                return self.coalescer.run(
+                    found.entry, lock_ttl_ms, domain.read_timeout + LOCK_MARGIN_SECONDS, domain.coalesce_timeout,
+                    lambda token: self._lead(request, found, token),
+                    lambda result: policy.follower_may_take(result, primary.digest, request.forwarded),
+                )
+            except NotShared as exc:
+                if exc.reason == "private":
+                    break
+            except CoalesceTimeout as exc:
+                result = json_result(
+                    504, "Gateway Timeout", error="coalesce timeout", domain=exc.domain, message=str(exc)
+                )
+                result.cache = "COALESCE-TIMEOUT"
+                return result
+            except StoreUnavailable:
+                return self._bypass(request)
+        # The answer is not one to share (private, no-store, Vary: *): this request asks for itself.
+        result = self._call_upstream(request)
+        result.cache = "PASS"
+        return result
 
     def _tally(self, domain: str, result: ProxyResult) -> None:
         """Count what the request cost and saved (buffered; flushed to Redis once a second)."""
         if result.cache == "PASS":
             result.cache = "MISS"
             self.metrics.count(domain, "passthrough")
+        elif result.cache == "COALESCE-TIMEOUT":
+            self.metrics.count(domain, "coalesce_timeouts")
         elif result.cache in ("HIT", "COALESCED"):
             saved = {} if result.body is None else {"bytes_saved": len(result.body), "ms_saved": result.fetch_ms}
             self.metrics.count_many(domain, {"hits" if result.cache == "HIT" else "coalesced": 1, **saved})
         else:
             self.metrics.count(domain, "misses")
 
-    def _lead(self, request: ProxyRequest, entry: EntryId, token: str) -> ProxyResult:
+    def _lead(self, request: ProxyRequest, found: Lookup, token: str) -> ProxyResult:
         """Fetch as the one leader; whatever happens, followers are handed a result or the lock is let go."""
+        domain, entry = request.domain, found.entry
         handed_off = False
+        result: ProxyResult | None = None
         try:
             # The previous leader may have stored the entry between our miss and our lock.
-            hit = self.cache.get(entry)
-            if hit is not None:
-                return from_cache(hit)
-            result = self._call_upstream(request)
+            again = self.lookup(request, found.primary)
+            if again.hit is not None:
+                return from_cache(again.hit)
             try:
-                if result.stream is not None:
-                    result.stream = self.coalescer.relay(entry, token, result)
-                    handed_off = True  # the relay (or relay()) has let go of the lock
-                    return result
-                stored = self._store(request.domain, entry, result)
-                self.coalescer.hand_off(entry, token, result, stored)
-                handed_off = True
-                if not stored and self.ttl_for(request.domain, result.status):
-                    result.cache = "BYPASS"
+                result = self._call_upstream(request)
+                handed_off = self._settle(request, found, token, result)
+                return result
             except StoreUnavailable:
+                assert result is not None  # only storing and handing off touch Redis here
                 result.cache = "BYPASS"
-            return result
+                return result
+            except Exception:
+                # A fault of ours must not become one upstream call per waiting request: they share this 500.
+                log.exception("unexpected error while fetching for '%s'", domain.name)
+                if result is not None:
+                    result.close_stream()
+                failed = json_result(500, "Internal Server Error", error="internal error", domain=domain.name,
+                                     message="the proxy failed to handle this request; see its log")
+                if not handed_off:
+                    self._let_go(entry, token, failed)
+                    handed_off = True
+                return failed
         finally:
             if not handed_off:
-                try:
-                    self.coalescer.hand_off(entry, token, None, stored=False)
-                except StoreUnavailable:
-                    pass  # the lock expires by itself
+                self._let_go(entry, token, None)
 
-    def _store(self, domain: DomainSettings, entry: EntryId, result: ProxyResult) -> bool:
-        ttl = self.ttl_for(domain, result.status) if result.body is not None else None
-        if not ttl:
-            return False
-        stored = CachedResponse(
-            result.status, result.reason, storable_headers(result.headers), result.body, time.time(), result.fetch_ms
+    def _settle(self, request: ProxyRequest, found: Lookup, token: str, result: ProxyResult) -> bool:
+        """Store the leader's answer as policy allows and hand it to the followers; True once handed off."""
+        domain, entry = request.domain, found.entry
+        storage = policy.storage(domain, result)
+        if result.stream is not None:
+            if not storage.shareable:
+                self.coalescer.hand_off(entry, token, None, private=True)
+                return True
+            result.stream = self.coalescer.relay(entry, token, result)
+            return True  # the relay (or relay()) lets go of the lock
+        target = found.primary
+        if storage.vary:
+            target = EntryId(domain.name, policy.variant_digest(found.primary.digest, storage.vary, request.forwarded))
+            result.vary, result.variant = storage.vary, target.digest
+        kept = ProxyResult(
+            result.status, result.reason, storable_headers(result.headers, storage.drop), result.body,
+            fetch_ms=result.fetch_ms, stored_at=result.stored_at, vary=result.vary, variant=result.variant,
         )
+        stored = storage.ttl is not None and self._store(domain, found.primary, target, kept, storage)
+        # Followers of this entry read it from the cache when it is stored there, else a copy of it.
+        shared = None if stored and target == entry else kept
+        self.coalescer.hand_off(entry, token, shared, private=not storage.shareable)
+        if storage.ttl is not None and not stored:
+            result.cache = "BYPASS"
+        return True
+
+    def _let_go(self, entry: EntryId, token: str, shared: ProxyResult | None) -> None:
         try:
-            self.cache.put(entry, stored, ttl)
+            self.coalescer.hand_off(entry, token, shared)
+        except StoreUnavailable:
+            pass  # the lock expires by itself
+
+    def _store(
+        self, domain: DomainSettings, primary: EntryId, target: EntryId, kept: ProxyResult, storage: policy.Storage
+    ) -> bool:
+        """Store `kept` under `target`; a varying answer also leaves a pointer to its variants at `primary`."""
+        assert storage.ttl is not None
+        pointer = None
+        if storage.vary:
+            pointer = (primary, VaryPointer(storage.vary), max(domain.ttl_seconds, domain.negative_ttl_seconds))
+        try:
+            self.cache.put(target, kept, storage.ttl, pointer)
         except StoreUnavailable:
             return False
         return True
@@ -193,7 +241,10 @@ class ProxyService:
         """An upstream 429/503 pauses the domain (its Retry-After, else exponential); success resets the level."""
         try:
             if result.status in (429, 503):
-                self.limiter.penalize(domain, retry_after_seconds(result.headers))
+                pause = policy.retry_after_seconds(result.header("Retry-After"), time.time())
+                if pause is not None:
+                    pause = min(pause, self.settings.throttling["max_upstream_pause"])
+                self.limiter.penalize(domain, pause)
             elif decision.level and result.status < 500:
                 self.limiter.reset(domain)
         except StoreUnavailable:
@@ -204,25 +255,22 @@ class ProxyService:
         url = build_url(domain, request.path, request.query)
         # A HEAD miss fetches the GET so that the entry it stores serves both.
         method = "GET" if request.method == "HEAD" else request.method
-        headers = forwardable_request_headers(request.headers)
         started = time.monotonic()
         try:
-            response = self.upstream.send(domain, method, url, headers, request.body)
+            result = self.upstream.send(domain, method, url, request.forwarded, request.body)
         except UpstreamError as exc:
             # The cause's text would carry the URL, and with it any credentials in the query: name its type only.
             log.warning("%s (%s)", exc, type(exc.__cause__).__name__)
-            outcome = "timeout" if exc.status == 504 else "unreachable"
+            outcome = exc.kind if exc.kind in ("timeout", "malformed") else "unreachable"
             self._count_upstream(domain.name, outcome, started)
             self.metrics.error(domain.name, outcome, str(exc))
             error = "upstream timeout" if exc.status == 504 else "upstream unavailable"
             reason = "Gateway Timeout" if exc.status == 504 else "Bad Gateway"
             return json_result(exc.status, reason, error=error, domain=domain.name, message=str(exc))
-        fetch_ms = self._count_upstream(domain.name, str(response.status), started)
-        if response.status >= 500 or response.status == 429:
-            self.metrics.error(domain.name, str(response.status), f"upstream '{domain.name}' answered {response.status}")
-        return ProxyResult(
-            response.status, response.reason, response.headers, response.body, response.stream, fetch_ms=fetch_ms
-        )
+        result.fetch_ms = self._count_upstream(domain.name, str(result.status), started)
+        if result.status >= 500 or result.status == 429:
+            self.metrics.error(domain.name, str(result.status), f"upstream '{domain.name}' answered {result.status}")
+        return result
 
     def _count_upstream(self, domain: str, outcome: str, started: float) -> int:
         elapsed_ms = int((time.monotonic() - started) * 1000)
@@ -230,14 +278,6 @@ class ProxyService:
         self.metrics.count(domain, "upstream_ms", elapsed_ms)
         self.metrics.count(domain, f"status:{outcome}")
         return elapsed_ms
-
-    def ttl_for(self, domain: DomainSettings, status: int) -> int | None:
-        """2xx for the domain's TTL, 404/410 for the negative TTL, nothing else (never 5xx, 429 or 206)."""
-        if 200 <= status < 300 and status != 206:
-            return domain.ttl_seconds
-        if status in (404, 410):
-            return domain.negative_ttl_seconds
-        return None
 
 
 def refused(domain: DomainSettings, decision: Decision) -> ProxyResult:
@@ -257,25 +297,8 @@ def refused(domain: DomainSettings, decision: Decision) -> ProxyResult:
     return result
 
 
-def retry_after_seconds(headers: list[tuple[str, str]]) -> float | None:
-    """An upstream's Retry-After, in seconds from now: delta-seconds or an HTTP date; None when absent or odd."""
-    value = next((v for n, v in headers if n.lower() == "retry-after"), "").strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def from_cache(entry: CachedResponse) -> ProxyResult:
-    age = max(0, int(time.time() - entry.stored_at))
-    headers = [(name, value) for name, value in entry.headers if name.lower() != "age"]
-    return ProxyResult(
-        entry.status, entry.reason, headers, entry.body, cache="HIT", extra=[("Age", str(age))], fetch_ms=entry.fetch_ms
-    )
+def from_cache(entry: ProxyResult) -> ProxyResult:
+    entry.cache = "HIT"
+    entry.headers = [(name, value) for name, value in entry.headers if name.lower() != "age"]
+    entry.extra.append(("Age", str(max(0, int(time.time() - entry.stored_at)))))
+    return entry

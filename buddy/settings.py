@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
@@ -85,6 +85,7 @@ class DomainSchema(_Section):
     negative_ttl_seconds = _positive_int(load_default=None, allow_none=True)
     vary_headers = fields.List(_string(), load_default=None, allow_none=True)
     share_across_credentials = _boolean(load_default=False)
+    respect_upstream_cache_control = _boolean(load_default=True)
     credential_headers = fields.List(_string(), load_default=None, allow_none=True)
     connect_timeout = _positive_number(load_default=None, allow_none=True)
     read_timeout = _positive_number(load_default=None, allow_none=True)
@@ -116,7 +117,8 @@ class CacheSchema(_Section):
     default_ttl_seconds = _positive_int(load_default=86400)
     negative_ttl_seconds = _positive_int(load_default=300)
     max_cache_response_size = _positive_int(load_default=10 * 1024 * 1024)
-    coalesce_timeout_seconds = _positive_number(load_default=60.0)
+    # Unset: a coalesced request waits as long as its leader may legitimately take (see leader_budget).
+    coalesce_timeout_seconds = _positive_number(load_default=None, allow_none=True)
     max_relay_size = _positive_int(load_default=64 * 1024 * 1024)
     # Accepted so that seed configurations keep loading; the cache now lives in Redis.
     database_path = _string(load_default=None, allow_none=True)
@@ -126,6 +128,7 @@ class CacheSchema(_Section):
 class ThrottlingSchema(_Section):
     default_requests_per_hour = _positive_int(load_default=1000)
     progressive_max_delay = _positive_number(load_default=300.0)
+    max_upstream_pause = _positive_number(load_default=3600.0)  # the longest Retry-After any upstream can impose
     domain_limits = fields.Dict(keys=fields.String(), values=_positive_int(), load_default=dict)
 
 
@@ -203,13 +206,16 @@ class DomainSettings:
     scheme: str
     netloc: str
     base_path: str
+    upstream_id: str  # scheme://host:port/base-path, default port made explicit: part of every cache key
     ttl_seconds: int
     negative_ttl_seconds: int
     vary_headers: tuple[str, ...]
     share_across_credentials: bool
+    respect_upstream_cache_control: bool
     credential_headers: frozenset[str]
     connect_timeout: float
     read_timeout: float
+    coalesce_timeout: float  # how long a request waits for an identical one that fetches
     max_requests_per_second: int | None
     max_requests_per_minute: int | None
     max_requests_per_hour: int
@@ -339,27 +345,73 @@ def validate_config(raw: Mapping[str, Any]) -> Settings:
     return _build(data)
 
 
+LEADER_MARGIN_SECONDS = 2.0
+
+
+def leader_budget(max_delay: float, connect_timeout: float, read_timeout: float) -> float:
+    """The longest a live leader may legitimately take: wait for its rate-limit slot, connect, read."""
+    return max_delay + connect_timeout + read_timeout + LEADER_MARGIN_SECONDS
+
+
+def _upstream_id(parts: SplitResult) -> str:
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}:{port}{parts.path.rstrip('/')}"
+
+
+def _coalesce_problems(data: dict[str, Any]) -> list[str]:
+    """An explicit coalesce timeout shorter than some leader's budget would 504 requests whose leader is
+    still legitimately at work (waiting for a slot, then reading): refuse it, naming both settings."""
+    explicit = data["cache"]["coalesce_timeout_seconds"]
+    if explicit is None:
+        return []
+    max_delay, server = data["throttling"]["progressive_max_delay"], data["server"]
+    problems = []
+    for name, spec in data["domain_mappings"].items():
+        connect = spec["connect_timeout"] or server["connect_timeout"]
+        read = spec["read_timeout"] or server["request_timeout"]
+        needed = leader_budget(max_delay, connect, read)
+        if explicit < needed:
+            problems.append(
+                f"cache.coalesce_timeout_seconds: {explicit:g} s is shorter than a fetch for '{name}' may take "
+                f"(throttling.progressive_max_delay {max_delay:g} s + connect_timeout {connect:g} s + read_timeout "
+                f"{read:g} s + {LEADER_MARGIN_SECONDS:g} s): requests waiting on it would give up while it still "
+                f"works; set it to at least {needed:g}, lower throttling.progressive_max_delay, or leave it unset"
+            )
+    return problems
+
+
 def _build(data: dict[str, Any]) -> Settings:
     cache, server, throttling = data["cache"], data["server"], data["throttling"]
+    problems = _coalesce_problems(data)
+    if problems:
+        raise ConfigError(problems)
     domains: dict[str, DomainSettings] = {}
     for name, spec in data["domain_mappings"].items():
         parts = urlsplit(spec["upstream"])
         vary = spec["vary_headers"] if spec["vary_headers"] is not None else ["Accept", "Accept-Language"]
+        connect = spec["connect_timeout"] or server["connect_timeout"]
+        read = spec["read_timeout"] or server["request_timeout"]
         domains[name] = DomainSettings(
             name=name,
             upstream=spec["upstream"].rstrip("/"),
             scheme=parts.scheme,
             netloc=parts.netloc.lower(),
             base_path=parts.path.rstrip("/"),
+            upstream_id=_upstream_id(parts),
             ttl_seconds=spec["ttl_seconds"] or cache["default_ttl_seconds"],
             negative_ttl_seconds=spec["negative_ttl_seconds"] or cache["negative_ttl_seconds"],
             vary_headers=tuple(sorted({h.lower() for h in vary})),
             share_across_credentials=spec["share_across_credentials"],
+            respect_upstream_cache_control=spec["respect_upstream_cache_control"],
             credential_headers=frozenset(sorted({h.lower() for h in (
                 spec["credential_headers"] if spec["credential_headers"] is not None else CREDENTIAL_HEADERS
             )})),
-            connect_timeout=spec["connect_timeout"] or server["connect_timeout"],
-            read_timeout=spec["read_timeout"] or server["request_timeout"],
+            connect_timeout=connect,
+            read_timeout=read,
+            coalesce_timeout=cache["coalesce_timeout_seconds"]
+            or leader_budget(throttling["progressive_max_delay"], connect, read),
             max_requests_per_second=spec["max_requests_per_second"],
             max_requests_per_minute=spec["max_requests_per_minute"],
             max_requests_per_hour=throttling["domain_limits"].get(name, throttling["default_requests_per_hour"]),

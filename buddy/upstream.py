@@ -5,16 +5,18 @@ import logging
 import os
 import re
 import threading
+import time
 from http.cookiejar import DefaultCookiePolicy
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Collection, Iterable, Iterator
 from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ReadTimeoutError
 
-from buddy.errors import BadProxyRequest, UpstreamTimeout, UpstreamUnavailable
+from buddy.errors import BadProxyRequest, BrokenBody, UpstreamTimeout, UpstreamUnavailable
+from buddy.messages import ProxyResult
 from buddy.settings import DomainSettings
 
 log = logging.getLogger("buddy.upstream")
@@ -50,9 +52,24 @@ def dropped_headers(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
 
 
 def forwardable_request_headers(headers: list[tuple[str, str]]) -> dict[str, str]:
-    """What the upstream gets: the client's headers less hop-by-hop ones and those the proxy sets."""
+    """What the upstream gets: the client's headers less hop-by-hop ones and those the proxy sets.
+
+    A header sent more than once (in any case) is joined into one field, as HTTP allows, so that the dict
+    is exactly what goes on the wire and what the cache key is made of.
+    """
     drop = dropped_headers(headers) | NOT_FORWARDED
-    return {name: value for name, value in headers if name.lower() not in drop}
+    out: dict[str, str] = {}
+    names: dict[str, str] = {}  # lower case -> the spelling used in `out`
+    for name, value in headers:
+        lower = name.lower()
+        if lower in drop:
+            continue
+        if lower in names:
+            out[names[lower]] += ("; " if lower == "cookie" else ", ") + value
+        else:
+            names[lower] = name
+            out[name] = value
+    return out
 
 
 def client_response_headers(headers: Iterable[tuple[str, str]], decoded: bool) -> list[tuple[str, str]]:
@@ -66,15 +83,16 @@ def client_response_headers(headers: Iterable[tuple[str, str]], decoded: bool) -
     if decoded:
         drop |= {"content-encoding"}
     return [
-        (name, value)
+        # The upstream's own cache verdict would stand beside the proxy's: the client reads one X-Cache.
+        ("X-Upstream-Cache" if name.lower() == "x-cache" else name, value)
         for name, value in headers
         if name.lower() not in drop and _TOKEN.fullmatch(name) and not _BAD_VALUE.search(value)
     ]
 
 
-def storable_headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
-    """A stored copy never replays someone's cookies."""
-    return tuple((name, value) for name, value in headers if name.lower() != "set-cookie")
+def storable_headers(headers: Iterable[tuple[str, str]], drop: Collection[str] = ()) -> list[tuple[str, str]]:
+    """A stored or shared copy never replays someone's cookies, nor the fields an upstream calls private."""
+    return [(name, value) for name, value in headers if name.lower() != "set-cookie" and name.lower() not in drop]
 
 
 def safe_path(raw_rest: bytes) -> str:
@@ -140,15 +158,22 @@ def rewrite_location(domain: DomainSettings, request_url: str, location: str) ->
     return rewritten + (f"?{target.query}" if target.query else "")
 
 
-@dataclass
-class UpstreamResponse:
-    """An upstream answer: `body` when it fit under the size limit, else `stream` (not cacheable)."""
+def keep_access_key(
+    headers: list[tuple[str, str]], domain: DomainSettings, prefix: str, param: str
+) -> list[tuple[str, str]]:
+    """A redirect back through the proxy keeps the access key where this client put it (path or query),
+    so that following it is not a 401. Applied per response: the stored copy never holds a key."""
+    mapped = f"/{domain.name}"
 
-    status: int
-    reason: str
-    headers: list[tuple[str, str]]
-    body: bytes | None = None
-    stream: "BodyStream | None" = None
+    def keyed(location: str) -> str:
+        if location != mapped and not location.startswith((mapped + "/", mapped + "?")):
+            return location
+        if param:
+            path, mark, query = location.partition("?")
+            location = f"{path}?{query}&key={param}" if mark and query else f"{path}?key={param}"
+        return f"/{prefix}{location}" if prefix else location
+
+    return [(name, keyed(value) if name.lower() == "location" else value) for name, value in headers]
 
 
 @dataclass
@@ -169,9 +194,10 @@ class BodyStream:
             for chunk in self.chunks:
                 yield chunk
         except requests.RequestException as exc:
-            # Headers are already out: all that can be done is to end the body early and say why in the log.
+            # Headers are already out: the client learns of it from a body cut off the HTTP way.
             self.failed = True
-            log.warning("upstream %s broke off a streamed body: %s", self.domain, exc)
+            log.warning("upstream %s broke off a streamed body: %s", self.domain, type(exc).__name__)
+            raise BrokenBody(f"upstream '{self.domain}' broke off the body") from exc
         finally:
             self.close()
 
@@ -201,6 +227,9 @@ class UpstreamClient:
                     session.mount("https://", adapter)
                     session.mount("http://", adapter)
                     session.trust_env = False  # never route through a proxy from the environment
+                    # The upstream gets the client's headers, not requests' defaults (Accept: */*, its
+                    # User-Agent): the cache key describes exactly what was sent.
+                    session.headers.clear()
                     # The session serves every client of this worker: it must never keep one client's
                     # cookies and send them with another's requests.
                     session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
@@ -214,7 +243,7 @@ class UpstreamClient:
         url: str,
         headers: dict[str, str],
         body: bytes,
-    ) -> UpstreamResponse:
+    ) -> ProxyResult:
         """Send one request; the body is read whole up to the size limit, streamed past it."""
         headers = {**headers, "Accept-Encoding": "gzip, deflate"}
         try:
@@ -223,12 +252,17 @@ class UpstreamClient:
                 timeout=(domain.connect_timeout, domain.read_timeout), verify=True,
             )
         except requests.Timeout as exc:
-            raise UpstreamTimeout(domain.name, f"upstream '{domain.name}' did not answer in time") from exc
+            raise UpstreamTimeout(domain.name, f"upstream '{domain.name}' did not answer in time", "timeout") from exc
         except requests.RequestException as exc:
             raise UpstreamUnavailable(domain.name, f"could not reach upstream '{domain.name}'") from exc
         return self._read(domain, response)
 
-    def _read(self, domain: DomainSettings, response: requests.Response) -> UpstreamResponse:
+    def _read(self, domain: DomainSettings, response: requests.Response) -> ProxyResult:
+        if not 200 <= response.status_code <= 599 or _BAD_VALUE.search(response.reason or ""):
+            response.close()  # `200 OK\rX-Evil: 1`: an answer that cannot be passed on, let alone stored
+            raise UpstreamUnavailable(
+                domain.name, f"upstream '{domain.name}' sent a malformed status line", kind="malformed"
+            )
         raw_headers = list(response.raw.headers.items())
         encodings = [
             e.strip().lower() for e in response.headers.get("Content-Encoding", "").split(",")
@@ -236,7 +270,7 @@ class UpstreamClient:
         ]
         decoded = bool(encodings) and all(e in response.raw.CONTENT_DECODERS for e in encodings)
         headers = client_response_headers(raw_headers, decoded)
-        result = UpstreamResponse(response.status_code, response.reason or "", headers)
+        result = ProxyResult(response.status_code, response.reason or "", headers, stored_at=time.time())
         if "location" in (name.lower() for name, _ in headers):
             result.headers = [
                 (n, rewrite_location(domain, response.url, v) if n.lower() == "location" else v) for n, v in headers
@@ -257,8 +291,8 @@ class UpstreamClient:
         except requests.RequestException as exc:
             response.close()
             if isinstance(exc.__context__, ReadTimeoutError) or isinstance(exc, requests.Timeout):
-                raise UpstreamTimeout(domain.name, f"upstream '{domain.name}' stopped sending in time") from exc
-            raise UpstreamUnavailable(domain.name, f"upstream '{domain.name}' sent a broken body") from exc
+                raise UpstreamTimeout(domain.name, f"upstream '{domain.name}' stopped sending in time", "timeout") from exc
+            raise UpstreamUnavailable(domain.name, f"upstream '{domain.name}' broke off the body", "broken body") from exc
         response.close()
         result.body = bytes(buffer)
         return result

@@ -11,7 +11,7 @@ from buddy.access import Target
 from buddy.errors import BadProxyRequest
 from buddy.messages import ProxyRequest
 from buddy.service import ProxyService
-from buddy.upstream import safe_path, safe_query, upstream_path
+from buddy.upstream import forwardable_request_headers, safe_path, safe_query, upstream_path
 
 bp = Blueprint("proxy", __name__)
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -46,8 +46,8 @@ def read_body(req: Request, server: Mapping[str, Any]) -> bytes:
     limit = server["max_request_body"]
     try:
         body = req.environ["wsgi.input"].read(limit + 1)
-    except OSError as exc:
-        raise BadRequest("the request body could not be read") from exc
+    except Exception as exc:  # a socket error, or the server's own parse error (gunicorn: a bad chunk size)
+        raise BadRequest(f"the request body could not be read: {type(exc).__name__}") from exc
     if len(body) > limit:
         raise RequestEntityTooLarge()
     return body
@@ -89,6 +89,9 @@ def proxy(_: str) -> Response:
         query=safe_query(target.query.encode("latin-1")),
         headers=target.headers,
         body=read_body(req, service.settings.server),
+        forwarded=forwardable_request_headers(target.headers),
+        key_prefix=target.key_prefix,
+        key_param=target.key_param,
     )
     result = service.handle(proxy_request)
     body = result.stream if result.stream is not None else result.body

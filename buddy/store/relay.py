@@ -8,7 +8,7 @@ from typing import Iterator
 
 import redis
 
-from buddy.errors import StoreUnavailable
+from buddy.errors import BrokenBody, StoreUnavailable
 from buddy.store.guard import StoreGuard
 
 log = logging.getLogger("buddy.coalesce")
@@ -50,7 +50,7 @@ class RelayWriter:
             return
         self.written += len(data)
         if self.written > self.limit:
-            log.warning("over-size body passed the relay limit (%d bytes); coalesced requests end early", self.limit)
+            log.warning("over-size body passed the relay limit (%d bytes); coalesced requests are cut off", self.limit)
             self._add(b"x", b"")
             self.broken = True
             return
@@ -73,18 +73,23 @@ def read_meta(client: redis.Redis, guard: StoreGuard, key: str) -> tuple[bytes, 
 
 
 def follow_chunks(client: redis.Redis, guard: StoreGuard, key: str, after: bytes, idle_timeout: float) -> Iterator[bytes]:
-    """Yield the body's chunks as the leader adds them; ends at the end mark, or early if the relay stalls."""
+    """Yield the body's chunks as the leader adds them, up to the end mark.
+
+    A relay that the leader marks unfinished (its upstream broke off, the body passed the relay limit),
+    that stalls, or that Redis loses raises BrokenBody: the follower's client must see a cut body, never a
+    short one that ends cleanly.
+    """
     last, quiet_since = after, time.monotonic()
     while True:
         try:
             batches = guard.run(lambda: client.xread({key: last}, count=64, block=1000))
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             log.warning("relay of an over-size body broke off: Redis failed")
-            return
+            raise BrokenBody("the relay of the leader's body broke off") from exc
         if not batches:
             if time.monotonic() - quiet_since > idle_timeout:
-                log.warning("relay of an over-size body stalled; ending the response early")
-                return
+                log.warning("relay of an over-size body stalled; cutting the response off")
+                raise BrokenBody("the relay of the leader's body stalled")
             continue
         quiet_since = time.monotonic()
         for entry_id, fields in batches[0][1]:
@@ -92,7 +97,8 @@ def follow_chunks(client: redis.Redis, guard: StoreGuard, key: str, after: bytes
             kind = fields[b"k"]
             if kind == b"c":
                 yield fields[b"d"]
+            elif kind == b"x":
+                log.warning("a relayed body ended unfinished (upstream broke off or relay limit); cutting it off")
+                raise BrokenBody("the leader's body could not be relayed whole")
             else:
-                if kind == b"x":
-                    log.warning("the leader's upstream body broke off; a coalesced response ends early")
                 return

@@ -7,7 +7,8 @@ from typing import Callable, NamedTuple
 import redis
 
 from buddy import codec
-from buddy.codec import CachedResponse
+from buddy.codec import VaryPointer
+from buddy.messages import ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
 from buddy.store.fill_lock import load_script
 from buddy.store.guard import StoreGuard
@@ -44,7 +45,8 @@ class ResponseCache:
         self._store = client.register_script(load_script("store_entry"))
         self._prune = client.register_script(load_script("prune_index"))
 
-    def get(self, entry: EntryId) -> CachedResponse | None:
+    def get(self, entry: EntryId) -> ProxyResult | VaryPointer | None:
+        """The stored response, or the vary pointer that says which variant to read; None on a miss."""
         blob = self.guard.run(lambda: self.client.get(self.keys.cache(entry.domain, entry.digest)))
         if blob is None:
             return None
@@ -54,15 +56,25 @@ class ResponseCache:
             log.info("unreadable cache entry treated as a miss: %s", exc)
             return None
 
-    def put(self, entry: EntryId, response: CachedResponse, ttl_seconds: int) -> None:
-        """Store the entry and, in the same round trip, forget a few expired ones from the index, so that
-        the index stays bounded even when nobody reads the metrics (which prune the rest)."""
+    def put(
+        self,
+        entry: EntryId,
+        response: ProxyResult,
+        ttl_seconds: int,
+        pointer: tuple[EntryId, VaryPointer, int] | None = None,
+    ) -> None:
+        """Store the entry (and, for a varying answer, the pointer at its primary entry: where, what, TTL)
+        and, in the same round trip, forget a few expired ones from the index, so that the index stays
+        bounded even when nobody reads the metrics (which prune the rest)."""
         blob = codec.encode(response)
         d = entry.domain
         keys = [self.keys.cache(d, entry.digest), self.keys.index(d), self.keys.sizes(d), self.keys.stats(d)]
 
         def store() -> None:
             pipe = self.client.pipeline(transaction=False)
+            if pointer is not None:
+                at, names, pointer_ttl = pointer
+                pipe.set(self.keys.cache(at.domain, at.digest), codec.encode_pointer(names), ex=pointer_ttl)
             self._store(keys=keys, args=[blob, ttl_seconds * 1000, entry.digest], client=pipe)
             self._prune(keys=keys[1:], args=[PRUNE_ON_STORE], client=pipe)
             pipe.execute()

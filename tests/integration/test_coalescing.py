@@ -101,18 +101,6 @@ def test_a_killed_leader_does_not_wedge_its_waiters(gunicorn, redis_url, upstrea
     assert elapsed < lock_ttl + latency + poll + 2
 
 
-def test_no_request_waits_past_the_coalesce_timeout(gunicorn, redis_url, upstream) -> None:
-    proxy = gunicorn(config_for(upstream, cache={"coalesce_timeout_seconds": 1}), env={"REDIS_URL": redis_url}, workers=2)
-    started = time.monotonic()
-    responses = fire([f"{proxy.url}/up/slow?sleep=2500"] * 5)
-    statuses = sorted(r.status_code for r in responses)
-    assert statuses == [200, 504, 504, 504, 504]
-    late = [r for r in responses if r.status_code == 504]
-    assert all(r.json()["error"] == "coalesce timeout" and r.json()["domain"] == "up" for r in late)
-    assert upstream.count() == 1
-    assert time.monotonic() - started < 4
-
-
 def test_an_oversize_body_with_nobody_waiting_is_not_copied_into_redis(gunicorn, redis_server, redis_url, upstream) -> None:
     proxy = gunicorn(config_for(upstream, cache={"max_cache_response_size": 65536}), env={"REDIS_URL": redis_url})
     response = requests.get(f"{proxy.url}/up/big/2000000", timeout=30)

@@ -30,10 +30,10 @@ def client() -> fakeredis.FakeRedis:
 def make(client: fakeredis.FakeRedis):
     hubs: list[WakeupHub] = []
 
-    def build(timeout: float = 10.0) -> Coalescer:
+    def build() -> Coalescer:
         hub = WakeupHub(client, KEYS.fill_channel)
         hubs.append(hub)
-        return Coalescer(client, StoreGuard(), KEYS, hub, timeout, relay_limit=1 << 20)
+        return Coalescer(client, StoreGuard(), KEYS, hub, relay_limit=1 << 20)
 
     yield build
     for hub in hubs:
@@ -49,7 +49,7 @@ def lead_with(coalescer: Coalescer, result: ProxyResult, calls: list[str], gate:
         calls.append(token)
         if gate is not None:
             gate.wait(10)
-        coalescer.hand_off(ENTRY, token, result, stored=False)
+        coalescer.hand_off(ENTRY, token, result)
         return result
 
     return lead
@@ -74,7 +74,7 @@ def test_followers_get_the_leaders_result_and_only_one_leads(make, monkeypatch) 
 
     def request(i: int) -> None:
         c = coalescers[i % 2]
-        results.append(c.run(ENTRY, 10_000, 5.0, lead_with(c, answer(b"shared", 503), calls, gate)))
+        results.append(c.run(ENTRY, 10_000, 5.0, 10.0, lead_with(c, answer(b"shared", 503), calls, gate)))
 
     threads = [threading.Thread(target=request, args=(i,)) for i in range(10)]
     for t in threads:
@@ -100,12 +100,12 @@ def test_no_lost_wake_up_when_the_result_lands_between_miss_and_subscribe(make, 
     original = follower.hub.register
 
     def register_after_the_result_landed(entry: EntryId):
-        leader.hand_off(ENTRY, token, answer(b"raced"), stored=False)  # published before anyone listens
+        leader.hand_off(ENTRY, token, answer(b"raced"))  # published before anyone listens
         return original(entry)
 
     monkeypatch.setattr(follower.hub, "register", register_after_the_result_landed)
     started = time.monotonic()
-    result = follower.run(ENTRY, 10_000, 5.0, lambda t: pytest.fail("the follower must not lead"))
+    result = follower.run(ENTRY, 10_000, 5.0, 10.0, lambda t: pytest.fail("the follower must not lead"))
     assert time.monotonic() - started < 2
     assert (result.body, result.cache) == (b"raced", "COALESCED")
 
@@ -118,7 +118,7 @@ def test_a_dead_leaders_lock_expires_and_one_waiter_takes_over(make, client) -> 
     followers = [make() for _ in range(3)]
 
     def request(c: Coalescer) -> None:
-        results.append(c.run(ENTRY, 10_000, 5.0, lead_with(c, answer(b"fresh"), calls)))
+        results.append(c.run(ENTRY, 10_000, 5.0, 10.0, lead_with(c, answer(b"fresh"), calls)))
 
     started = time.monotonic()
     threads = [threading.Thread(target=request, args=(c,)) for c in followers]
@@ -144,14 +144,14 @@ def test_a_leader_that_fails_lets_go_so_a_waiter_leads(make) -> None:
 
     def crash() -> None:
         with pytest.raises(RuntimeError):
-            first.run(ENTRY, 10_000, 5.0, failing)
+            first.run(ENTRY, 10_000, 5.0, 10.0, failing)
 
     leader = threading.Thread(target=crash)
     leader.start()
     while not calls:
         time.sleep(0.01)
     results: list[ProxyResult] = []
-    follower = threading.Thread(target=lambda: results.append(second.run(ENTRY, 10_000, 5.0, lead_with(second, answer(b"ok"), calls))))
+    follower = threading.Thread(target=lambda: results.append(second.run(ENTRY, 10_000, 5.0, 10.0, lead_with(second, answer(b"ok"), calls))))
     follower.start()
     time.sleep(0.2)
     gate.set()
@@ -161,11 +161,11 @@ def test_a_leader_that_fails_lets_go_so_a_waiter_leads(make) -> None:
 
 
 def test_waiting_past_the_coalesce_timeout_raises(make) -> None:
-    holder, waiter = make(), make(timeout=0.5)
+    holder, waiter = make(), make()
     holder.lock.acquire(ENTRY, "slow-leader", 10_000)
     started = time.monotonic()
     with pytest.raises(CoalesceTimeout, match="identical request to 'up'"):
-        waiter.run(ENTRY, 10_000, 5.0, lambda t: pytest.fail("must not lead"))
+        waiter.run(ENTRY, 10_000, 5.0, 0.5, lambda t: pytest.fail("must not lead"))
     assert time.monotonic() - started < 1.5
 
 
@@ -189,16 +189,16 @@ def test_a_slow_leader_keeps_its_lock_past_the_ttl(make) -> None:
     def slow(token: str) -> ProxyResult:
         calls.append(token)
         gate.wait(10)  # far longer than the 400 ms lock TTL: only the keeper holds the lock meanwhile
-        leader.hand_off(ENTRY, token, answer(b"slow but sure"), stored=False)
+        leader.hand_off(ENTRY, token, answer(b"slow but sure"))
         return answer(b"slow but sure")
 
-    first = threading.Thread(target=lambda: leader.run(ENTRY, 400, 5.0, slow))
+    first = threading.Thread(target=lambda: leader.run(ENTRY, 400, 5.0, 10.0, slow))
     first.start()
     while not calls:
         time.sleep(0.01)
     results: list[ProxyResult] = []
     second = threading.Thread(target=lambda: results.append(
-        follower.run(ENTRY, 400, 5.0, lambda t: calls.append(t) or answer(b"second fetch"))))
+        follower.run(ENTRY, 400, 5.0, 10.0, lambda t: calls.append(t) or answer(b"second fetch"))))
     second.start()
     time.sleep(1.5)
     gate.set()

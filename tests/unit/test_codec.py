@@ -7,14 +7,15 @@ import fakeredis
 import pytest
 
 from buddy import codec
-from buddy.codec import CachedResponse
+from buddy.codec import VaryPointer
+from buddy.messages import ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
 from buddy.store.guard import StoreGuard
 from buddy.store.response_cache import ResponseCache
 
-ENTRY = CachedResponse(
+ENTRY = ProxyResult(
     status=200, reason="OK",
-    headers=(("Content-Type", "application/json"), ("X-Thing", "a"), ("X-Thing", "b")),
+    headers=[("Content-Type", "application/json"), ("X-Thing", "a"), ("X-Thing", "b")],
     body=json.dumps({"edges": [{"rel": "IsA", "weight": i} for i in range(200)]}).encode(),
     stored_at=1767225600.25,
 )
@@ -27,11 +28,21 @@ def test_round_trip_is_exact_and_compressed() -> None:
 
 
 def test_binary_bodies_survive() -> None:
-    entry = CachedResponse(404, "Not Found", (), bytes(range(256)) * 3, 1.0)
+    entry = ProxyResult(404, "Not Found", [], bytes(range(256)) * 3, stored_at=1.0)
     assert codec.decode(codec.encode(entry)) == entry
 
 
-@pytest.mark.parametrize("blob", [b"", b"RB", b"XX\x01abc", b"RB\x02" + b"x" * 10, b"RB\x01not zstd"])
+def test_a_varying_answer_keeps_what_it_varies_on_and_a_pointer_round_trips() -> None:
+    entry = ProxyResult(200, "OK", [("Vary", "X-Tenant")], b"{}", stored_at=2.0, vary=("x-tenant",), variant="ab")
+    assert codec.decode(codec.encode(entry)) == entry
+    assert codec.decode(codec.encode_pointer(VaryPointer(("x-tenant",)))) == VaryPointer(("x-tenant",))
+    with pytest.raises(codec.CodecError):
+        codec.decode_response(codec.encode_pointer(VaryPointer(("x-tenant",))))
+
+
+@pytest.mark.parametrize(
+    "blob", [b"", b"RB", b"XX\x01abc", b"RB\x02" + b"x" * 10, b"RB\x01not zstd", b"RP\x01", b"RV\x01{}", b"RV\x01[1]"]
+)
 def test_foreign_versions_and_garbage_raise_codec_error(blob: bytes) -> None:
     with pytest.raises(codec.CodecError):
         codec.decode(blob)

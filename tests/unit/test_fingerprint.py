@@ -7,7 +7,7 @@ from buddy.fingerprint import RequestShape, credentials_digest, fingerprint, sor
 from buddy.redis_keys import RedisKeys
 
 BASE = RequestShape(
-    method="GET", domain="conceptnet", path="/c/en/dog", query="limit=5&offset=0", body=b"",
+    method="GET", domain="conceptnet", upstream="https://api.conceptnet.io:443", path="/c/en/dog", query="limit=5&offset=0", body=b"",
     content_type="", vary=(("accept", "application/json"), ("accept-language", "")), credentials="",
 )
 
@@ -18,7 +18,7 @@ def key(**changes) -> str:
 
 def test_key_format_is_pinned() -> None:
     # A change here silently empties every deployed cache: bump KEY_VERSION on purpose, never by accident.
-    assert fingerprint(BASE) == "758940666cf8f40bcec01ffac92fad42a994d0cee33a47a9c82b4fd5c7832a70"
+    assert fingerprint(BASE) == "b9d91c6c2f73b4c02b7246949e86d4b8246fe6ede32fbd736126b59aaa2e8e7d"
     assert RedisKeys("buddy:").cache("conceptnet", "ab12") == "buddy:cache:{conceptnet}:ab12"
 
 
@@ -46,6 +46,14 @@ def test_body_content_type_and_domain_separate_entries() -> None:
     assert key(method="POST", body=b'{"q": 1}') != key(method="POST", body=b'{"q": 2}')
     assert key(content_type="application/json") != key(content_type="text/plain")
     assert key(domain="dbpedia") != key()
+
+
+def test_where_the_mapping_points_separates_entries() -> None:
+    # A mapping moved from staging to production (or to another base path) starts from misses.
+    assert key(upstream="https://staging.conceptnet.io:443") != key()
+    assert key(upstream="https://api.conceptnet.io:8443") != key()
+    assert key(upstream="http://api.conceptnet.io:443") != key()
+    assert key(upstream="https://api.conceptnet.io:443/v2") != key()
 
 
 def test_vary_headers_separate_entries() -> None:

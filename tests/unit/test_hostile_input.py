@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from werkzeug.test import EnvironBuilder
 
 from buddy import create_app
-from buddy.upstream import UpstreamClient, UpstreamResponse
+from buddy.messages import ProxyResult
+from buddy.upstream import UpstreamClient
 
 UPSTREAM = "https://api.example.org:8443/base"
 
@@ -20,7 +21,7 @@ def recording_app():
 
     def send(self, domain, method, url, headers, body, progress=lambda: None):
         calls.append(url)
-        return UpstreamResponse(200, "OK", [("Content-Type", "text/plain")], body=b"ok")
+        return ProxyResult(200, "OK", [("Content-Type", "text/plain")], body=b"ok")
 
     original = UpstreamClient.send
     UpstreamClient.send = send

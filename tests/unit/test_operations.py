@@ -133,14 +133,14 @@ def test_cli_check_config_redacts_secrets_and_names_bad_fields(tmp_path, app: Fl
 
 def test_the_index_stays_bounded_without_anyone_reading_metrics(fake_redis) -> None:
     from buddy import codec
-    from buddy.codec import CachedResponse
+    from buddy.messages import ProxyResult
     from buddy.redis_keys import EntryId, RedisKeys
     from buddy.store.guard import StoreGuard
     from buddy.store.response_cache import ResponseCache
 
     keys = RedisKeys("t:")
     cache = ResponseCache(fake_redis, StoreGuard(), keys)
-    entry = CachedResponse(200, "OK", (), b"x" * 100, 0.0)
+    entry = ProxyResult(200, "OK", [], b"x" * 100)
     for i in range(30):
         cache.put(EntryId("up", f"old{i}"), entry, 60)
     fake_redis.zadd(keys.index("up"), {f"old{i}": 1 for i in range(30)})  # as if their TTL had long passed

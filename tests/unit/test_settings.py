@@ -123,3 +123,34 @@ def test_json_file_and_its_errors(tmp_path) -> None:
         load_settings(environ={"BUDDY_CONFIG": str(path)})
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(environ={"BUDDY_CONFIG": str(tmp_path / "missing.json")})
+
+
+def test_followers_wait_as_long_as_their_leader_may_take_unless_told_otherwise() -> None:
+    mapping = {"w": {"upstream": "https://w.example.org", "connect_timeout": 5, "read_timeout": 20}}
+    derived = validate_config({"domain_mappings": mapping, "throttling": {"progressive_max_delay": 100}})
+    assert derived.domains["w"].coalesce_timeout == 100 + 5 + 20 + 2
+    explicit = validate_config({"domain_mappings": mapping, "cache": {"coalesce_timeout_seconds": 200},
+                                "throttling": {"progressive_max_delay": 100}})
+    assert explicit.domains["w"].coalesce_timeout == 200
+
+
+def test_a_coalesce_timeout_shorter_than_a_leaders_budget_is_refused_naming_both_settings() -> None:
+    (line,) = problems({
+        "domain_mappings": {"w": {"upstream": "https://w.example.org"}},
+        "cache": {"coalesce_timeout_seconds": 60},
+        "throttling": {"progressive_max_delay": 300},
+    })
+    assert line.startswith("cache.coalesce_timeout_seconds: 60 s is shorter than a fetch for 'w'")
+    assert "throttling.progressive_max_delay 300 s" in line and "at least 342" in line
+
+
+def test_upstream_cache_control_and_pause_settings() -> None:
+    settings = validate_config({"domain_mappings": {"w": {"upstream": "https://w.example.org"}}})
+    assert settings.domains["w"].respect_upstream_cache_control is True
+    assert settings.throttling["max_upstream_pause"] == 3600
+    assert problems({"domain_mappings": {"w": {"upstream": "https://w.example.org",
+                                                "respect_upstream_cache_control": "no"}},
+                     "throttling": {"max_upstream_pause": 0}}) == [
+        "domain_mappings.w.respect_upstream_cache_control: must be true or false",
+        "throttling.max_upstream_pause: must be a positive number",
+    ]

@@ -92,7 +92,7 @@ def test_response_headers_for_client_and_for_storage() -> None:
     to_client = client_response_headers(upstream, decoded=True)
     assert to_client == [("Content-Type", "application/json"), ("Set-Cookie", "a=1"), ("ETag", '"x"')]
     assert ("Content-Encoding", "gzip") in client_response_headers(upstream, decoded=False)
-    assert storable_headers(to_client) == (("Content-Type", "application/json"), ("ETag", '"x"'))
+    assert storable_headers(to_client) == [("Content-Type", "application/json"), ("ETag", '"x"')]
 
 
 def test_redirects_within_the_upstream_come_back_through_the_proxy() -> None:
@@ -107,3 +107,17 @@ def test_redirects_within_the_upstream_come_back_through_the_proxy() -> None:
 def test_upstream_headers_that_cannot_be_sent_on_are_dropped() -> None:
     odd = [("X-Folded", "a\r\n b"), ("X-Ctl", "a\x01b"), ("Bad Name", "x"), ("X-Tab", "a\tb"), ("ETag", '"e"')]
     assert client_response_headers(odd, decoded=False) == [("X-Tab", "a\tb"), ("ETag", '"e"')]
+
+
+def test_a_redirect_through_the_proxy_keeps_the_key_where_the_client_put_it() -> None:
+    from buddy.settings import validate_config
+    from buddy.upstream import keep_access_key
+
+    domain = validate_config({"domain_mappings": {"up": {"upstream": "https://u.example.org"}}}).domains["up"]
+    headers = [("Location", "/up/target?x=1"), ("Content-Type", "text/plain")]
+    assert keep_access_key(headers, domain, "k3y", "") == [("Location", "/k3y/up/target?x=1"), headers[1]]
+    assert keep_access_key(headers, domain, "", "k3y")[0] == ("Location", "/up/target?x=1&key=k3y")
+    assert keep_access_key([("Location", "/up")], domain, "", "k3y") == [("Location", "/up?key=k3y")]
+    # A redirect elsewhere (another host, another mapping) never carries the proxy's key.
+    for elsewhere in ("https://other.example.org/up/x", "/upper/x", "/other/up"):
+        assert keep_access_key([("Location", elsewhere)], domain, "k3y", "k3y") == [("Location", elsewhere)]
