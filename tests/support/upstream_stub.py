@@ -8,8 +8,15 @@ Routes (anything else echoes the request as JSON):
   /looks-gzip         gzip bytes served as application/gzip with no Content-Encoding
   /big/<n>            n bytes of body
   /redirect           302 to /target on this same server
+  /negotiate          answers by the request's Accept (JSON when it names application/json, else HTML), and
+                      shows the Accept-Language and Content-Type it received (null when absent)
 Any route also takes `?sleep=<ms>`: the stub waits that long before it answers; /status also takes
 `?retry_after=<value>`, sent back as its Retry-After header.
+The echo (and any route) also takes, repeatable:
+  `?h=<Name>:<value>`   an extra response header; the value is percent-decoded byte for byte
+                      (`h=Retry-After:%C2%B2` sends the two UTF-8 bytes of a superscript two)
+  `?echo=<Name>`        the echo body gets `"echo": {"<Name>": <value received, or null>}`
+A stub made with `UpstreamStub(name="B")` adds `"upstream": "B"` to its echo and sends `X-Upstream-Name: B`.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import json
 import sys
 import threading
 import time
+from urllib.parse import unquote
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -70,7 +78,8 @@ class _Server(ThreadingHTTPServer):
 class UpstreamStub:
     """Start with `UpstreamStub()`; `.url`, `.log` (list of Seen), `.paths()`, `.stop()`."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name
         self.server = _Server(("127.0.0.1", 0), _Handler)
         self.server.log = []
         self.server.lock = threading.Lock()
@@ -107,9 +116,22 @@ class UpstreamStub:
             time.sleep(int(sleep) / 1000)
         headers: list[tuple[str, str]] = [("Content-Type", "application/json")]
         status = 200
-        body = json.dumps(
-            {"method": seen.method, "path": seen.path, "body": seen.body.decode("latin-1"), "n": count}
-        ).encode()
+        options = [p.split("=", 1) for p in query.split("&") if "=" in p]
+        echo: dict[str, Any] = {
+            "method": seen.method, "path": seen.path, "body": seen.body.decode("latin-1"), "n": count
+        }
+        echoed = [unquote(value) for key, value in options if key == "echo"]
+        if echoed:
+            echo["echo"] = {name: seen.headers.get(name.lower()) for name in echoed}
+        extra: list[tuple[str, str]] = []  # sent after the route's own headers, whatever the route
+        if self.name is not None:
+            echo["upstream"] = self.name
+            extra.append(("X-Upstream-Name", self.name))
+        for key, value in options:
+            if key == "h" and ":" in value:
+                name, _, header_value = value.partition(":")
+                extra.append((unquote(name), unquote(header_value, encoding="latin-1")))
+        body = json.dumps(echo).encode()
         if parts[0] == "status" and len(parts) > 1:
             status = int(parts[1])
             body = json.dumps({"status": status, "n": count}).encode()
@@ -129,11 +151,20 @@ class UpstreamStub:
         elif parts[0] == "big" and len(parts) > 1:
             body = (b"0123456789abcdef" * (int(parts[1]) // 16 + 1))[: int(parts[1])]
             headers = [("Content-Type", "application/octet-stream")]
+        elif parts[0] == "negotiate":
+            accept = seen.headers.get("accept") or ""
+            found = {"accept": seen.headers.get("accept"), "lang": seen.headers.get("accept-language"),
+                     "content_type": seen.headers.get("content-type"), "n": count}
+            if "application/json" in accept:
+                body = json.dumps({"format": "json", **found}).encode()
+            else:
+                body = f"<html><body>format=html {json.dumps(found)}</body></html>".encode()
+                headers = [("Content-Type", "text/html; charset=utf-8")]
         elif parts[0] == "redirect":
             status = 302
             headers.append(("Location", f"{self.url}/target"))
         handler.send_response(status)
-        for name, value in headers:
+        for name, value in headers + extra:
             handler.send_header(name, value)
         handler.send_header("Content-Length", str(len(body)))
         handler.send_header("X-Upstream-Count", str(count))
