@@ -89,6 +89,7 @@ class DomainSchema(_Section):
     credential_headers = fields.List(_string(), load_default=None, allow_none=True)
     connect_timeout = _positive_number(load_default=None, allow_none=True)
     read_timeout = _positive_number(load_default=None, allow_none=True)
+    total_timeout = _positive_number(load_default=None, allow_none=True)
     max_requests_per_second = _positive_int(load_default=None, allow_none=True)
     max_requests_per_minute = _positive_int(load_default=None, allow_none=True)
 
@@ -104,7 +105,9 @@ class ServerSchema(_Section):
     request_timeout = _positive_number(load_default=30.0)
     connect_timeout = _positive_number(load_default=10.0)
     max_request_body = _positive_int(load_default=10 * 1024 * 1024)
-    body_timeout = _positive_number(load_default=30.0)
+    body_timeout = _positive_number(load_default=30.0)  # for the whole request body, not for each read
+    header_timeout = _positive_number(load_default=10.0)  # for the request line and headers, like nginx's
+    total_timeout = _positive_number(load_default=120.0)  # for a whole upstream call, however it trickles
 
 
 class SecuritySchema(_Section):
@@ -215,6 +218,7 @@ class DomainSettings:
     credential_headers: frozenset[str]
     connect_timeout: float
     read_timeout: float
+    total_timeout: float  # a whole upstream call: connect, headers and body
     coalesce_timeout: float  # how long a request waits for an identical one that fetches
     max_requests_per_second: int | None
     max_requests_per_minute: int | None
@@ -348,9 +352,9 @@ def validate_config(raw: Mapping[str, Any]) -> Settings:
 LEADER_MARGIN_SECONDS = 2.0
 
 
-def leader_budget(max_delay: float, connect_timeout: float, read_timeout: float) -> float:
-    """The longest a live leader may legitimately take: wait for its rate-limit slot, connect, read."""
-    return max_delay + connect_timeout + read_timeout + LEADER_MARGIN_SECONDS
+def leader_budget(max_delay: float, total_timeout: float) -> float:
+    """The longest a live leader may legitimately take: wait for its rate-limit slot, then one upstream call."""
+    return max_delay + total_timeout + LEADER_MARGIN_SECONDS
 
 
 def _upstream_id(parts: SplitResult) -> str:
@@ -369,15 +373,14 @@ def _coalesce_problems(data: dict[str, Any]) -> list[str]:
     max_delay, server = data["throttling"]["progressive_max_delay"], data["server"]
     problems = []
     for name, spec in data["domain_mappings"].items():
-        connect = spec["connect_timeout"] or server["connect_timeout"]
-        read = spec["read_timeout"] or server["request_timeout"]
-        needed = leader_budget(max_delay, connect, read)
+        total = spec["total_timeout"] or server["total_timeout"]
+        needed = leader_budget(max_delay, total)
         if explicit < needed:
             problems.append(
                 f"cache.coalesce_timeout_seconds: {explicit:g} s is shorter than a fetch for '{name}' may take "
-                f"(throttling.progressive_max_delay {max_delay:g} s + connect_timeout {connect:g} s + read_timeout "
-                f"{read:g} s + {LEADER_MARGIN_SECONDS:g} s): requests waiting on it would give up while it still "
-                f"works; set it to at least {needed:g}, lower throttling.progressive_max_delay, or leave it unset"
+                f"(throttling.progressive_max_delay {max_delay:g} s + total_timeout {total:g} s + "
+                f"{LEADER_MARGIN_SECONDS:g} s): requests waiting on it would give up while it still works; set it "
+                f"to at least {needed:g}, lower throttling.progressive_max_delay or the total_timeout, or leave it unset"
             )
     return problems
 
@@ -393,6 +396,7 @@ def _build(data: dict[str, Any]) -> Settings:
         vary = spec["vary_headers"] if spec["vary_headers"] is not None else ["Accept", "Accept-Language"]
         connect = spec["connect_timeout"] or server["connect_timeout"]
         read = spec["read_timeout"] or server["request_timeout"]
+        total = spec["total_timeout"] or server["total_timeout"]
         domains[name] = DomainSettings(
             name=name,
             upstream=spec["upstream"].rstrip("/"),
@@ -410,8 +414,8 @@ def _build(data: dict[str, Any]) -> Settings:
             )})),
             connect_timeout=connect,
             read_timeout=read,
-            coalesce_timeout=cache["coalesce_timeout_seconds"]
-            or leader_budget(throttling["progressive_max_delay"], connect, read),
+            total_timeout=total,
+            coalesce_timeout=cache["coalesce_timeout_seconds"] or leader_budget(throttling["progressive_max_delay"], total),
             max_requests_per_second=spec["max_requests_per_second"],
             max_requests_per_minute=spec["max_requests_per_minute"],
             max_requests_per_hour=throttling["domain_limits"].get(name, throttling["default_requests_per_hour"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from http.cookiejar import DefaultCookiePolicy
@@ -18,6 +19,7 @@ from urllib3.exceptions import ReadTimeoutError
 from buddy.errors import BadProxyRequest, BrokenBody, UpstreamTimeout, UpstreamUnavailable
 from buddy.messages import ProxyResult
 from buddy.settings import DomainSettings
+from buddy.watchdog import Alarm, Watchdog
 
 log = logging.getLogger("buddy.upstream")
 
@@ -37,6 +39,7 @@ _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _PLAIN_PATH = re.compile(rb"[A-Za-z0-9!$&'()*+,;=:@~._/-]*")
 _PLAIN_QUERY = re.compile(rb"[A-Za-z0-9=&;+/:?@!$'()*,~._-]*")
 _DOT_SEGMENT = re.compile(rb"(?:^|/)\.\.?(?:/|$)")
+_DIGITS = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also accepts superscripts
 
 
 def dropped_headers(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
@@ -184,6 +187,7 @@ class BodyStream:
     chunks: Iterator[bytes]
     response: requests.Response
     domain: str
+    alarm: Alarm | None = None
     failed: bool = False
     _closed: bool = field(default=False)
 
@@ -193,6 +197,8 @@ class BodyStream:
                 yield self.prefix
             for chunk in self.chunks:
                 yield chunk
+            if self.alarm is not None and self.alarm.fired:
+                raise requests.ConnectionError("cut off at the total timeout")
         except requests.RequestException as exc:
             # Headers are already out: the client learns of it from a body cut off the HTTP way.
             self.failed = True
@@ -204,7 +210,19 @@ class BodyStream:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self.alarm is not None:
+                Watchdog.disarm(self.alarm)
             self.response.close()
+
+
+def socket_of(response: requests.Response) -> socket.socket | None:
+    """The socket an upstream answer is read from: the pooled connection's, or (when the upstream said
+    `Connection: close` and http.client detached it) the one behind the response's file object."""
+    sock = getattr(response.raw.connection, "sock", None)
+    if sock is None:
+        stream = getattr(getattr(response.raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(stream, "raw", None), "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
 
 
 class UpstreamClient:
@@ -213,6 +231,7 @@ class UpstreamClient:
     def __init__(self, max_body: int, pool_size: int = 64) -> None:
         self.max_body = max_body
         self.pool_size = pool_size
+        self.watchdog = Watchdog()
         self._session: requests.Session | None = None
         self._pid = 0
         self._lock = threading.Lock()
@@ -246,18 +265,28 @@ class UpstreamClient:
     ) -> ProxyResult:
         """Send one request; the body is read whole up to the size limit, streamed past it."""
         headers = {**headers, "Accept-Encoding": "gzip, deflate"}
+        deadline = time.monotonic() + domain.total_timeout
         try:
             response = self.session.request(
                 method, url, headers=headers, data=body or None, stream=True, allow_redirects=False,
-                timeout=(domain.connect_timeout, domain.read_timeout), verify=True,
+                timeout=(min(domain.connect_timeout, domain.total_timeout), min(domain.read_timeout, domain.total_timeout)),
+                verify=True,
             )
         except requests.Timeout as exc:
             raise UpstreamTimeout(domain.name, f"upstream '{domain.name}' did not answer in time", "timeout") from exc
         except requests.RequestException as exc:
             raise UpstreamUnavailable(domain.name, f"could not reach upstream '{domain.name}'") from exc
-        return self._read(domain, response)
+        alarm = self.watchdog.arm(deadline, socket_of(response))
+        try:
+            result = self._read(domain, response, alarm)
+        except BaseException:
+            self.watchdog.disarm(alarm)
+            raise
+        if result.stream is None:
+            self.watchdog.disarm(alarm)
+        return result
 
-    def _read(self, domain: DomainSettings, response: requests.Response) -> ProxyResult:
+    def _read(self, domain: DomainSettings, response: requests.Response, alarm: Alarm) -> ProxyResult:
         if not 200 <= response.status_code <= 599 or _BAD_VALUE.search(response.reason or ""):
             response.close()  # `200 OK\rX-Evil: 1`: an answer that cannot be passed on, let alone stored
             raise UpstreamUnavailable(
@@ -277,22 +306,28 @@ class UpstreamClient:
             ]
         declared = response.headers.get("Content-Length", "")
         chunks = response.iter_content(CHUNK)
-        if not decoded and declared.isdigit() and int(declared) > self.max_body:
-            result.stream = BodyStream(b"", chunks, response, domain.name)
+        if not decoded and _DIGITS.fullmatch(declared) and int(declared) > self.max_body:
+            result.stream = BodyStream(b"", chunks, response, domain.name, alarm)
             result.headers.append(("Content-Length", declared))
             return result
         buffer = bytearray()
+        too_late = f"upstream '{domain.name}' did not finish within its total_timeout ({domain.total_timeout:g} s)"
         try:
             for chunk in chunks:
                 buffer += chunk
                 if len(buffer) > self.max_body:
-                    result.stream = BodyStream(bytes(buffer), chunks, response, domain.name)
+                    result.stream = BodyStream(bytes(buffer), chunks, response, domain.name, alarm)
                     return result
         except requests.RequestException as exc:
             response.close()
+            if alarm.fired:
+                raise UpstreamTimeout(domain.name, too_late, "timeout") from exc
             if isinstance(exc.__context__, ReadTimeoutError) or isinstance(exc, requests.Timeout):
                 raise UpstreamTimeout(domain.name, f"upstream '{domain.name}' stopped sending in time", "timeout") from exc
             raise UpstreamUnavailable(domain.name, f"upstream '{domain.name}' broke off the body", "broken body") from exc
+        if alarm.fired:  # a shut-down socket also looks like the clean end of a close-delimited body
+            response.close()
+            raise UpstreamTimeout(domain.name, too_late, "timeout")
         response.close()
         result.body = bytes(buffer)
         return result

@@ -368,37 +368,6 @@ def test_followers_wait_for_a_leader_that_waits_for_its_rate_limit_slot(gunicorn
     assert upstream.count("/second") == 1
 
 
-def test_a_coalesce_timeout_is_labelled_as_such(gunicorn, redis_url) -> None:
-    """The timeout is long enough by the start-up rule, but this leader's upstream trickles its body for longer."""
-    def trickle(request: RawRequest, count: int):
-        yield head(headers=[("Content-Type", "text/plain"), ("Content-Length", "100")])
-        for _ in range(100):
-            yield b"x"
-            yield 0.15  # well inside the read timeout, every time
-
-    raw = RawUpstream({"/trickle": trickle})
-    try:
-        proxy = gunicorn(
-            config({"up": {"upstream": raw.url, "connect_timeout": 0.5, "read_timeout": 0.5}},
-                   cache={"coalesce_timeout_seconds": 4}, throttling={"progressive_max_delay": 0.5}),
-            env={"REDIS_URL": redis_url},
-        )
-        with ThreadPoolExecutor(max_workers=3) as pool:
-            leader = pool.submit(get, f"{proxy.url}/up/trickle")
-            deadline = time.monotonic() + 5
-            while raw.count("/trickle") == 0 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            followers = [pool.submit(get, f"{proxy.url}/up/trickle") for _ in range(2)]
-            answers = [f.result() for f in followers]
-            raw.stop()  # no need to wait for the rest of the trickle
-            leader.exception()
-        assert [r.status_code for r in answers] == [504, 504]
-        assert [x_cache(r) for r in answers] == [["COALESCE-TIMEOUT"]] * 2
-        assert raw.count("/trickle") == 1
-    finally:
-        raw.stop()
-
-
 # -- 7. smaller wrong answers ------------------------------------------------------------------------------------
 
 

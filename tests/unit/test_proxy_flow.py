@@ -9,7 +9,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from buddy import create_app
+from buddy import create_app, policy
+from buddy.messages import ProxyRequest
 from tests.support.ports import free_port
 from tests.support.upstream_stub import UpstreamStub
 
@@ -220,3 +221,24 @@ def test_credential_headers_are_configurable_per_domain(upstream: UpstreamStub, 
         client.get("/up/account", headers=headers)
     # alice, bob, t1, and one shared entry for the last three: Authorization is not a credential here
     assert upstream.count() == 4
+
+
+def test_a_request_past_its_leaders_budget_gets_a_504_labelled_coalesce_timeout(upstream: UpstreamStub) -> None:
+    # Within its budget a leader always answers (rate-limit wait, then one call cut at total_timeout), so
+    # the leader here is one that only exists in Redis: a lock nobody will ever release or extend.
+    config = {"domain_mappings": {"up": {"upstream": upstream.url, "total_timeout": 0.3}},
+              "throttling": {"progressive_max_delay": 0.1}, "logging": {"enable_console": False}}
+    app = create_app(config, redis_client=fakeredis.FakeRedis(server=fakeredis.FakeServer()), environ={})
+    try:
+        service = app.extensions["buddy"].service
+        domain = service.settings.domains["up"]
+        entry = policy.entry_for(ProxyRequest(domain, "GET", "/stuck", "", [], b"", {}))
+        assert service.coalescer.lock.acquire(entry, "a-leader-that-hangs", 60_000) == (True, "a-leader-that-hangs")
+        response = app.test_client().get("/up/stuck")
+        assert response.status_code == 504 and response.headers["X-Cache"] == "COALESCE-TIMEOUT"
+        assert response.json["error"] == "coalesce timeout" and response.json["domain"] == "up"
+        assert upstream.count() == 0
+        service.metrics.flush()
+        assert app.extensions["buddy"].monitoring.counters()["up"]["coalesce_timeouts"] == 1
+    finally:
+        app.extensions["buddy"].shutdown()

@@ -126,9 +126,9 @@ def test_json_file_and_its_errors(tmp_path) -> None:
 
 
 def test_followers_wait_as_long_as_their_leader_may_take_unless_told_otherwise() -> None:
-    mapping = {"w": {"upstream": "https://w.example.org", "connect_timeout": 5, "read_timeout": 20}}
+    mapping = {"w": {"upstream": "https://w.example.org", "connect_timeout": 5, "total_timeout": 20}}
     derived = validate_config({"domain_mappings": mapping, "throttling": {"progressive_max_delay": 100}})
-    assert derived.domains["w"].coalesce_timeout == 100 + 5 + 20 + 2
+    assert derived.domains["w"].coalesce_timeout == 100 + 20 + 2
     explicit = validate_config({"domain_mappings": mapping, "cache": {"coalesce_timeout_seconds": 200},
                                 "throttling": {"progressive_max_delay": 100}})
     assert explicit.domains["w"].coalesce_timeout == 200
@@ -141,7 +141,7 @@ def test_a_coalesce_timeout_shorter_than_a_leaders_budget_is_refused_naming_both
         "throttling": {"progressive_max_delay": 300},
     })
     assert line.startswith("cache.coalesce_timeout_seconds: 60 s is shorter than a fetch for 'w'")
-    assert "throttling.progressive_max_delay 300 s" in line and "at least 342" in line
+    assert "throttling.progressive_max_delay 300 s" in line and "at least 422" in line
 
 
 def test_upstream_cache_control_and_pause_settings() -> None:
