@@ -39,7 +39,7 @@ class FillLock:
         """
         keys = [self.keys.lock(entry), self.keys.successor(entry, vanished)]
         args = [token, ttl_ms, vanished, ttl_ms + SUCCESSOR_GRACE_MS]
-        won, holder = self.guard.run(lambda: self._acquire(keys=keys, args=args))
+        won, holder = self.guard.run(lambda: self._acquire(keys=keys, args=args), keys[0])
         return bool(won), holder.decode() if isinstance(holder, bytes) else str(holder)
 
     def extend(self, entry: EntryId, token: str, ttl_ms: int) -> bool:

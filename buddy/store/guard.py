@@ -1,4 +1,15 @@
-"""The boundary to Redis: driver errors become StoreUnavailable, logged once per interval, retried after a pause."""
+"""The boundary to Redis: a circuit breaker for outages, and error replies kept apart from outages.
+
+- A connection error or timeout (Redis down, restarting, hung, or a replica that turned read-only during a
+  failover) opens the circuit: every call fails at once with StoreUnavailable, without touching Redis,
+  and one call at a time (at most one per `retry_after` seconds) is let through as a probe. The first
+  probe that succeeds closes the circuit. A hung Redis thus costs one thread one socket timeout per
+  interval, not every thread.
+- An error reply (Redis answered) is not an outage and never opens the circuit: that call fails with
+  StoreUnavailable so the request carries on without Redis. Out of memory is recorded as a refusal
+  (health says writes fail and why); anything else (WRONGTYPE, a script error) is a bug: logged loudly,
+  once per kind, with what the call touched, and kept for health.
+"""
 from __future__ import annotations
 
 import logging
@@ -12,55 +23,103 @@ from buddy.errors import StoreUnavailable
 
 log = logging.getLogger("buddy.store")
 T = TypeVar("T")
+RECENT_SECONDS = 60.0  # a refusal or bug older than this no longer makes health 'degraded'
+OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
 
 
 class StoreGuard:
-    """Runs Redis calls; after a failure it skips Redis for `retry_after` seconds so requests never queue on it."""
+    """Runs Redis calls; see the module docstring for what each kind of failure does."""
 
     def __init__(self, retry_after: float = 1.0, log_every: float = 30.0) -> None:
         self.retry_after = retry_after
         self.log_every = log_every
-        self.failed_at: float | None = None
+        self.failed_at: float | None = None  # when the circuit opened (monotonic), None while closed
         self.last_error = ""
+        self.refused_at: float | None = None  # the last error reply for lack of memory
+        self.last_refusal = ""
+        self.bug_at: float | None = None  # the last other error reply
+        self.last_bug = ""
+        self._bugs_logged: set[str] = set()
+        self._probe_at = 0.0
+        self._probing = False
         self._logged_at = 0.0
         self._refused_logged_at = 0.0
         self._lock = threading.Lock()
 
-    def run(self, call: Callable[[], T]) -> T:
-        failed_at = self.failed_at
-        if failed_at is not None and time.monotonic() - failed_at < self.retry_after:
-            raise StoreUnavailable(self.last_error)
+    def run(self, call: Callable[[], T], what: str = "") -> T:
+        """Run one Redis call; `what` names the keys it touches, for the log line of a bug."""
+        probe = False
+        if self.failed_at is not None:
+            with self._lock:
+                now = time.monotonic()
+                if self.failed_at is not None:
+                    if self._probing or now - self._probe_at < self.retry_after:
+                        raise StoreUnavailable(self.last_error)
+                    self._probing, self._probe_at, probe = True, now, True
         try:
             result = call()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except OUTAGES as exc:
             self._failed(exc)
             raise StoreUnavailable(str(exc)) from exc
         except redis.RedisError as exc:
-            # Redis answered, with an error (out of memory, read-only replica, ...): this call fails, the
-            # next one may not, so Redis is not skipped; logged at most once per interval all the same.
-            self._refused(exc)
+            self._answered_with_error(exc, what)
             raise StoreUnavailable(str(exc)) from exc
-        if failed_at is not None:
+        finally:
+            if probe:
+                self._probing = False
+        if self.failed_at is not None:
             self._recovered()
         return result
+
+    @property
+    def open(self) -> bool:
+        """True while Redis counts as unavailable (calls fail without being tried)."""
+        return self.failed_at is not None
+
+    def problems(self) -> list[str]:
+        """What is wrong with Redis now, for health: an outage, writes refused, a recent bug."""
+        now, found = time.monotonic(), []
+        if self.failed_at is not None:
+            found.append(f"unavailable: {self.last_error}")
+        if self.refused_at is not None and now - self.refused_at < RECENT_SECONDS:
+            found.append(f"writes refused: {self.last_refusal}")
+        if self.bug_at is not None and now - self.bug_at < RECENT_SECONDS:
+            found.append(f"error replies: {self.last_bug}")
+        return found
+
+    def _answered_with_error(self, exc: redis.RedisError, what: str) -> None:
+        message = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if self.failed_at is not None:
+            self._recovered()  # it answered: reachable again
+        if isinstance(exc, redis.ResponseError) and str(exc).startswith("OOM"):
+            with self._lock:
+                self.refused_at, self.last_refusal = now, message
+                if now - self._refused_logged_at >= self.log_every:
+                    self._refused_logged_at = now
+                    log.error("Redis is out of memory and refuses writes; serving without storing: %s", message)
+            return
+        kind = str(exc).split(" ", 1)[0][:40] + (f" on {what}" if what else "")
+        with self._lock:
+            self.bug_at, self.last_bug = now, message + (f" (on {what})" if what else "")
+            first = kind not in self._bugs_logged
+            self._bugs_logged.add(kind)
+        if first:
+            log.error("Redis answered a command with an error: this is a bug, not an outage; that request is "
+                      "served without Redis: %s%s", message, f" (keys: {what})" if what else "")
 
     def _failed(self, exc: Exception) -> None:
         now = time.monotonic()
         with self._lock:
-            self.failed_at, self.last_error = now, f"{type(exc).__name__}: {exc}"
+            if self.failed_at is None:
+                self.failed_at = self._probe_at = now  # the first probe comes retry_after from now
+            self.last_error = f"{type(exc).__name__}: {exc}"
             if now - self._logged_at >= self.log_every:
                 self._logged_at = now
                 log.error(
-                    "Redis unavailable: serving without cache (X-Cache: BYPASS), rate limits kept per process: %s",
-                    self.last_error,
+                    "Redis unavailable: serving without cache (X-Cache: BYPASS), rate limits kept per process, "
+                    "one probe every %.0f s: %s", self.retry_after, self.last_error,
                 )
-
-    def _refused(self, exc: Exception) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._refused_logged_at >= self.log_every:
-                self._refused_logged_at = now
-                log.error("Redis refused a command, serving that request without it: %s: %s", type(exc).__name__, exc)
 
     def _recovered(self) -> None:
         with self._lock:

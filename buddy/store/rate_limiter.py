@@ -55,7 +55,7 @@ class RateLimiter:
         args: list[int | str] = [secrets.token_hex(8), self.max_delay_ms, GUARD_MS, QUIET_MS]
         for window_ms, limit in windows(domain):
             args += [window_ms, limit]
-        accepted, delay, limit, window, level = self.guard.run(lambda: self._throttle(keys=keys, args=args))
+        accepted, delay, limit, window, level = self.guard.run(lambda: self._throttle(keys=keys, args=args), keys[0])
         return Decision(bool(accepted), int(delay) / 1000, int(limit), int(window) / 1000, int(level))
 
     def penalize(self, domain: DomainSettings, retry_after: float | None) -> None:

@@ -47,7 +47,8 @@ class ResponseCache:
 
     def get(self, entry: EntryId) -> ProxyResult | VaryPointer | None:
         """The stored response, or the vary pointer that says which variant to read; None on a miss."""
-        blob = self.guard.run(lambda: self.client.get(self.keys.cache(entry.domain, entry.digest)))
+        key = self.keys.cache(entry.domain, entry.digest)
+        blob = self.guard.run(lambda: self.client.get(key), key)
         if blob is None:
             return None
         try:
@@ -79,7 +80,7 @@ class ResponseCache:
             self._prune(keys=keys[1:], args=[PRUNE_ON_STORE], client=pipe)
             pipe.execute()
 
-        self.guard.run(store)
+        self.guard.run(store, keys[0])
 
     def prune(self, domain: str) -> int:
         """Drop index entries whose TTL has passed; returns how many."""

@@ -1,0 +1,80 @@
+"""The Redis boundary: an outage opens a circuit (fail fast, one probe at a time); an error reply is not an outage."""
+from __future__ import annotations
+
+import threading
+import time
+
+import fakeredis
+import pytest
+import redis
+
+from buddy.errors import StoreUnavailable
+from buddy.store.guard import StoreGuard
+
+
+def test_a_hung_redis_costs_one_probe_per_interval_not_every_call() -> None:
+    guard = StoreGuard(retry_after=0.3)
+    calls: list[float] = []
+
+    def hung() -> None:
+        calls.append(time.monotonic())
+        time.sleep(0.2)  # the socket timeout of a Redis that does not answer
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    with pytest.raises(StoreUnavailable):
+        guard.run(hung)
+    assert guard.open
+    started = time.monotonic()
+    failures = []
+
+    def caller() -> None:
+        for _ in range(20):
+            try:
+                guard.run(hung)
+            except StoreUnavailable:
+                failures.append(1)
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=caller) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - started
+    probes = len(calls) - 1
+    assert len(failures) == 160  # every call failed, almost all of them without touching Redis
+    assert 1 <= probes <= elapsed / 0.3 + 1  # one probe per interval, never two at once
+
+
+def test_the_first_probe_that_succeeds_closes_the_circuit() -> None:
+    guard = StoreGuard(retry_after=0.1)
+    with pytest.raises(StoreUnavailable):
+        guard.run(lambda: (_ for _ in ()).throw(redis.ConnectionError("refused")))
+    with pytest.raises(StoreUnavailable):
+        guard.run(lambda: "not tried")  # inside the interval: no call at all
+    time.sleep(0.15)
+    assert guard.run(lambda: "back") == "back"
+    assert not guard.open and guard.problems() == []
+
+
+def test_an_error_reply_is_a_bug_to_report_not_an_outage(caplog) -> None:
+    client = fakeredis.FakeRedis()
+    client.set("k", "a string")
+    guard = StoreGuard()
+    for _ in range(3):
+        with pytest.raises(StoreUnavailable):
+            guard.run(lambda: client.zadd("k", {"m": 1}), "k")
+    assert not guard.open  # Redis is fine: the next call goes through
+    assert guard.run(lambda: client.get("k")) == b"a string"
+    bugs = [r.message for r in caplog.records if "this is a bug" in r.message]
+    assert len(bugs) == 1 and "WRONGTYPE" in bugs[0] and "keys: k" in bugs[0]
+    assert any("WRONGTYPE" in p for p in guard.problems())
+
+
+def test_out_of_memory_is_a_refusal_that_health_can_name() -> None:
+    guard = StoreGuard()
+    with pytest.raises(StoreUnavailable):
+        guard.run(lambda: (_ for _ in ()).throw(
+            redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'.")))
+    assert not guard.open
+    assert guard.problems() == ["writes refused: ResponseError: OOM command not allowed when used memory > 'maxmemory'."]
