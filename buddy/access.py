@@ -9,14 +9,17 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import re
 from dataclasses import dataclass, replace
 from typing import Callable
 from urllib.parse import unquote, unquote_plus
 
+from buddy.errors import BadProxyRequest
 from buddy.redaction import spellings
 
 log = logging.getLogger("buddy.security")
 KEY_HEADER = "x-api-buddy-key"
+_BEARER = re.compile(r"bearer[ \t]+", re.IGNORECASE)
 
 
 class Unauthorized(Exception):
@@ -65,7 +68,8 @@ def strip_key(target: Target, key: str, domains: frozenset[str] | set[str]) -> t
         if lower == KEY_HEADER:
             found = same(value.strip(), key) or found
             continue  # never forwarded, right or wrong
-        if lower == "authorization" and value[:7].lower() == "bearer " and same(value[7:].strip(), key):
+        bearer = _BEARER.match(value) if lower == "authorization" else None
+        if bearer and same(value[bearer.end():].strip(), key):
             found = True
             continue
         headers.append((name, value))
@@ -77,6 +81,14 @@ def strip_key(target: Target, key: str, domains: frozenset[str] | set[str]) -> t
             continue
         items.append(item)
     return replace(target, headers=headers, query="&".join(items), key_param=param), found
+
+
+def still_carries(target: Target, key: str) -> bool:
+    """Is some spelling of the key left in what would go upstream (`?a=1;key=K`, `Bearer<TAB>K` twice...)?"""
+    forms = spellings(key)
+    rest = target.rest.decode("latin-1") if target.rest else ""
+    places = [target.query, rest, *(value for _, value in target.headers)]
+    return any(form in place for form in forms for place in places)
 
 
 class AccessControl:
@@ -92,11 +104,17 @@ class AccessControl:
             if not any(n.lower() == KEY_HEADER for n, _ in target.headers):
                 return target
             return replace(target, headers=[(n, v) for n, v in target.headers if n.lower() != KEY_HEADER])
-        stripped, found = strip_key(target, self.key(), domains)
+        key = self.key()
+        stripped, found = strip_key(target, key, domains)
         if not found:
             if self.log_events:
                 log.warning("refused a request from %s: missing or wrong access key", client)
             raise Unauthorized()
+        if still_carries(stripped, key):
+            raise BadProxyRequest(
+                "the access key also appears where it would reach the upstream (another header, a query item "
+                "the proxy does not read as key=); send it once, in one of the accepted places"
+            )
         return stripped
 
 

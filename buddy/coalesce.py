@@ -159,12 +159,15 @@ class Coalescer:
         blob = codec.NOT_SHARED if private else codec.encode(shared) if shared is not None else b""
         self.lock.release(entry, token, blob, SHARED_RESULT_TTL_MS)
 
-    def relay(self, entry: EntryId, token: str, result: ProxyResult) -> Iterator[bytes]:
+    def relay(
+        self, entry: EntryId, token: str, result: ProxyResult, drop: frozenset[str] = frozenset()
+    ) -> Iterator[bytes]:
         """An over-size body: relay it to the requests waiting on this leader, if there are any.
 
         With nobody waiting, nothing is copied into Redis and the lock goes at once (a request that comes
         later fetches for itself). Otherwise the body goes into a Redis stream as it arrives, at most
         `relay_limit` bytes of it, and the relay goes on even if the leader's own client stops reading.
+        The followers get the leader's headers less `drop` (fields the upstream called private).
         """
         assert isinstance(result.stream, BodyStream)
         waiting = self.guard.run(lambda: self.client.get(self.keys.followers(entry, token)))
@@ -172,7 +175,7 @@ class Coalescer:
             self.hand_off(entry, token, None)
             return result.stream
         writer = RelayWriter(self.client, self.guard, self.keys.relay(entry, token), self.relay_limit)
-        writer.start(result.status, result.reason, storable_headers(result.headers))
+        writer.start(result.status, result.reason, storable_headers(result.headers, drop))
         self.lock.announce(entry)
         return RelayedBody(result.stream, writer, lambda: self.hand_off(entry, token, None))
 

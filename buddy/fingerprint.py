@@ -30,7 +30,7 @@ class RequestShape:
     query: str
     body: bytes
     content_type: str
-    vary: tuple[tuple[str, str], ...]
+    vary: tuple[tuple[str, str | None], ...]
     credentials: str
 
 
@@ -57,13 +57,15 @@ def credentials_digest(headers: Iterable[tuple[str, str]], names: Collection[str
     return hashlib.sha256(json.dumps(found).encode()).hexdigest()
 
 
-def vary_values(headers: Iterable[tuple[str, str]], names: Iterable[str]) -> tuple[tuple[str, str], ...]:
-    """The values of the domain's vary headers, in a fixed order; repeated headers are joined."""
-    wanted = {name.lower(): [] for name in names}
+def vary_values(headers: Iterable[tuple[str, str]], names: Iterable[str]) -> tuple[tuple[str, str | None], ...]:
+    """The values of the named headers, in a fixed order; repeated headers are joined; None when absent
+    (an empty header is not an absent one: the upstream may answer them differently)."""
+    wanted: dict[str, list[str] | None] = {name.lower(): None for name in names}
     for name, value in headers:
-        if name.lower() in wanted:
-            wanted[name.lower()].append(value.strip())
-    return tuple((name, ", ".join(values)) for name, values in sorted(wanted.items()))
+        lower = name.lower()
+        if lower in wanted:
+            wanted[lower] = [*(wanted[lower] or []), value.strip()]
+    return tuple((name, None if values is None else ", ".join(values)) for name, values in sorted(wanted.items()))
 
 
 def fingerprint(shape: RequestShape) -> str:

@@ -44,7 +44,9 @@ class ProxyResult:
     `body` holds a whole body; `stream` an over-size one, read once. `stored_at` and `fetch_ms` say when the
     upstream produced it and how long that took (what a hit saves). `vary` names the request headers,
     beyond the mapping's own vary_headers, that the upstream's `Vary` chose this answer by; `variant` is
-    the digest of the entry it was stored under for them (see policy.variant_digest).
+    the digest of the entry it was stored under for them (see policy.variant_digest). `upstream_headers`
+    keeps a fresh upstream answer's headers as they came, before any was dropped for the client (a
+    `Connection: Cache-Control` or a control character must not hide `private` from the policy).
     """
 
     status: int
@@ -58,6 +60,7 @@ class ProxyResult:
     stored_at: float = 0.0
     vary: tuple[str, ...] = ()
     variant: str = ""
+    upstream_headers: list[tuple[str, str]] | None = None  # as the upstream sent them; read by policy only
 
     def all_headers(self) -> list[tuple[str, str]]:
         return [*self.headers, ("X-Cache", self.cache), *self.extra]

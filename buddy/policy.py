@@ -16,10 +16,9 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, NamedTuple
 
-from werkzeug.datastructures import ResponseCacheControl
-from werkzeug.http import parse_cache_control_header, parse_date, parse_set_header
+from werkzeug.http import parse_date, parse_set_header
 
 from buddy.fingerprint import RequestShape, credentials_digest, fingerprint, vary_values
 from buddy.messages import ProxyRequest, ProxyResult
@@ -33,6 +32,10 @@ UNSHAREABLE_HEADERS = ("range", "if-none-match", "if-modified-since", "if-match"
 # A Vary on these adds nothing to the key: the proxy sets them itself, or the key already holds them.
 ALREADY_KEYED = frozenset({"accept-encoding", "host", "content-length", "content-type"})
 _DELTA_SECONDS = re.compile(r"[0-9]+")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_DIRECTIVE = re.compile(r"""[!#$%&'*+.^_`|~0-9A-Za-z-]+(=([!#$%&'*+.^_`|~0-9A-Za-z-]+|"([^"\\]|\\.)*"))?""")
+_LIST_SPLIT = re.compile(r""",(?=(?:[^"]*"[^"]*")*[^"]*$)""")  # commas outside quoted strings
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def cacheable_request(request: ProxyRequest) -> bool:
@@ -73,9 +76,47 @@ class Storage:
     drop: frozenset[str] = frozenset()  # header names kept out of the stored copy
 
 
-def cache_control(result: ProxyResult) -> ResponseCacheControl:
-    """The answer's Cache-Control; directives compare case-insensitively (RFC 9111 5.2)."""
-    return parse_cache_control_header(result.header("Cache-Control").lower(), cls=ResponseCacheControl)
+def upstream_header(result: ProxyResult, name: str) -> str | None:
+    """Every value of a header as the upstream sent it, joined with ', '; None when a value is malformed
+    (control characters): a header that cannot be read is not one to trust an answer's privacy to."""
+    lower = name.lower()
+    headers = result.upstream_headers if result.upstream_headers is not None else result.headers
+    values = [value for key, value in headers if key.lower() == lower]
+    if any(_CONTROL.search(value) for value in values):
+        return None
+    return ", ".join(values)
+
+
+class Privacy(NamedTuple):
+    """What an answer's Cache-Control says about sharing it."""
+
+    private: bool  # `private` with no field list: the whole answer is one user's
+    no_store: bool
+    private_fields: frozenset[str]  # `private="Set-Cookie"`: only these fields are
+
+
+def privacy(value: str) -> Privacy | None:
+    """Read Cache-Control for what a shared cache must not keep; directives compare case-insensitively
+    (RFC 9111 5.2) and repeat (`private, private="X"` is private). None when any directive is not
+    `token[=token|quoted-string]` or `private=` names no field: such an answer is not stored."""
+    private, no_store, fields = False, False, set()
+    for directive in (d.strip() for d in _LIST_SPLIT.split(value)):
+        if not directive:
+            continue
+        if not _DIRECTIVE.fullmatch(directive):
+            return None
+        name, _, argument = directive.partition("=")
+        name = name.lower()
+        if name == "no-store":
+            no_store = True
+        elif name == "private" and not argument:
+            private = True
+        elif name == "private":
+            named = [f.lower() for f in parse_set_header(argument.strip('"'))]
+            if not named or not all(_TOKEN.fullmatch(f) and f != "*" for f in named):
+                return None
+            fields.update(named)
+    return Privacy(private, no_store, frozenset(fields))
 
 
 def ttl_for(domain: DomainSettings, status: int) -> int | None:
@@ -87,10 +128,11 @@ def ttl_for(domain: DomainSettings, status: int) -> int | None:
     return None
 
 
-def response_vary(domain: DomainSettings, result: ProxyResult) -> tuple[str, ...] | None:
-    """The request headers the answer varies on beyond those already in its key; None for `Vary: *`."""
-    names = {name.lower() for name in parse_set_header(result.header("Vary"))}
-    if "*" in names:
+def response_vary(domain: DomainSettings, value: str) -> tuple[str, ...] | None:
+    """The request headers an answer varies on beyond those already in its key; None for `Vary: *` or a
+    Vary that is not a list of header names."""
+    names = {name.strip().lower() for name in value.split(",") if name.strip()}
+    if "*" in names or not all(_TOKEN.fullmatch(name) for name in names):
         return None
     keyed = ALREADY_KEYED | set(domain.vary_headers)
     if not domain.share_across_credentials:
@@ -103,12 +145,12 @@ def storage(domain: DomainSettings, result: ProxyResult) -> Storage:
     ttl = ttl_for(domain, result.status) if result.body is not None else None
     if not domain.respect_upstream_cache_control:
         return Storage(ttl)
-    directives = cache_control(result)
-    vary = response_vary(domain, result)
-    if directives.private is True or directives.no_store or vary is None:
+    vary_value, control_value = upstream_header(result, "Vary"), upstream_header(result, "Cache-Control")
+    vary = None if vary_value is None else response_vary(domain, vary_value)
+    said = None if control_value is None else privacy(control_value)
+    if vary is None or said is None or said.private or said.no_store:
         return Storage(None, shareable=False)
-    drop = frozenset(parse_set_header(directives.private)) if isinstance(directives.private, str) else frozenset()
-    return Storage(ttl, vary, drop=frozenset(name.lower() for name in drop))
+    return Storage(ttl, vary, drop=said.private_fields)
 
 
 def follower_may_take(result: ProxyResult, primary: str, sent: Mapping[str, str]) -> bool:
@@ -124,8 +166,9 @@ def retry_after_seconds(value: str, now: float) -> float | None:
     if not value:
         return None
     if _DELTA_SECONDS.fullmatch(value):
-        return float(min(int(value), 10**12))  # a thousand digits is still just 'very long'
-    when = parse_date(value)
-    if when is None:
+        return float(int(value)) if len(value) <= 12 else 1e12  # int() refuses 4,300 digits and more
+    try:
+        when = parse_date(value)
+        return None if when is None else max(0.0, when.timestamp() - now)
+    except (ValueError, OverflowError):  # a year past datetime's range
         return None
-    return max(0.0, when.timestamp() - now)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 from urllib.parse import quote, quote_plus
 
 LOGGERS = ("", "buddy", "gunicorn.error", "gunicorn.access", "werkzeug")
@@ -31,10 +32,11 @@ class SecretFilter(logging.Filter):
 _filter = SecretFilter()
 
 
-def spellings(secret: str) -> set[str]:
+@lru_cache(maxsize=16)
+def spellings(secret: str) -> frozenset[str]:
     """The forms in which a secret may appear in a request line: as is, and percent-encoded (either hex case)."""
     encoded = {quote(secret, safe=""), quote_plus(secret)}
-    return {secret} | encoded | {_lower_hex(e) for e in encoded}
+    return frozenset({secret} | encoded | {_lower_hex(e) for e in encoded})
 
 
 def _lower_hex(text: str) -> str:

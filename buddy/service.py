@@ -167,10 +167,10 @@ class ProxyService:
         domain, entry = request.domain, found.entry
         storage = policy.storage(domain, result)
         if result.stream is not None:
-            if not storage.shareable:
+            if not storage.shareable or storage.vary:  # a relay cannot tell who may take a varying body
                 self.coalescer.hand_off(entry, token, None, private=True)
                 return True
-            result.stream = self.coalescer.relay(entry, token, result)
+            result.stream = self.coalescer.relay(entry, token, result, storage.drop)
             return True  # the relay (or relay()) lets go of the lock
         target = found.primary
         if storage.vary:

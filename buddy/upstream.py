@@ -15,7 +15,9 @@ from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ReadTimeoutError
+from werkzeug.urls import iri_to_uri
 
+from buddy.content import body_chunks, content_coding
 from buddy.errors import BadProxyRequest, BrokenBody, UpstreamTimeout, UpstreamUnavailable
 from buddy.messages import ProxyResult
 from buddy.settings import DomainSettings
@@ -148,6 +150,18 @@ def build_url(domain: DomainSettings, path: str, query: str) -> str:
     return url
 
 
+def location_for_client(domain: DomainSettings, request_url: str, location: str) -> str | None:
+    """The Location the client gets (see rewrite_location), or None for one that cannot be sent on
+    (an invalid port or IPv6 host): dropped like any other header that would break the response."""
+    try:
+        rewritten = rewrite_location(domain, request_url, location)
+        urlsplit(rewritten).port
+        iri_to_uri(rewritten)
+    except ValueError:
+        return None
+    return rewritten
+
+
 def rewrite_location(domain: DomainSettings, request_url: str, location: str) -> str:
     """Point a redirect within the upstream back through the proxy; leave other redirects alone."""
     absolute = urljoin(request_url, location)
@@ -276,6 +290,10 @@ class UpstreamClient:
             raise UpstreamTimeout(domain.name, f"upstream '{domain.name}' did not answer in time", "timeout") from exc
         except requests.RequestException as exc:
             raise UpstreamUnavailable(domain.name, f"could not reach upstream '{domain.name}'") from exc
+        except (UnicodeError, ValueError) as exc:  # requests decodes a redirect's Location even when not following
+            raise UpstreamUnavailable(
+                domain.name, f"upstream '{domain.name}' sent a malformed answer", kind="malformed"
+            ) from exc
         alarm = self.watchdog.arm(deadline, socket_of(response))
         try:
             result = self._read(domain, response, alarm)
@@ -293,19 +311,22 @@ class UpstreamClient:
                 domain.name, f"upstream '{domain.name}' sent a malformed status line", kind="malformed"
             )
         raw_headers = list(response.raw.headers.items())
-        encodings = [
-            e.strip().lower() for e in response.headers.get("Content-Encoding", "").split(",")
-            if e.strip() and e.strip().lower() != "identity"
-        ]
-        decoded = bool(encodings) and all(e in response.raw.CONTENT_DECODERS for e in encodings)
+        coding = content_coding(response.headers.get("Content-Encoding", ""))
+        decoded = coding is not None
         headers = client_response_headers(raw_headers, decoded)
-        result = ProxyResult(response.status_code, response.reason or "", headers, stored_at=time.time())
+        result = ProxyResult(
+            response.status_code, response.reason or "", headers, stored_at=time.time(), upstream_headers=raw_headers
+        )
         if "location" in (name.lower() for name, _ in headers):
-            result.headers = [
-                (n, rewrite_location(domain, response.url, v) if n.lower() == "location" else v) for n, v in headers
-            ]
+            result.headers = []
+            for name, value in headers:
+                if name.lower() == "location":
+                    value = location_for_client(domain, response.url, value)
+                    if value is None:
+                        continue
+                result.headers.append((name, value))
         declared = response.headers.get("Content-Length", "")
-        chunks = response.iter_content(CHUNK)
+        chunks = body_chunks(response, coding, CHUNK)
         if not decoded and _DIGITS.fullmatch(declared) and int(declared) > self.max_body:
             result.stream = BodyStream(b"", chunks, response, domain.name, alarm)
             result.headers.append(("Content-Length", declared))

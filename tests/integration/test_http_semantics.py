@@ -184,6 +184,95 @@ def test_concurrent_requests_to_a_slow_private_answer_never_get_someone_elses(gu
     assert [r.json()["echo"]["Cookie"] for r in answers] == cookies
 
 
+def tenant_answer(request: RawRequest, count: int):
+    """An over-size (5 KB) answer, a second in coming, that is one tenant's: by Vary, or by a private field."""
+    tenant = request.headers.get("x-tenant", "none")
+    body = (f"tenant={tenant};" * 400).encode()
+    if "private-field" in request.target:
+        extra = [("Cache-Control", 'private="X-Session"'), ("X-Session", f"session-of-{tenant}")]
+    else:
+        extra = [("Vary", "X-Tenant")]
+    yield 1.0
+    yield head(headers=[("Content-Type", "text/plain"), *extra, ("Content-Length", str(len(body)))])
+    yield body
+
+
+@pytest.mark.parametrize("path", ["vary", "private-field"])
+def test_an_oversize_answer_relayed_to_waiting_requests_is_never_another_tenants(gunicorn, redis_url, path) -> None:
+    raw = RawUpstream({"/": tenant_answer})
+    try:
+        proxy = gunicorn(config({"api": mapping(raw.url)}, cache={"max_cache_response_size": 1000}),
+                         env={"REDIS_URL": redis_url})
+
+        def ask(tenant: str, delay: float) -> requests.Response:
+            time.sleep(delay)
+            return get(f"{proxy.url}/api/{path}", {"X-Tenant": tenant})
+
+        answers = concurrently([lambda: ask("alice", 0), lambda: ask("bob", 0.3), lambda: ask("carol", 0.35)])
+        for tenant, answer in zip(("alice", "bob", "carol"), answers):
+            assert answer.status_code == 200
+            if path == "vary":
+                assert answer.content.startswith(f"tenant={tenant};".encode()), (tenant, answer.content[:20])
+            else:
+                assert answer.headers.get("X-Session") in (None, f"session-of-{tenant}"), (tenant, answer.headers)
+    finally:
+        raw.stop()
+
+
+def odd_answer(request: RawRequest, count: int):
+    """Answers an upstream should never send, each of which once became a 500 or a stored broken answer."""
+    name = request.target.rsplit("/", 1)[-1]
+    headers = {
+        "retry-after-digits": [("Retry-After", "9" * 5000)],
+        "retry-after-year": [("Retry-After", "Mon, 01 Jan 99999999999 00:00:00 GMT")],
+        "superscript-length": [("Content-Length", "\xb9")],
+        "bad-ipv6-location": [("Location", "http://[::1/x")],
+        "latin1-location": [("Location", "/caf\xe9")],
+        "bad-port-location": [("Location", "http://127.0.0.1:99999999/x")],
+    }[name]
+    status = "503 Service Unavailable" if name.startswith("retry-after") else "302 Found" if "location" in name else "200 OK"
+    body = b'{"ok": true}'
+    if name != "superscript-length":
+        headers.append(("Content-Length", str(len(body))))
+    yield head(status, headers=[("Content-Type", "application/json"), *headers])
+    yield body
+
+
+@pytest.mark.parametrize("name", ["retry-after-digits", "retry-after-year", "superscript-length",
+                                  "bad-ipv6-location", "latin1-location", "bad-port-location"])
+def test_an_odd_upstream_header_is_never_a_500(gunicorn, redis_url, name) -> None:
+    raw = RawUpstream({"/": odd_answer})
+    try:
+        proxy = gunicorn(config({"api": mapping(raw.url)}), env={"REDIS_URL": redis_url})
+        answer = get(f"{proxy.url}/api/{name}")
+        assert answer.status_code in (200, 302, 502, 503), (answer.status_code, answer.content[:200])
+        assert x_cache(answer) == ["MISS"]
+        assert "Traceback" not in proxy.log()
+    finally:
+        raw.stop()
+
+
+def truncated_gzip(request: RawRequest, count: int):
+    """A gzip body whose end is marked only by closing the connection, cut before the gzip stream ends."""
+    import gzip as gzip_module
+
+    whole = gzip_module.compress(b'{"items": [' + b"1, " * 2000 + b"1]}")
+    yield head(headers=[("Content-Type", "application/json"), ("Content-Encoding", "gzip")])
+    yield whole[: len(whole) // 2]
+
+
+def test_a_compressed_body_cut_short_is_a_502_and_never_stored(gunicorn, redis_url) -> None:
+    raw = RawUpstream({"/": truncated_gzip})
+    try:
+        proxy = gunicorn(config({"api": mapping(raw.url)}), env={"REDIS_URL": redis_url})
+        answers = [get(f"{proxy.url}/api/cut") for _ in range(2)]
+        assert [a.status_code for a in answers] == [502, 502]
+        assert answers[0].json()["domain"] == "api"
+        assert raw.count("/cut") == 2
+    finally:
+        raw.stop()
+
+
 # -- 4. a body the upstream breaks off never reaches a client as complete -----------------------------------------
 
 CHUNKED = [("Content-Type", "application/octet-stream"), ("Transfer-Encoding", "chunked")]

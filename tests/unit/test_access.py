@@ -147,3 +147,17 @@ def test_only_plain_spellings_of_the_key_are_accepted(client, upstream) -> None:
 def test_an_unknown_name_is_not_echoed_when_keys_are_on(client) -> None:
     response = client.get(f"/{KEY}/{KEY}/up/a")
     assert response.status_code == 404 and KEY not in response.get_data(as_text=True)
+
+
+def test_the_key_never_rides_along_in_a_place_the_proxy_does_not_read_as_a_key() -> None:
+    from buddy.access import AccessControl, Target
+    from buddy.errors import BadProxyRequest
+
+    key = "k" * 43
+    access = AccessControl(True, lambda: key)
+    tab = Target("up", b"x", "", [("X-API-Buddy-Key", key), ("Authorization", f"Bearer\t{key}")])
+    assert access.admit(tab, {"up"}, "client").headers == []  # a tab after Bearer is still the key
+    for target in (Target("up", b"x", f"a=1;key={key}", [("X-API-Buddy-Key", key)]),
+                   Target("up", b"x", "", [("X-API-Buddy-Key", key), ("X-Forwarded-Key", key)])):
+        with pytest.raises(BadProxyRequest, match="would reach the upstream"):
+            access.admit(target, {"up"}, "client")

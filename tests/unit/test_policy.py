@@ -119,3 +119,34 @@ NOW = 1_800_000_000.0
 ])
 def test_retry_after_is_ascii_delta_seconds_or_an_http_date(value: str, seconds: float | None) -> None:
     assert policy.retry_after_seconds(value, NOW) == seconds
+
+
+@pytest.mark.parametrize(("value", "said"), [
+    ("private", policy.Privacy(True, False, frozenset())),
+    ("NO-STORE", policy.Privacy(False, True, frozenset())),
+    ('private="x", private', policy.Privacy(True, False, frozenset({"x"}))),
+    ('Private="Set-Cookie, X-User", max-age=60', policy.Privacy(False, False, frozenset({"set-cookie", "x-user"}))),
+    ("public, max-age=60", policy.Privacy(False, False, frozenset())),
+    ("private;", None), ('private=""', None), ("private=*", None), ("max-age=60;", None), ("private x", None),
+])
+def test_cache_control_is_read_strictly_for_what_may_not_be_shared(value: str, said: policy.Privacy | None) -> None:
+    assert policy.privacy(value) == said
+
+
+@pytest.mark.parametrize("headers", [
+    [("Cache-Control", "private"), ("Connection", "Cache-Control")],  # hop-by-hop for the client, still ours
+    [("Cache-Control", "private\x0b")],  # unreadable: dropped for the client, never trusted as 'not private'
+    [("Vary", "X-Tenant\x0b")],
+    [("Vary", "X-Tenant X-Other")],  # not a list of names
+])
+def test_privacy_is_judged_on_the_headers_the_upstream_sent(headers: list[tuple[str, str]]) -> None:
+    from buddy.upstream import client_response_headers
+
+    fetched = ProxyResult(200, "OK", client_response_headers(headers, False), b"{}", upstream_headers=headers)
+    decision = policy.storage(API, fetched)
+    assert decision.ttl is None and not decision.shareable
+
+
+@pytest.mark.parametrize("value", ["9" * 5000, "Mon, 01 Jan 99999999999 00:00:00 GMT"])
+def test_an_absurd_retry_after_is_capped_or_ignored_never_an_error(value: str) -> None:
+    assert policy.retry_after_seconds(value, NOW) in (1e12, None)
