@@ -75,7 +75,7 @@ class Coalescer:
         while True:
             won, holder = self.lock.acquire(entry, token, lock_ttl_ms, vanished)
             if won:
-                self.keeper.hold(entry, token, lock_ttl_ms)
+                self.keeper.hold(entry, token, lock_ttl_ms, timeout)
                 return lead(token)
             if holder:
                 result = self._follow(entry, holder, deadline, idle_timeout, accept)

@@ -14,6 +14,7 @@ from buddy.errors import CoalesceTimeout, StoreUnavailable, UpstreamError
 from buddy.messages import ProxyRequest, ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
 from buddy.settings import DomainSettings, Settings
+from buddy.store.fill_lock import LOCK_TTL_MS
 from buddy.store.metrics import MetricsRecorder
 from buddy.store.rate_limiter import Decision, LocalLimiter, RateLimiter
 from buddy.store.response_cache import ResponseCache
@@ -86,7 +87,6 @@ class ProxyService:
             return result
         domain = request.domain
         primary = policy.entry_for(request)
-        lock_ttl_ms = int((domain.connect_timeout + domain.read_timeout + LOCK_MARGIN_SECONDS) * 1000)
         for _ in range(2):  # a second look when the leader's answer turned out to vary on our headers
             try:
                 found = self.lookup(request, primary)
@@ -96,7 +96,7 @@ class ProxyService:
                 return from_cache(found.hit)
             try:
                 return self.coalescer.run(
-                    found.entry, lock_ttl_ms, domain.read_timeout + LOCK_MARGIN_SECONDS, domain.coalesce_timeout,
+                    found.entry, LOCK_TTL_MS, domain.read_timeout + LOCK_MARGIN_SECONDS, domain.coalesce_timeout,
                     lambda token: self._lead(request, found, token),
                     lambda result: policy.follower_may_take(result, primary.digest, request.forwarded),
                 )

@@ -1,6 +1,7 @@
 """The coalescing lock: SET NX PX with a token, extended and released only by its owner, through Lua."""
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -13,6 +14,8 @@ from buddy.errors import StoreUnavailable
 from buddy.store.guard import StoreGuard
 
 SUCCESSOR_GRACE_MS = 30_000  # a successor is remembered this long after its lock would expire
+LOCK_TTL_MS = 3_000  # short: a killed leader's waiters get a successor within seconds; the keeper renews it
+log = logging.getLogger("buddy.coalesce")
 
 
 def load_script(name: str) -> str:
@@ -61,25 +64,30 @@ class FillLock:
 
 
 class LockKeeper:
-    """Extends every fill lock this process holds, a third of its TTL before it would expire.
+    """Extends every fill lock this process holds, a third of its TTL before it would expire, until its
+    leader's budget is spent.
 
-    A slow leader (a trickling body, a long throttle wait) thus never loses its lock, while a leader
-    whose process dies stops being extended and loses it within one lock TTL.
+    The TTL is short (LOCK_TTL_MS), so a leader whose process dies loses its lock within seconds and a
+    waiter takes over; a slow leader (a long wait for a rate-limit slot, a trickling body) keeps it for as
+    long as it may legitimately take, and no longer: a leader stuck past its budget lets go too. The
+    keeper's thread is restarted if it dies, and after a fork.
     """
 
     def __init__(self, lock: FillLock) -> None:
         self.lock = lock
-        self._held: dict[tuple[EntryId, str], tuple[int, float]] = {}  # -> (ttl ms, when to extend next)
+        # (entry, token) -> (ttl ms, when to extend next, when to stop extending), monotonic seconds
+        self._held: dict[tuple[EntryId, str], tuple[int, float, float]] = {}
         self._mutex = threading.Lock()
         self._changed = threading.Event()
         self._stopped = threading.Event()
         self._pid = 0
         self._thread: threading.Thread | None = None
 
-    def hold(self, entry: EntryId, token: str, ttl_ms: int) -> None:
+    def hold(self, entry: EntryId, token: str, ttl_ms: int, budget: float = 3600.0) -> None:
+        now = time.monotonic()
         with self._mutex:
-            self._held[(entry, token)] = (ttl_ms, time.monotonic() + ttl_ms / 3000)
-            if self._pid != os.getpid():
+            self._held[(entry, token)] = (ttl_ms, now + ttl_ms / 3000, now + budget)
+            if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
                 self._pid = os.getpid()
                 self._thread = threading.Thread(target=self._run, name="buddy-lock-keeper", daemon=True)
                 self._thread.start()
@@ -101,21 +109,32 @@ class LockKeeper:
 
     def _run(self) -> None:
         while not self._stopped.is_set():
+            try:
+                self._extend_due()
+            except Exception:  # a bug here must not leave every lock of this process to expire
+                log.exception("the lock keeper failed; carrying on")
+                time.sleep(1.0)
+
+    def _extend_due(self) -> None:
+        with self._mutex:
+            due = min((when for _, when, _ in self._held.values()), default=time.monotonic() + 1.0)
+        self._changed.wait(max(0.0, min(1.0, due - time.monotonic())))
+        self._changed.clear()
+        now = time.monotonic()
+        with self._mutex:
+            ready = [(key, ttl, until) for key, (ttl, when, until) in self._held.items() if when <= now]
+        for (entry, token), ttl_ms, until in ready:
+            if now >= until:
+                log.warning("a fill of '%s' outlived its budget; its lock is left to expire", entry.domain)
+                self.drop(entry, token)
+                continue
+            try:
+                kept = self.lock.extend(entry, token, ttl_ms)
+            except StoreUnavailable:
+                kept = True  # try again next time; the lock may still be ours
             with self._mutex:
-                due = min((when for _, when in self._held.values()), default=time.monotonic() + 1.0)
-            self._changed.wait(max(0.0, min(1.0, due - time.monotonic())))
-            self._changed.clear()
-            now = time.monotonic()
-            with self._mutex:
-                ready = [(key, ttl) for key, (ttl, when) in self._held.items() if when <= now]
-            for (entry, token), ttl_ms in ready:
-                try:
-                    kept = self.lock.extend(entry, token, ttl_ms)
-                except StoreUnavailable:
-                    kept = True  # try again next time; the lock may still be ours
-                with self._mutex:
-                    if (entry, token) in self._held:
-                        if kept:
-                            self._held[(entry, token)] = (ttl_ms, now + ttl_ms / 3000)
-                        else:
-                            del self._held[(entry, token)]  # expired or taken over: nothing left to keep
+                if (entry, token) in self._held:
+                    if kept:
+                        self._held[(entry, token)] = (ttl_ms, now + ttl_ms / 3000, until)
+                    else:
+                        del self._held[(entry, token)]  # expired or taken over: nothing left to keep

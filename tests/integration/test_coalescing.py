@@ -97,7 +97,7 @@ def test_a_killed_leader_does_not_wedge_its_waiters(gunicorn, redis_url, upstrea
     assert [r.status_code for r in responses] == [200] * 10
     assert len({r.content for r in responses}) == 1
     assert upstream.count() == 2  # the dead leader's call and one successor's
-    lock_ttl, latency, poll = 1 + 3 + 2, 1.5, 1.0  # connect + read timeout + margin; the stub's sleep
+    lock_ttl, latency, poll = 3.0, 1.5, 1.0  # the fill lock's TTL (renewed only while its leader lives)
     assert elapsed < lock_ttl + latency + poll + 2
 
 

@@ -207,3 +207,39 @@ def test_a_slow_leader_keeps_its_lock_past_the_ttl(make) -> None:
     assert len(calls) == 1
     assert results[0].body == b"slow but sure" and results[0].cache == "COALESCED"
     assert leader.keeper.held() == 0
+
+
+def test_a_leader_stuck_past_its_budget_lets_its_lock_expire(make, client) -> None:
+    leader = make()
+    assert leader.lock.acquire(ENTRY, "stuck", 300)[0]
+    leader.keeper.hold(ENTRY, "stuck", 300, budget=0.9)
+    time.sleep(0.6)
+    assert client.get(KEYS.lock(ENTRY)) == b"stuck"  # renewed past its 300 ms TTL while within budget
+    deadline = time.monotonic() + 3
+    while client.get(KEYS.lock(ENTRY)) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.get(KEYS.lock(ENTRY)) is None and leader.keeper.held() == 0
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_the_lock_keeper_comes_back_if_its_thread_dies(make, client, monkeypatch) -> None:
+    leader = make()
+    original = leader.keeper._extend_due
+    calls = {"n": 0}
+
+    def dies_once() -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise SystemExit  # what no `except Exception` catches: the thread is gone
+        original()
+
+    monkeypatch.setattr(leader.keeper, "_extend_due", dies_once)
+    assert leader.lock.acquire(ENTRY, "first", 300)[0]
+    leader.keeper.hold(ENTRY, "first", 300)
+    time.sleep(0.2)
+    assert not leader.keeper._thread.is_alive()
+    other = EntryId("up", "e" * 64)
+    assert leader.lock.acquire(other, "second", 300)[0]
+    leader.keeper.hold(other, "second", 300)  # a new hold starts a new keeper thread
+    time.sleep(0.6)
+    assert client.get(KEYS.lock(other)) == b"second"
