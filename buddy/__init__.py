@@ -22,7 +22,7 @@ from buddy.service import ProxyService
 from buddy.settings import Settings, load_settings
 from buddy.store.guard import StoreGuard
 from buddy.store.metrics import MetricsRecorder
-from buddy.store.rate_limiter import LocalLimiter, RateLimiter
+from buddy.store.rate_limiter import LocalLimiter, RateLimiter, WaitingRoom
 from buddy.store.response_cache import ResponseCache
 from buddy.store.secure_key import SecureKeyStore
 from buddy.store.wakeup import WakeupHub
@@ -103,6 +103,7 @@ def create_app(
         RateLimiter(redis_client, guard, keys, max_delay),
         LocalLimiter(max_delay, int(os.environ.get("BUDDY_WORKERS", "1"))),
         metrics,
+        WaitingRoom(int(os.environ.get("BUDDY_THREADS", "64"))),
     )
     secure_key = SecureKeyStore(redis_client, guard, keys, settings.security["secure_key"])
     access = AccessControl(

@@ -64,5 +64,13 @@ class CoalesceTimeout(BuddyError):
         super().__init__(f"waited {waited:.0f}s for an identical request to '{domain}' to finish")
 
 
+class ClientGone(BuddyError):
+    """The client hung up while its request waited for a rate-limit slot: the slot went back, nothing was sent."""
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+        super().__init__(f"the client left while waiting for a slot of '{domain}'")
+
+
 class BadProxyRequest(BuddyError):
     """A request the proxy refuses to forward (traversal, absolute-form target, bad encoding): 400."""

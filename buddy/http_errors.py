@@ -7,7 +7,7 @@ from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
 from buddy.access import Unauthorized
-from buddy.errors import BadProxyRequest, StoreUnavailable
+from buddy.errors import BadProxyRequest, ClientGone, StoreUnavailable
 
 log = logging.getLogger("buddy")
 
@@ -32,6 +32,12 @@ def register_error_handlers(app: Flask) -> None:
         # Only reached when the access key itself must come from Redis: fail closed.
         return _json(503, error="access key unavailable",
                      message="the access key is kept in Redis, which cannot be reached; try again shortly")
+
+    @app.errorhandler(ClientGone)
+    def client_gone(exc: ClientGone) -> Response:
+        response = _json(499, error="client closed request", domain=exc.domain, message=str(exc))
+        response.status = "499 Client Closed Request"  # nginx's code; nobody is there to read it
+        return response
 
     @app.errorhandler(BadProxyRequest)
     def bad_request(exc: BadProxyRequest) -> Response:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterator
+from typing import Callable, Iterator
 
 from buddy.settings import DomainSettings
 
@@ -15,7 +15,8 @@ class ProxyRequest:
     `headers` are the client's (access key already removed); `forwarded` is exactly what the upstream is
     sent (hop-by-hop headers and those named in Connection dropped), and so what the cache key is made of.
     `key_prefix`/`key_param` say how the client spelled the access key in the path or query, if it did:
-    a redirect inside the mapping keeps them, so following it needs no other key.
+    a redirect inside the mapping keeps them, so following it needs no other key. `client_gone` says
+    whether the client has hung up (checked while the request sleeps for a rate-limit slot).
     """
 
     domain: DomainSettings
@@ -27,6 +28,7 @@ class ProxyRequest:
     forwarded: dict[str, str]
     key_prefix: str = ""
     key_param: str = ""
+    client_gone: Callable[[], bool] = field(default=lambda: False, compare=False)
 
     @cached_property
     def _by_name(self) -> dict[str, str]:

@@ -10,18 +10,19 @@ from typing import NamedTuple
 from buddy import policy
 from buddy.codec import VaryPointer
 from buddy.coalesce import Coalescer, NotShared
-from buddy.errors import CoalesceTimeout, StoreUnavailable, UpstreamError
+from buddy.errors import ClientGone, CoalesceTimeout, StoreUnavailable, UpstreamError
 from buddy.messages import ProxyRequest, ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
 from buddy.settings import DomainSettings, Settings
 from buddy.store.fill_lock import LOCK_TTL_MS
 from buddy.store.metrics import MetricsRecorder
-from buddy.store.rate_limiter import Decision, LocalLimiter, RateLimiter
+from buddy.store.rate_limiter import Decision, LocalLimiter, RateLimiter, WaitingRoom
 from buddy.store.response_cache import ResponseCache
 from buddy.upstream import UpstreamClient, build_url, keep_access_key, storable_headers
 
 log = logging.getLogger("buddy.service")
 LOCK_MARGIN_SECONDS = 2.0
+SLOT_CHECK_SECONDS = 0.5  # how often a request sleeping for its rate-limit slot checks that its client is there
 
 
 def json_result(status: int, reason: str, **body: object) -> ProxyResult:
@@ -51,6 +52,7 @@ class ProxyService:
         limiter: RateLimiter,
         fallback_limiter: LocalLimiter,
         metrics: MetricsRecorder,
+        waiting: WaitingRoom,
     ) -> None:
         self.settings = settings
         self.keys = keys
@@ -60,6 +62,7 @@ class ProxyService:
         self.limiter = limiter
         self.fallback_limiter = fallback_limiter
         self.metrics = metrics
+        self.waiting = waiting
 
     def handle(self, request: ProxyRequest) -> ProxyResult:
         result = self._answer(request)
@@ -147,6 +150,8 @@ class ProxyService:
                 assert result is not None  # only storing and handing off touch Redis here
                 result.cache = "BYPASS"
                 return result
+            except ClientGone:
+                raise  # not handed off: the waiting requests take over from a leader that left
             except Exception:
                 # A fault of ours must not become one upstream call per waiting request: they share this 500.
                 log.exception("unexpected error while fetching for '%s'", domain.name)
@@ -221,15 +226,43 @@ class ProxyService:
             self.metrics.count(domain.name, "throttle_refused")
             return refused(domain, decision)
         if decision.delay > 0:
+            if not self.waiting.enter(domain.name):
+                # Every thread that sleeps here is one fewer for cache hits: past the cap, refuse at once.
+                self._give_back(limiter, domain, decision)
+                self.metrics.count(domain.name, "throttle_refused")
+                return refused(domain, decision)
+            try:
+                self._sleep_for_slot(request, decision.delay)
+            except ClientGone:
+                self._give_back(limiter, domain, decision)
+                self.metrics.count(domain.name, "client_gone")
+                raise
+            finally:
+                self.waiting.leave(domain.name)
             self.metrics.count(domain.name, "throttle_delayed")
             self.metrics.count(domain.name, "throttle_delay_ms", int(decision.delay * 1000))
-            time.sleep(decision.delay)  # a leader's lock is kept alive meanwhile by the LockKeeper
         result = self._fetch(request)
         if decision.delay > 0:
             result.extra.append(("X-Throttle-Delay", f"{decision.delay:.3f}"))
         if limiter is self.limiter:
             self._learn(domain, result, decision)
         return result
+
+    @staticmethod
+    def _sleep_for_slot(request: ProxyRequest, delay: float) -> None:
+        """Sleep until the reserved slot, in short steps, giving up as soon as the client has hung up
+        (a leader's lock is kept alive meanwhile by the LockKeeper)."""
+        until = time.monotonic() + delay
+        while (left := until - time.monotonic()) > 0:
+            if request.client_gone():
+                raise ClientGone(request.domain.name)
+            time.sleep(min(SLOT_CHECK_SECONDS, left))
+
+    def _give_back(self, limiter: RateLimiter | LocalLimiter, domain: DomainSettings, decision: Decision) -> None:
+        try:
+            limiter.release(domain, decision)
+        except StoreUnavailable:
+            pass  # the reservation ages out with its window
 
     def _throttle(self, domain: DomainSettings) -> tuple[Decision, RateLimiter | LocalLimiter]:
         try:

@@ -1,7 +1,9 @@
 """The proxy blueprint: flask.request -> ProxyRequest -> service -> flask.Response, nothing more."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+import select
+import socket
+from typing import Any, Callable, Mapping
 from urllib.parse import quote, unquote
 
 from flask import Blueprint, Request, Response, current_app, jsonify, request
@@ -53,6 +55,24 @@ def read_body(req: Request, server: Mapping[str, Any]) -> bytes:
     return body
 
 
+def hung_up(sock: socket.socket | None) -> Callable[[], bool]:
+    """A check that the client has closed its connection: readable, with nothing to read (bytes of a
+    pipelined request count as still there). Without a socket to look at, never."""
+    if sock is None:
+        return lambda: False
+
+    def check() -> bool:
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):
+            return True  # reset, or already closed
+
+    return check
+
+
 @bp.route("/", methods=METHODS, provide_automatic_options=False, defaults={"_": ""})
 @bp.route("/<path:_>", methods=METHODS, provide_automatic_options=False)
 def proxy(_: str) -> Response:
@@ -92,6 +112,7 @@ def proxy(_: str) -> Response:
         forwarded=forwardable_request_headers(target.headers),
         key_prefix=target.key_prefix,
         key_param=target.key_param,
+        client_gone=hung_up(environ.get("gunicorn.socket") or environ.get("werkzeug.socket")),
     )
     result = service.handle(proxy_request)
     body = result.stream if result.stream is not None else result.body

@@ -27,6 +27,7 @@ class Decision(NamedTuple):
     limit: int = 0
     window: float = 0.0
     level: int = 0
+    slot: str = ""  # what release() needs to give the reserved start back
 
 
 def windows(domain: DomainSettings) -> list[tuple[int, int]]:
@@ -43,6 +44,7 @@ class RateLimiter:
     """Shared by every worker and host on the Redis; time comes from Redis itself."""
 
     def __init__(self, client: redis.Redis, guard: StoreGuard, keys: RedisKeys, max_delay: float) -> None:
+        self.client = client
         self.guard = guard
         self.keys = keys
         self.max_delay_ms = int(max_delay * 1000)
@@ -52,11 +54,17 @@ class RateLimiter:
 
     def acquire(self, domain: DomainSettings) -> Decision:
         keys = [self.keys.rate_starts(domain.name), self.keys.rate_penalty(domain.name)]
-        args: list[int | str] = [secrets.token_hex(8), self.max_delay_ms, GUARD_MS, QUIET_MS]
+        slot = secrets.token_hex(8)
+        args: list[int | str] = [slot, self.max_delay_ms, GUARD_MS, QUIET_MS]
         for window_ms, limit in windows(domain):
             args += [window_ms, limit]
         accepted, delay, limit, window, level = self.guard.run(lambda: self._throttle(keys=keys, args=args), keys[0])
-        return Decision(bool(accepted), int(delay) / 1000, int(limit), int(window) / 1000, int(level))
+        return Decision(bool(accepted), int(delay) / 1000, int(limit), int(window) / 1000, int(level), slot)
+
+    def release(self, domain: DomainSettings, decision: Decision) -> None:
+        """Give a reserved start back (its request was refused after all, or its client left)."""
+        key = self.keys.rate_starts(domain.name)
+        self.guard.run(lambda: self.client.zrem(key, decision.slot), key)
 
     def penalize(self, domain: DomainSettings, retry_after: float | None) -> None:
         retry_ms = -1 if retry_after is None else int(retry_after * 1000)
@@ -108,4 +116,41 @@ class LocalLimiter:
             longest = max(span for span, _ in shares)
             while starts and starts[0] <= now - longest:
                 starts.popleft()
-            return Decision(True, delay)
+            return Decision(True, delay, slot=repr(t))
+
+    def release(self, domain: DomainSettings, decision: Decision) -> None:
+        with self._lock:
+            try:
+                self._starts.get(domain.name, deque()).remove(float(decision.slot))
+            except ValueError:
+                pass  # already aged out
+
+
+class WaitingRoom:
+    """How many requests of this process may sleep for a rate-limit slot: per mapping and in all.
+
+    Every sleeper holds a server thread; past these caps a request is refused at once (429) instead, so
+    that throttled misses can never take the threads that cache hits need.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.per_mapping = max(1, threads // 4)
+        self.total = max(1, threads // 2)
+        self._waiting: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def enter(self, domain: str) -> bool:
+        with self._lock:
+            mine = self._waiting.get(domain, 0)
+            if mine >= self.per_mapping or sum(self._waiting.values()) >= self.total:
+                return False
+            self._waiting[domain] = mine + 1
+            return True
+
+    def leave(self, domain: str) -> None:
+        with self._lock:
+            self._waiting[domain] -= 1
+
+    def waiting(self, domain: str) -> int:
+        with self._lock:
+            return self._waiting.get(domain, 0)

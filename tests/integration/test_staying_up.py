@@ -3,6 +3,7 @@ upstream's own log, the bytes and timings the clients saw, and what Redis holds 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -39,3 +40,34 @@ def test_an_upstream_that_trickles_is_cut_at_the_total_timeout_and_nothing_is_st
         assert raw.count("/trickle") == 2  # the first answer was not stored
     finally:
         raw.stop()
+
+
+def test_throttled_misses_cannot_take_the_threads_hits_need_and_give_up_when_their_client_does(
+    gunicorn, redis_url, upstream
+) -> None:
+    # One worker of 8 threads: at most 8 // 4 = 2 requests may sleep for this mapping's slots.
+    config = {"domain_mappings": {"up": {"upstream": upstream.url, "max_requests_per_second": 1}},
+              "throttling": {"progressive_max_delay": 60}}
+    proxy = gunicorn(config, env={"REDIS_URL": redis_url, "BUDDY_THREADS": "8"}, workers=1,
+                     extra_args=("--threads", "8"))
+    assert requests.get(f"{proxy.url}/up/hit", timeout=5).status_code == 200  # stored; takes this second's slot
+
+    def impatient(i: int) -> int | str:
+        try:
+            return requests.get(f"{proxy.url}/up/miss-{i}", timeout=0.4).status_code
+        except requests.exceptions.ReadTimeout:
+            return "hung up"
+
+    with ThreadPoolExecutor(max_workers=30) as pool:
+        misses = [pool.submit(impatient, i) for i in range(20)]
+        time.sleep(0.1)
+        hits = [pool.submit(requests.get, f"{proxy.url}/up/hit", timeout=1) for _ in range(10)]
+        outcomes = [m.result() for m in misses]
+        assert [h.result().headers["X-Cache"] for h in hits] == ["HIT"] * 10
+    assert outcomes.count("hung up") <= 2 and outcomes.count(429) >= 18  # two slept; the rest were refused
+    time.sleep(1.5)  # past the slots the sleepers had reserved
+    assert upstream.count("/miss-") == 0  # they gave up with their clients, before their slots came
+    after = requests.get(f"{proxy.url}/up/after", timeout=5)
+    assert after.status_code == 200
+    # Their slots went back: the next request waits for nobody's abandoned reservation.
+    assert float(after.headers.get("X-Throttle-Delay", "0")) < 0.5
