@@ -121,7 +121,7 @@ class Coalescer:
         relay_key = self.keys.relay(entry, holder)
 
         def read() -> list:
-            pipe = self.client.pipeline(transaction=False)
+            pipe = self.client.pipeline(transaction=count_me)  # MULTI when it writes: no count without its TTL
             if count_me:
                 pipe.incr(self.keys.followers(entry, holder))
                 pipe.pexpire(self.keys.followers(entry, holder), FOLLOWERS_TTL_MS)

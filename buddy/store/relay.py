@@ -31,7 +31,7 @@ class RelayWriter:
             return
 
         def write() -> None:
-            pipe = self.client.pipeline(transaction=False)
+            pipe = self.client.pipeline(transaction=True)  # MULTI: the stream never exists without its TTL
             pipe.xadd(self.key, {b"k": kind, b"d": data})
             pipe.expire(self.key, RELAY_TTL_SECONDS)
             pipe.execute()
