@@ -88,7 +88,7 @@ def create_app(
     url, embedded = "(injected)", None
     if redis_client is None:
         redis_client, url, embedded = connect_redis(settings)
-    guard = StoreGuard()
+    guard = StoreGuard(probe=redis_client.ping)
     keys = RedisKeys(settings.redis["prefix"])
     metrics = MetricsRecorder(redis_client, guard, keys)
     hub = WakeupHub(redis_client, keys.fill_channel)

@@ -2,9 +2,9 @@
 
 - A connection error or timeout (Redis down, restarting, hung, or a replica that turned read-only during a
   failover) opens the circuit: every call fails at once with StoreUnavailable, without touching Redis,
-  and one call at a time (at most one per `retry_after` seconds) is let through as a probe. The first
-  probe that succeeds closes the circuit. A hung Redis thus costs one thread one socket timeout per
-  interval, not every thread.
+  while one probe at a time (a PING from a background thread every `retry_after` seconds, or without
+  one a single call let through) finds out when it is back; the first that succeeds closes the circuit.
+  A hung Redis thus costs one socket timeout per process, not one per request.
 - An error reply (Redis answered) is not an outage and never opens the circuit: that call fails with
   StoreUnavailable so the request carries on without Redis. Out of memory is recorded as a refusal
   (health says writes fail and why); anything else (WRONGTYPE, a script error) is a bug: logged loudly,
@@ -30,9 +30,12 @@ OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
 class StoreGuard:
     """Runs Redis calls; see the module docstring for what each kind of failure does."""
 
-    def __init__(self, retry_after: float = 1.0, log_every: float = 30.0) -> None:
+    def __init__(
+        self, retry_after: float = 1.0, log_every: float = 30.0, probe: Callable[[], object] | None = None
+    ) -> None:
         self.retry_after = retry_after
         self.log_every = log_every
+        self.probe = probe  # given (a PING): a background thread probes, so that no request ever waits on it
         self.failed_at: float | None = None  # when the circuit opened (monotonic), None while closed
         self.last_error = ""
         self.refused_at: float | None = None  # the last error reply for lack of memory
@@ -53,7 +56,7 @@ class StoreGuard:
             with self._lock:
                 now = time.monotonic()
                 if self.failed_at is not None:
-                    if self._probing or now - self._probe_at < self.retry_after:
+                    if self.probe is not None or self._probing or now - self._probe_at < self.retry_after:
                         raise StoreUnavailable(self.last_error)
                     self._probing, self._probe_at, probe = True, now, True
         try:
@@ -108,11 +111,27 @@ class StoreGuard:
             log.error("Redis answered a command with an error: this is a bug, not an outage; that request is "
                       "served without Redis: %s%s", message, f" (keys: {what})" if what else "")
 
+    def _probe_until_back(self) -> None:
+        """The background prober: one PING every `retry_after` seconds while the circuit is open."""
+        while self.failed_at is not None:
+            time.sleep(self.retry_after)
+            assert self.probe is not None
+            try:
+                self.probe()
+            except OUTAGES as exc:
+                self._failed(exc)
+                continue
+            except redis.RedisError:
+                pass  # an error reply is an answer: Redis is reachable
+            self._recovered()
+
     def _failed(self, exc: Exception) -> None:
         now = time.monotonic()
         with self._lock:
             if self.failed_at is None:
                 self.failed_at = self._probe_at = now  # the first probe comes retry_after from now
+                if self.probe is not None:
+                    threading.Thread(target=self._probe_until_back, name="buddy-redis-probe", daemon=True).start()
             self.last_error = f"{type(exc).__name__}: {exc}"
             if now - self._logged_at >= self.log_every:
                 self._logged_at = now

@@ -78,3 +78,30 @@ def test_out_of_memory_is_a_refusal_that_health_can_name() -> None:
             redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'.")))
     assert not guard.open
     assert guard.problems() == ["writes refused: ResponseError: OOM command not allowed when used memory > 'maxmemory'."]
+
+
+def test_with_a_probe_no_request_waits_on_a_hung_redis_and_the_probe_closes_the_circuit() -> None:
+    answering = threading.Event()
+    probes: list[float] = []
+
+    def ping() -> bool:
+        probes.append(time.monotonic())
+        if not answering.is_set():
+            raise redis.TimeoutError("Timeout reading from socket")
+        return True
+
+    guard = StoreGuard(retry_after=0.1, probe=ping)
+    with pytest.raises(StoreUnavailable):
+        guard.run(lambda: (_ for _ in ()).throw(redis.TimeoutError("hung")))
+    tried = []
+    for _ in range(50):
+        with pytest.raises(StoreUnavailable):
+            guard.run(lambda: tried.append(1))
+    assert tried == []  # requests never reach a Redis that hangs; the prober does
+    time.sleep(0.35)
+    assert len(probes) >= 2 and guard.open
+    answering.set()
+    deadline = time.monotonic() + 2
+    while guard.open and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not guard.open and guard.run(lambda: "back") == "back"
