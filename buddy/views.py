@@ -32,22 +32,30 @@ def raw_target(environ: dict[str, Any]) -> bytes:
 def read_body(req: Request, server: Mapping[str, Any]) -> bytes:
     """The whole request body, refused with 413 past `server.max_request_body`, also when it arrives chunked.
 
-    A client that announces more than it sends cannot hold a thread forever: reads give up after
-    `server.body_timeout` seconds (400).
+    A body that does not arrive whole is a 400. `server.body_timeout` bounds the whole body, however slowly
+    it trickles: under `gunicorn wsgi:app` the worker (buddy.worker) ends every read of a request at one
+    deadline, body_timeout after its head was read, and a read past it fails here. Under another worker
+    class each read at least gives up after body_timeout.
     """
     chunked = "chunked" in req.environ.get("HTTP_TRANSFER_ENCODING", "").lower()
     if req.content_length is None and not chunked:
         return b""  # most GETs: nothing to read, nothing to wait for
+    late = f"the request body did not arrive whole (server.body_timeout: {server['body_timeout']:g} s)"
     sock = req.environ.get("gunicorn.socket")
     if sock is not None:
-        sock.settimeout(server["body_timeout"])
+        sock.settimeout(server["body_timeout"])  # the floor for other workers; buddy's worker reads by deadline
     if req.content_length is not None:
-        return req.get_data(cache=False)  # werkzeug answers 413 when Content-Length is over the limit
+        try:
+            return req.get_data(cache=False)  # werkzeug answers 413 when Content-Length is over the limit
+        except BadRequest as exc:  # werkzeug's ClientDisconnected: fewer bytes than announced, in time
+            raise BadRequest(late) from exc
     if not req.environ.get("wsgi.input_terminated"):
         return b""  # a server that cannot frame a chunked body for us: read nothing rather than too much
     limit = server["max_request_body"]
     try:
         body = req.environ["wsgi.input"].read(limit + 1)
+    except TimeoutError as exc:
+        raise BadRequest(late) from exc
     except Exception as exc:  # a socket error, or the server's own parse error (gunicorn: a bad chunk size)
         raise BadRequest(f"the request body could not be read: {type(exc).__name__}") from exc
     if len(body) > limit:
