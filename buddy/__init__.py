@@ -51,6 +51,7 @@ class Buddy:
         self.service.coalescer.hub.stop()
         self.service.coalescer.keeper.stop()
         self.service.metrics.stop()
+        self.service.upstream.watchdog.stop()
         self.redis.close()
         if self.embedded is not None:
             self.embedded.stop()

@@ -36,16 +36,26 @@ class Watchdog:
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._pid = 0
+        self._thread: threading.Thread | None = None
 
     def arm(self, deadline: float, sock: socket.socket | None) -> Alarm:
         alarm = Alarm(deadline, sock)
         with self._cond:
             if self._pid != os.getpid():
                 self._pid, self._heap = os.getpid(), []
-                threading.Thread(target=self._run, name="buddy-upstream-watchdog", daemon=True).start()
+                self._thread = threading.Thread(target=self._run, name="buddy-upstream-watchdog", daemon=True)
+                self._thread.start()
             heapq.heappush(self._heap, (deadline, next(self._order), alarm))
             self._cond.notify()
         return alarm
+
+    def stop(self) -> None:
+        """End the thread (an app shutting down); a later arm() starts it again."""
+        with self._cond:
+            mine, self._pid = self._pid == os.getpid(), 0
+            self._cond.notify()
+        if mine and self._thread is not None:
+            self._thread.join(5)
 
     @staticmethod
     def disarm(alarm: Alarm) -> None:
