@@ -33,6 +33,8 @@ class CachingProxy:
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         self.app = create_app(config)
         self.buddy: Buddy = self.app.extensions["buddy"]
+        if self.buddy.embedded is not None:
+            self.buddy.embedded.supervise()  # a thread of this process restarts it if it dies, until stop()
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False

@@ -12,6 +12,7 @@ from pathlib import Path
 import requests
 
 from buddy.embedded import EmbeddedRedis
+from tests.integration.test_embedded_redis import embedded_processes, wait_until
 from tests.support.processes import ROOT, RedisServer
 from tests.support.upstream_stub import UpstreamStub
 
@@ -102,6 +103,8 @@ def test_a_redis_left_behind_by_a_killed_master_is_adopted_and_stopped(gunicorn,
     assert get(f"{heir.url}/up/kept").headers["X-Cache"] == "HIT"
     heir.stop()
     assert not EmbeddedRedis(tmp_path / "orphan").alive()
+    # The orphan's keeper (it outlived the master, in a session of its own) leaves with its server.
+    assert wait_until(lambda: not embedded_processes(tmp_path / "orphan"), timeout=5)
 
 
 def test_crafted_targets_never_reach_another_local_server(gunicorn, redis_url, upstream) -> None:

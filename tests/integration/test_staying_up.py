@@ -48,8 +48,7 @@ def test_throttled_misses_cannot_take_the_threads_hits_need_and_give_up_when_the
     # One worker of 8 threads: at most 8 // 4 = 2 requests may sleep for this mapping's slots.
     config = {"domain_mappings": {"up": {"upstream": upstream.url, "max_requests_per_second": 1}},
               "throttling": {"progressive_max_delay": 60}}
-    proxy = gunicorn(config, env={"REDIS_URL": redis_url, "BUDDY_THREADS": "8"}, workers=1,
-                     extra_args=("--threads", "8"))
+    proxy = gunicorn(config, env={"REDIS_URL": redis_url}, workers=1, extra_args=("--threads", "8"))
     assert requests.get(f"{proxy.url}/up/hit", timeout=5).status_code == 200  # stored; takes this second's slot
 
     def impatient(i: int) -> int | str:
