@@ -257,6 +257,8 @@ class ProxyService:
             if request.client_gone():
                 raise ClientGone(request.domain.name)
             time.sleep(min(SLOT_CHECK_SECONDS, left))
+        if request.client_gone():  # one last look: a client that left during the last step gets nothing sent
+            raise ClientGone(request.domain.name)
 
     def _give_back(self, limiter: RateLimiter | LocalLimiter, domain: DomainSettings, decision: Decision) -> None:
         try:
