@@ -63,7 +63,7 @@ def measure_cost(redis_url: str, calls: int, history: int) -> list[str]:
     domains = {"empty": spec, "filled": spec, "binding": {**spec, "max_requests_per_second": 20}}
     settings = validate_config({"domain_mappings": domains, "redis": {"url": redis_url},
                                 "throttling": {"domain_limits": {name: HIGH for name in domains}}})
-    client, _ = connect_redis(settings)  # the proxy's own client options
+    client, _, _ = connect_redis(settings)  # the proxy's own client options
     client.flushall()
     keys, d = RedisKeys(settings.redis["prefix"]), settings.domains
     limiter = RateLimiter(client, StoreGuard(), keys, settings.throttling["progressive_max_delay"])

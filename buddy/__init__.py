@@ -4,6 +4,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -34,7 +35,7 @@ __all__ = ["create_app", "Buddy", "CachingProxy", "__version__"]
 log = logging.getLogger("buddy")
 
 
-@dataclass
+@dataclass(eq=False)
 class Buddy:
     """Everything one app instance wires together; lives in `app.extensions["buddy"]`."""
 
@@ -46,15 +47,34 @@ class Buddy:
     monitoring: MonitoringManager
     embedded: EmbeddedRedis | None = None
 
+    closed: bool = False
+
     def shutdown(self) -> None:
-        """Stop this app's threads, flush its counters, and leave the embedded Redis (stopping it if last)."""
+        """Stop this app's threads, flush its counters, and leave the embedded Redis (stopping it if last).
+        Called again (at exit, say), it does nothing."""
+        if self.closed:
+            return
+        self.closed = True
+        _LIVE.discard(self)
         self.service.coalescer.hub.stop()
         self.service.coalescer.keeper.stop()
         self.service.metrics.stop()
         self.service.upstream.watchdog.stop()
+        self.service.cache.guard.stop()
         self.redis.close()
         if self.embedded is not None:
             self.embedded.stop()
+
+
+
+_LIVE: "weakref.WeakSet[Buddy]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_live_apps() -> None:
+    """One exit hook for every app still open in this process: flush its counters, leave the embedded Redis."""
+    for buddy in list(_LIVE):
+        buddy.shutdown()
 
 
 def connect_redis(settings: Settings) -> tuple[redis.Redis, str, EmbeddedRedis | None]:
@@ -62,8 +82,7 @@ def connect_redis(settings: Settings) -> tuple[redis.Redis, str, EmbeddedRedis |
     url, embedded = settings.redis["url"], None
     if not url:
         embedded = EmbeddedRedis(settings.data_dir, settings.redis["maxmemory"])
-        embedded.ensure()
-        atexit.register(embedded.stop)  # the last process to leave stops it
+        embedded.ensure()  # the app's shutdown() leaves it again; the last process to leave stops it
         url = embedded.url
     timeout = settings.redis["socket_timeout"]
     client = redis.Redis.from_url(
@@ -118,10 +137,9 @@ def create_app(
     monitoring = MonitoringManager(redis_client, guard, keys, settings, cache, url, __version__)
     buddy = Buddy(settings, redis_client, service, access, secure_key, monitoring, embedded)
     app.extensions["buddy"] = buddy
+    _LIVE.add(buddy)
     hub.start()  # subscribe now (this runs in each worker after the fork), not on the first wait
     metrics.start()
-    atexit.register(metrics.stop)  # flush what this process counted
-    atexit.register(hub.stop)  # runs before an embedded Redis registered earlier is stopped
 
     from buddy import admin, cli, views
 

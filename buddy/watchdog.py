@@ -8,10 +8,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import os
 import socket
 import threading
 import time
+
+from buddy.background import ProcessThread
 
 log = logging.getLogger("buddy.upstream")
 
@@ -29,44 +30,35 @@ class Alarm:
 
 
 class Watchdog:
-    """`arm(deadline, sock)` -> Alarm; `disarm(alarm)` once the call is over. Restarted after a fork."""
+    """`arm(deadline, sock)` -> Alarm; `disarm(alarm)` once the call is over; `stop()` ends the thread."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Alarm]] = []
         self._order = itertools.count()
         self._cond = threading.Condition()
-        self._pid = 0
-        self._thread: threading.Thread | None = None
+        self.thread = ProcessThread("buddy-upstream-watchdog", self._run, fresh=self._heap.clear)
 
     def arm(self, deadline: float, sock: socket.socket | None) -> Alarm:
         alarm = Alarm(deadline, sock)
+        self.thread.ensure()
         with self._cond:
-            if self._pid != os.getpid():
-                self._pid, self._heap = os.getpid(), []
-                self._thread = threading.Thread(target=self._run, name="buddy-upstream-watchdog", daemon=True)
-                self._thread.start()
             heapq.heappush(self._heap, (deadline, next(self._order), alarm))
             self._cond.notify()
         return alarm
 
     def stop(self) -> None:
-        """End the thread (an app shutting down); a later arm() starts it again."""
+        self.thread.stopping.set()
         with self._cond:
-            mine, self._pid = self._pid == os.getpid(), 0
             self._cond.notify()
-        if mine and self._thread is not None:
-            self._thread.join(5)
+        self.thread.stop()
 
     @staticmethod
     def disarm(alarm: Alarm) -> None:
         alarm.done = True  # dropped from the heap when its time comes; nothing to wake for
 
-    def _run(self) -> None:
-        pid = os.getpid()
-        while True:
+    def _run(self, stopping: threading.Event) -> None:
+        while not stopping.is_set():
             with self._cond:
-                if self._pid != pid:
-                    return
                 while self._heap and self._heap[0][2].done:
                     heapq.heappop(self._heap)
                 wait = self._heap[0][0] - time.monotonic() if self._heap else 60.0

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from importlib import resources
 
 import redis
 
+from buddy.background import ProcessThread
 from buddy.redis_keys import EntryId, RedisKeys
 from buddy.errors import StoreUnavailable
 from buddy.store.guard import StoreGuard
@@ -70,7 +70,7 @@ class LockKeeper:
     The TTL is short (LOCK_TTL_MS), so a leader whose process dies loses its lock within seconds and a
     waiter takes over; a slow leader (a long wait for a rate-limit slot, a trickling body) keeps it for as
     long as it may legitimately take, and no longer: a leader stuck past its budget lets go too. The
-    keeper's thread is restarted if it dies, and after a fork.
+    keeper's thread (a ProcessThread) is restarted if it dies, and after a fork.
     """
 
     def __init__(self, lock: FillLock) -> None:
@@ -79,25 +79,19 @@ class LockKeeper:
         self._held: dict[tuple[EntryId, str], tuple[int, float, float]] = {}
         self._mutex = threading.Lock()
         self._changed = threading.Event()
-        self._stopped = threading.Event()
-        self._pid = 0
-        self._thread: threading.Thread | None = None
+        self.thread = ProcessThread("buddy-lock-keeper", self._run, fresh=self._held.clear)
 
     def hold(self, entry: EntryId, token: str, ttl_ms: int, budget: float = 3600.0) -> None:
         now = time.monotonic()
+        self.thread.ensure()
         with self._mutex:
             self._held[(entry, token)] = (ttl_ms, now + ttl_ms / 3000, now + budget)
-            if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
-                self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._run, name="buddy-lock-keeper", daemon=True)
-                self._thread.start()
         self._changed.set()
 
     def stop(self) -> None:
-        self._stopped.set()
+        self.thread.stopping.set()
         self._changed.set()
-        if self._thread is not None and self._pid == os.getpid():
-            self._thread.join(5)
+        self.thread.stop()
 
     def drop(self, entry: EntryId, token: str) -> None:
         with self._mutex:
@@ -107,13 +101,9 @@ class LockKeeper:
         with self._mutex:
             return len(self._held)
 
-    def _run(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                self._extend_due()
-            except Exception:  # a bug here must not leave every lock of this process to expire
-                log.exception("the lock keeper failed; carrying on")
-                time.sleep(1.0)
+    def _run(self, stopping: threading.Event) -> None:
+        while not stopping.is_set():
+            self._extend_due()  # an error restarts the loop (ProcessThread): locks are never left to expire
 
     def _extend_due(self) -> None:
         with self._mutex:

@@ -19,6 +19,7 @@ from typing import Callable, TypeVar
 
 import redis
 
+from buddy.background import ProcessThread
 from buddy.errors import StoreUnavailable
 
 log = logging.getLogger("buddy.store")
@@ -48,6 +49,7 @@ class StoreGuard:
         self._logged_at = 0.0
         self._refused_logged_at = 0.0
         self._lock = threading.Lock()
+        self.prober = ProcessThread("buddy-redis-probe", self._probe_until_back)
 
     def run(self, call: Callable[[], T], what: str = "") -> T:
         """Run one Redis call; `what` names the keys it touches, for the log line of a bug."""
@@ -56,7 +58,10 @@ class StoreGuard:
             with self._lock:
                 now = time.monotonic()
                 if self.failed_at is not None:
-                    if self.probe is not None or self._probing or now - self._probe_at < self.retry_after:
+                    if self.probe is not None:
+                        self.prober.ensure()  # (a no-op while it runs)
+                        raise StoreUnavailable(self.last_error)
+                    if self._probing or now - self._probe_at < self.retry_after:
                         raise StoreUnavailable(self.last_error)
                     self._probing, self._probe_at, probe = True, now, True
         try:
@@ -111,10 +116,14 @@ class StoreGuard:
             log.error("Redis answered a command with an error: this is a bug, not an outage; that request is "
                       "served without Redis: %s%s", message, f" (keys: {what})" if what else "")
 
-    def _probe_until_back(self) -> None:
-        """The background prober: one PING every `retry_after` seconds while the circuit is open."""
-        while self.failed_at is not None:
-            time.sleep(self.retry_after)
+    def stop(self) -> None:
+        self.prober.stop()
+
+    def _probe_until_back(self, stopping: threading.Event) -> None:
+        """The background prober: once started, one PING every `retry_after` seconds while the circuit is open."""
+        while not stopping.wait(self.retry_after):
+            if self.failed_at is None:
+                continue
             assert self.probe is not None
             try:
                 self.probe()
@@ -131,7 +140,7 @@ class StoreGuard:
             if self.failed_at is None:
                 self.failed_at = self._probe_at = now  # the first probe comes retry_after from now
                 if self.probe is not None:
-                    threading.Thread(target=self._probe_until_back, name="buddy-redis-probe", daemon=True).start()
+                    self.prober.ensure()
             self.last_error = f"{type(exc).__name__}: {exc}"
             if now - self._logged_at >= self.log_every:
                 self._logged_at = now

@@ -15,6 +15,7 @@ from collections import Counter
 
 import redis
 
+from buddy.background import ProcessThread
 from buddy.errors import StoreUnavailable
 from buddy.redis_keys import RedisKeys
 from buddy.store.guard import StoreGuard
@@ -35,9 +36,7 @@ class MetricsRecorder:
         self._counts: Counter[tuple[str, str]] = Counter()
         self._errors: list[str] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._pid = 0
-        self._thread: threading.Thread | None = None
+        self.thread = ProcessThread("buddy-metrics", self._run, fresh=self._counts.clear)  # a child tallies anew
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.serving = False  # set by the first request this process counts
 
@@ -45,8 +44,8 @@ class MetricsRecorder:
         self.count_many(domain, {field: n})
 
     def count_many(self, domain: str, fields: dict[str, int]) -> None:
-        if self._pid != os.getpid():
-            self._ensure_running()
+        if not self.thread.running:
+            self.thread.ensure()
         self.serving = True
         with self._lock:
             for field, n in fields.items():
@@ -85,30 +84,17 @@ class MetricsRecorder:
                 del self._errors[:-RECENT_ERRORS]
 
     def stop(self) -> None:
-        """Stop the flusher and write what is left; later calls (atexit after shutdown()) do nothing."""
-        if self._stop.is_set():
+        """Stop the flusher and write what is left; later calls do nothing."""
+        if self.thread.stopping.is_set():
             return
-        self._stop.set()
-        thread = self._thread
-        if thread is not None and thread.is_alive() and self._pid == os.getpid():
-            thread.join(5)
+        self.thread.stop()
         self.flush()
 
-    def _ensure_running(self) -> None:
-        if self._pid == os.getpid() and not self._stop.is_set():
-            return
-        with self._lock:
-            if self._pid != os.getpid() and not self._stop.is_set():
-                self._pid = os.getpid()
-                self._counts.clear()  # a forked child starts its own tally
-                self._thread = threading.Thread(target=self._run, name="buddy-metrics", daemon=True)
-                self._thread.start()
-
     def start(self) -> None:
-        self._ensure_running()
+        self.thread.ensure()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+    def _run(self, stopping: threading.Event) -> None:
+        while not stopping.wait(self.interval):
             try:
                 self.flush()
             except Exception:  # never let the flusher die: counting is not worth a crash

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 
 import redis
 
+from buddy.background import ProcessThread
 from buddy.redis_keys import EntryId
 
 log = logging.getLogger("buddy.coalesce")
@@ -39,19 +39,17 @@ class WakeupHub:
         self.channel = channel
         self._waiters: dict[str, set[Waiter]] = {}
         self._lock = threading.Lock()
-        self._pid = 0
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
         self._listening = threading.Event()
+        self.thread = ProcessThread("buddy-wakeup", self._run, fresh=self._listening.clear)
 
     @property
     def listening(self) -> bool:
         """True while the subscription is confirmed by Redis: only then may a waiter rely on being woken."""
-        return self._listening.is_set() and self._pid == os.getpid()
+        return self._listening.is_set() and self.thread.running
 
     def start(self, wait: float = 0.0) -> bool:
         """Start this process's subscriber (if needed) and wait up to `wait` seconds for Redis to confirm it."""
-        self._ensure_running()
+        self.thread.ensure()
         return self._listening.wait(wait) if wait else self.listening
 
     def register(self, entry: EntryId) -> Waiter:
@@ -75,10 +73,7 @@ class WakeupHub:
             return sum(len(w) for w in self._waiters.values())
 
     def stop(self) -> None:
-        self._stop.set()
-        thread = self._thread
-        if thread is not None and thread.is_alive() and self._pid == os.getpid():
-            thread.join(5)
+        self.thread.stop()
 
     @staticmethod
     def _name(entry: EntryId) -> str:
@@ -93,22 +88,13 @@ class WakeupHub:
         for waiter in targets:
             waiter.event.set()
 
-    def _ensure_running(self) -> None:
-        if self._stop.is_set() or (self._pid == os.getpid() and self._thread is not None and self._thread.is_alive()):
-            return
-        with self._lock:
-            if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
-                self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._run, name="buddy-wakeup", daemon=True)
-                self._thread.start()
-
-    def _run(self) -> None:
+    def _run(self, stopping: threading.Event) -> None:
         failures = 0
-        while not self._stop.is_set():
+        while not stopping.is_set():
             pubsub = self.client.pubsub()
             try:
                 pubsub.subscribe(self.channel)
-                while not self._stop.is_set():
+                while not stopping.is_set():
                     message = pubsub.get_message(timeout=0.25)  # short, so that stop() is quick
                     if not message:
                         continue
@@ -124,7 +110,7 @@ class WakeupHub:
                         self._wake(data.decode() if isinstance(data, bytes) else str(data))
             except (redis.RedisError, OSError, ValueError) as exc:
                 self._listening.clear()
-                if self._stop.is_set():
+                if stopping.is_set():
                     break  # shutting down: Redis may already be gone, nothing to report
                 if failures == 0:
                     log.warning("wake-up subscription lost, waiters poll until it is back: %s", exc)

@@ -237,7 +237,7 @@ def test_the_lock_keeper_comes_back_if_its_thread_dies(make, client, monkeypatch
     assert leader.lock.acquire(ENTRY, "first", 300)[0]
     leader.keeper.hold(ENTRY, "first", 300)
     time.sleep(0.2)
-    assert not leader.keeper._thread.is_alive()
+    assert not leader.keeper.thread.running
     other = EntryId("up", "e" * 64)
     assert leader.lock.acquire(other, "second", 300)[0]
     leader.keeper.hold(other, "second", 300)  # a new hold starts a new keeper thread

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import fakeredis
 import pytest
 from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
@@ -157,3 +158,28 @@ def test_clearing_also_finds_entries_the_index_does_not_know(app: Flask, client,
     fake_redis.set("buddy:cache:{other}:not-this-domain", b"RB\x01...")
     assert client.delete("/admin/cache/up").json["cleared"] == 2
     assert fake_redis.keys("buddy:cache:*") == [b"buddy:cache:{other}:not-this-domain"]
+
+
+def test_apps_come_and_go_without_leaving_exit_hooks_or_threads(buddy_config) -> None:
+    import atexit
+    import threading
+
+    from buddy import create_app
+
+    def ours() -> list[str]:
+        return sorted(t.name for t in threading.enumerate() if t.name.startswith("buddy-"))
+
+    first = create_app(buddy_config, redis_client=fakeredis.FakeRedis(), environ={})
+    first.test_client().get("/up/x")  # the libraries' own one-time exit hooks (weakref.finalize's) are in
+    first.extensions["buddy"].shutdown()
+    before_hooks, before_threads = atexit._ncallbacks(), ours()
+    apps = [create_app(buddy_config, redis_client=fakeredis.FakeRedis(server=fakeredis.FakeServer()), environ={})
+            for _ in range(20)]
+    for app in apps:
+        app.test_client().get("/up/x")  # counts, so each app's metrics flusher runs
+    assert atexit._ncallbacks() == before_hooks  # one hook for all apps, registered at import
+    assert len(ours()) > len(before_threads)
+    for app in apps:
+        app.extensions["buddy"].shutdown()
+        app.extensions["buddy"].shutdown()  # twice is harmless
+    assert ours() == before_threads
