@@ -1,6 +1,9 @@
 """Shared fixtures: an upstream stub per test, fakeredis per test, and the app wired to both (pytest-flask's `app`)."""
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from typing import Any, Iterator
 
 import fakeredis
@@ -10,6 +13,17 @@ from flask import Flask
 from buddy import create_app
 from tests.support.processes import RedisServer
 from tests.support.upstream_stub import UpstreamStub
+
+# The tests never depend on the caller's shell, and never touch the caller's own cache: the proxy's
+# variables are dropped, and the default data folder is a fresh one of this run's.
+for _name in ("REDIS_URL", "BUDDY_CONFIG", "BUDDY_DATA_DIR", "BUDDY_SECURE_KEY", "BUDDY_OFFLINE",
+              "BUDDY_WORKERS", "BUDDY_THREADS", "WEB_CONCURRENCY"):
+    os.environ.pop(_name, None)
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="buddy-tests-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ["XDG_DATA_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
