@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -9,6 +10,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 
+from buddy import redis_memory
 from buddy.errors import StoreUnavailable
 from buddy.redis_keys import RedisKeys
 from buddy.settings import Settings
@@ -16,8 +18,11 @@ from buddy.store.guard import StoreGuard
 from buddy.store.metrics import WORKER_SEEN_SECONDS
 from buddy.store.response_cache import ResponseCache
 
+log = logging.getLogger("buddy.monitoring")
 STARTED = time.time()
 ERROR_OUTCOMES = ("timeout", "unreachable")
+PROBE_TTL_MS = 10_000  # the health check's probe key lives this long
+REFUSAL_RECENT = 10.0  # seconds a command Redis refused in this process keeps health "degraded"
 
 
 def _rate(part: int, whole: int) -> float:
@@ -54,6 +59,18 @@ class MonitoringManager:
         self.cache = cache
         self.redis_url = redis_url
         self.version = version
+        self.warn_about_memory_settings()
+
+    def warn_about_memory_settings(self) -> list[str]:
+        """Log, once at start-up, what is wrong with the Redis's maxmemory settings (health repeats it)."""
+        try:
+            info = self.client.info("memory")
+        except redis.RedisError:
+            return []  # unreachable, or no INFO (fakeredis): health says so when it matters
+        found = redis_memory.warnings(info)
+        for warning in found:
+            log.warning("%s (Redis at %s)", warning, redacted_url(self.redis_url))
+        return found
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Every configured domain's counters (hits, misses, upstream calls and times, ...)."""
@@ -70,7 +87,8 @@ class MonitoringManager:
 
     def get_cache_stats(self) -> dict[str, Any]:
         counters = self.counters()
-        described = {name: self.cache.describe(name) for name in self.settings.domains}
+        census = self.cache.census()
+        described = {name: census.describe(name) for name in self.settings.domains}
         total = {field: sum(c.get(field, 0) for c in counters.values())
                  for field in ("hits", "misses", "coalesced", "sets", "bytes_saved", "ms_saved")}
         lookups = total["hits"] + total["misses"] + total["coalesced"]
@@ -78,7 +96,7 @@ class MonitoringManager:
         for entries in described.values():
             for bucket, n in entries.ttl_buckets.items():
                 ttl[bucket] = ttl.get(bucket, 0) + n
-        evicted = int(self._info("stats").get("evicted_keys", 0))
+        redis_stats = self._info("stats")
         return {
             "total_entries": sum(e.entries for e in described.values()),
             "entries_per_domain": {name: e.entries for name, e in described.items()},
@@ -92,8 +110,9 @@ class MonitoringManager:
             "sets": total["sets"],
             "compressed": total["sets"],  # every stored entry is zstd-compressed
             "ttl_distribution": ttl,
-            "expired_entries": sum(e.expired for e in described.values()),
-            "evicted_entries": evicted,
+            "expired_entries": int(redis_stats.get("expired_keys", 0)),
+            "evicted_entries": int(redis_stats.get("evicted_keys", 0)),
+            "counted": {"exact": census.exact, "keys_read": census.keys_read, "keys_total": census.keys_total},
             "upstream_calls_avoided": total["hits"] + total["coalesced"],
             "bytes_saved": total["bytes_saved"],
             "seconds_saved": round(total["ms_saved"] / 1000, 3),
@@ -163,7 +182,9 @@ class MonitoringManager:
         return {
             "type": "redis", "health": "ok", "url": redacted_url(self.redis_url),
             "version": info.get("redis_version"), "used_memory_bytes": info.get("used_memory"),
-            "maxmemory_bytes": info.get("maxmemory"), "keys": keys, "prefix": self.keys.prefix,
+            "maxmemory_bytes": info.get("maxmemory"), "maxmemory_policy": info.get("maxmemory_policy"),
+            "evicted_keys": info.get("evicted_keys"), "keys": keys, "prefix": self.keys.prefix,
+            "warnings": redis_memory.warnings(info),
         }
 
     def get_proxy_health(self) -> dict[str, Any]:
@@ -214,17 +235,63 @@ class MonitoringManager:
         return out
 
     def health(self) -> dict[str, Any]:
+        """ok, or degraded with the reason: Redis unreachable, full and refusing writes, or refusing commands lately.
+
+        The probe is a write, because a full Redis still answers reads and PING while it refuses to store
+        anything; `warnings` name memory settings that will hurt later (no maxmemory, a policy that cannot evict).
+        """
+        state, reasons, info = "ok", [], {}
         try:
-            self.client.ping()
-            redis_state = "ok"
-        except redis.RedisError as exc:
-            redis_state = f"unavailable: {type(exc).__name__}"
-        return {
-            "status": "ok" if redis_state == "ok" else "degraded",
-            "redis": redis_state,
+            self.guard.run(lambda: self.client.set(self.keys.health_probe, b"1", px=PROBE_TTL_MS))
+        except StoreUnavailable as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, redis.ResponseError):  # an outage, or the circuit still open after one
+                kind = type(cause).__name__ if cause else self.guard.last_error.split(":", 1)[0] or "StoreUnavailable"
+                state = f"unavailable: {kind}"
+                reasons.append(f"Redis is unavailable ({kind}): requests are served without the cache "
+                               "(X-Cache: BYPASS)")
+            else:
+                state = f"refusing writes: {type(cause).__name__}: {cause}"
+                info = self._memory_info()
+                reasons.append(redis_memory.full_reason(info) if redis_memory.out_of_memory(cause) else
+                               f"Redis refuses writes: {type(cause).__name__}: {cause}")
+        else:
+            info = self._memory_info()
+            reasons += self._recent_refusals(info)
+        report: dict[str, Any] = {
+            "status": "degraded" if reasons else "ok",
+            "redis": state,
             "uptime_seconds": round(time.time() - STARTED, 1),
             "version": self.version,
         }
+        if reasons:
+            report["reason"] = "; ".join(reasons)
+        report["warnings"] = redis_memory.warnings(info)
+        return report
+
+    def _recent_refusals(self, info: dict[str, Any]) -> list[str]:
+        """Trouble the probe can miss: a noeviction Redis at its limit refuses some writes and not others (memory
+        goes up and down with client buffers), and this process's guard remembers error replies of late."""
+        reasons, full = [], redis_memory.full_without_eviction(info)
+        now = time.monotonic()
+        for when, text in ((self.guard.refused_at, self.guard.last_refusal), (self.guard.bug_at, self.guard.last_bug)):
+            if when is None or now - when >= REFUSAL_RECENT:
+                continue
+            if redis_memory.out_of_memory(text):
+                full = True
+                reasons.append(f"a write was refused for lack of memory {now - when:.0f} s ago")
+            else:
+                reasons.append(f"Redis refused a command {now - when:.0f} s ago: {text}")
+        if full:
+            reasons.insert(0, redis_memory.full_reason(info))
+        return reasons
+
+    def _memory_info(self) -> dict[str, Any]:
+        """INFO memory, or {} when Redis does not answer it (fakeredis, a Redis that went away meanwhile)."""
+        try:
+            return self.client.info("memory")
+        except redis.RedisError:
+            return {}
 
     def get_all(self) -> dict[str, Any]:
         """Every section; a section that needs Redis while it is down says so instead of failing the rest."""

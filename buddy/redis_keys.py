@@ -22,11 +22,11 @@ class RedisKeys:
         return f"{self.prefix}cache:{{{domain}}}:{digest}"
 
     def index(self, domain: str) -> str:
-        """The domain's index of cached responses: digest -> expiry (ms), for counting and clearing."""
+        """Written by versions up to 0.2 only (digest -> expiry, no TTL); dropped on sight (prune_index.lua)."""
         return f"{self.prefix}index:{{{domain}}}"
 
     def sizes(self, domain: str) -> str:
-        """The size in bytes of each of the domain's cached responses: digest -> bytes."""
+        """Written by versions up to 0.2 only (digest -> bytes, no TTL); dropped on sight (prune_index.lua)."""
         return f"{self.prefix}sizes:{{{domain}}}"
 
     def stats(self, domain: str) -> str:
@@ -80,6 +80,16 @@ class RedisKeys:
     def fill_channel(self) -> str:
         """Pub/sub channel on which leaders announce finished (or started-streaming) fills."""
         return f"{self.prefix}fill"
+
+    @property
+    def cache_prefix(self) -> str:
+        """What every cache key starts with; the `{domain}` tag and the digest follow."""
+        return f"{self.prefix}cache:"
+
+    @property
+    def health_probe(self) -> str:
+        """Written (with a 10 s TTL) by each health check: a full Redis that refuses writes refuses this one too."""
+        return f"{self.prefix}health"
 
     def cache_pattern(self, domain: str | None = None) -> str:
         """A SCAN MATCH pattern for one domain's entries, or every domain's."""

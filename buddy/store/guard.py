@@ -21,6 +21,7 @@ import redis
 
 from buddy.background import ProcessThread
 from buddy.errors import StoreUnavailable
+from buddy.redis_memory import out_of_memory
 
 log = logging.getLogger("buddy.store")
 T = TypeVar("T")
@@ -100,7 +101,7 @@ class StoreGuard:
         now = time.monotonic()
         if self.failed_at is not None:
             self._recovered()  # it answered: reachable again
-        if isinstance(exc, redis.ResponseError) and str(exc).startswith("OOM"):
+        if out_of_memory(exc):
             with self._lock:
                 self.refused_at, self.last_refusal = now, message
                 if now - self._refused_logged_at >= self.log_every:

@@ -132,26 +132,6 @@ def test_cli_check_config_redacts_secrets_and_names_bad_fields(tmp_path, app: Fl
     assert "domain_mappings.w.ttl_seconds: must be a positive integer" in failed.output
 
 
-def test_the_index_stays_bounded_without_anyone_reading_metrics(fake_redis) -> None:
-    from buddy import codec
-    from buddy.messages import ProxyResult
-    from buddy.redis_keys import EntryId, RedisKeys
-    from buddy.store.guard import StoreGuard
-    from buddy.store.response_cache import ResponseCache
-
-    keys = RedisKeys("t:")
-    cache = ResponseCache(fake_redis, StoreGuard(), keys)
-    entry = ProxyResult(200, "OK", [], b"x" * 100)
-    for i in range(30):
-        cache.put(EntryId("up", f"old{i}"), entry, 60)
-    fake_redis.zadd(keys.index("up"), {f"old{i}": 1 for i in range(30)})  # as if their TTL had long passed
-    for i in range(3):
-        cache.put(EntryId("up", f"new{i}"), entry, 60)
-    assert fake_redis.zcard(keys.index("up")) == 3 and fake_redis.hlen(keys.sizes("up")) == 3
-    assert int(fake_redis.hget(keys.stats("up"), "expired")) == 30
-    assert int(fake_redis.hget(keys.stats("up"), "bytes")) == 3 * len(codec.encode(entry))
-
-
 def test_clearing_also_finds_entries_the_index_does_not_know(app: Flask, client, fake_redis) -> None:
     client.get("/up/a")
     fake_redis.set("buddy:cache:{up}:stored-by-an-older-version", b"RB\x01...")

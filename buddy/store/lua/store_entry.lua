@@ -1,18 +1,11 @@
--- Store one encoded response and keep the domain's index: which entries exist, until when, how big.
+-- Store one encoded response with its TTL, and count the store.
 -- KEYS[1]  the cache key
--- KEYS[2]  the domain's index (sorted set: digest -> expiry, ms since the epoch)
--- KEYS[3]  the domain's entry sizes (hash: digest -> bytes)
--- KEYS[4]  the domain's counters (hash; this script maintains 'bytes' and 'sets')
+-- KEYS[2]  the domain's counters (hash; this script adds 1 to 'sets')
 -- ARGV[1]  the encoded response
 -- ARGV[2]  TTL in milliseconds
--- ARGV[3]  the digest (the cache key's last part)
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local size = string.len(ARGV[1])
-local old = tonumber(redis.call('HGET', KEYS[3], ARGV[3]) or 0)
+-- Nothing else is written per entry: every byte that lives as long as an entry is the entry itself, with its TTL,
+-- so under volatile-lru (or any policy that evicts) Redis can always make room by evicting old entries.
+-- Entries are counted by sampling the keyspace (measure_entries.lua), never from a list that eviction would falsify.
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
-redis.call('HSET', KEYS[3], ARGV[3], size)
-redis.call('HINCRBY', KEYS[4], 'bytes', size - old)
-redis.call('HINCRBY', KEYS[4], 'sets', 1)
-return size
+redis.call('HINCRBY', KEYS[2], 'sets', 1)
+return string.len(ARGV[1])
