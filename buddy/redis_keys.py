@@ -1,4 +1,7 @@
-"""Every Redis key and channel name the proxy uses, with the configured prefix and per-domain hash tags."""
+"""Every Redis key and channel name the proxy uses, with the configured prefix and per-domain hash tags.
+
+KEY_KINDS declares what each kind holds and whether it expires; STATS_FIELDS the counters.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,6 +13,43 @@ class EntryId(NamedTuple):
 
     domain: str
     digest: str
+
+
+class KeyKind(NamedTuple):
+    """One kind of key: its name after the prefix, whether it expires by itself, and what it holds."""
+
+    name: str
+    expires: bool
+    holds: str
+
+
+# Every kind of key the proxy writes. A key that does not expire must be bounded by construction; a test
+# runs a mixed workload and checks that Redis holds no other key, and none of these without its TTL.
+KEY_KINDS = (
+    KeyKind("cache", True, "a stored response (zstd blob), or a vary pointer to its variants; the mapping's TTL"),
+    KeyKind("lock", True, "the fill lock of a miss in flight (value: the leader's token); 3 s, renewed by its leader"),
+    KeyKind("successor", True, "which waiter took over from a leader that vanished; lock TTL + 30 s"),
+    KeyKind("result", True, "a leader's uncacheable answer (or a 'not for sharing' mark) for its followers; 30 s"),
+    KeyKind("followers", True, "how many requests wait on one leader; 120 s"),
+    KeyKind("relay", True, "a stream carrying an over-size body from its leader to the followers; 60 s"),
+    KeyKind("rate", True, "the mapping's reserved upstream start times (sorted set); its longest window"),
+    KeyKind("penalty", True, "the mapping's backoff after an upstream 429/503: until, level, last"),
+    KeyKind("health", True, "written by each /admin/health check (a full Redis refuses it); 10 s"),
+    KeyKind("stats", False, "the mapping's counters: a fixed set of fields (STATS_FIELDS, status:<outcome>)"),
+    KeyKind("errors", False, "the 50 latest upstream errors (JSON events), newest first; trimmed on every push"),
+    KeyKind("workers", False, "proxy processes seen lately (host:pid -> time); trimmed to the last 15 s on every flush"),
+    KeyKind("secure_key", False, "the generated access key: kept across restarts, never evicted"),
+)
+# The counters of `stats:{<name>}`, besides one `status:<outcome>` per upstream status code or failure kind.
+STATS_FIELDS = frozenset({
+    "hits", "misses", "coalesced", "passthrough", "coalesce_timeouts", "sets", "bytes_saved", "ms_saved",
+    "upstream_requests", "upstream_ms", "throttle_refused", "throttle_delayed", "throttle_delay_ms", "client_gone",
+})
+
+
+def stats_field(field: str) -> bool:
+    """Is this a declared counter of `stats:{<name>}`?"""
+    return field in STATS_FIELDS or field.startswith("status:")
 
 
 @dataclass(frozen=True)
@@ -90,6 +130,12 @@ class RedisKeys:
     def health_probe(self) -> str:
         """Written (with a 10 s TTL) by each health check: a full Redis that refuses writes refuses this one too."""
         return f"{self.prefix}health"
+
+    def kind(self, key: str) -> str:
+        """The kind (KEY_KINDS' name) of one of our keys, or '' for a key without our prefix."""
+        if not key.startswith(self.prefix):
+            return ""
+        return key[len(self.prefix):].split(":", 1)[0]
 
     def cache_pattern(self, domain: str | None = None) -> str:
         """A SCAN MATCH pattern for one domain's entries, or every domain's."""

@@ -17,7 +17,7 @@ import redis
 
 from buddy.background import ProcessThread
 from buddy.errors import StoreUnavailable
-from buddy.redis_keys import RedisKeys
+from buddy.redis_keys import RedisKeys, stats_field
 from buddy.store.guard import StoreGuard
 
 log = logging.getLogger("buddy.metrics")
@@ -44,6 +44,7 @@ class MetricsRecorder:
         self.count_many(domain, {field: n})
 
     def count_many(self, domain: str, fields: dict[str, int]) -> None:
+        assert all(stats_field(field) for field in fields), f"undeclared counter in {sorted(fields)}"
         if not self.thread.running:
             self.thread.ensure()
         self.serving = True

@@ -70,3 +70,55 @@ def test_throttled_misses_cannot_take_the_threads_hits_need_and_give_up_when_the
     assert after.status_code == 200
     # Their slots went back: the next request waits for nobody's abandoned reservation.
     assert float(after.headers.get("X-Throttle-Delay", "0")) < 0.5
+
+
+def test_after_a_mixed_workload_every_key_is_declared_and_none_lives_forever_unless_bounded(
+    gunicorn, redis_server, redis_url, upstream
+) -> None:
+    import os
+    import signal
+
+    import psutil
+
+    from buddy.redis_keys import KEY_KINDS, RedisKeys, stats_field
+
+    config = {"domain_mappings": {"up": {"upstream": upstream.url, "read_timeout": 5},
+                                  "slow": {"upstream": upstream.url, "max_requests_per_second": 1}},
+              "cache": {"max_cache_response_size": 65536}, "throttling": {"progressive_max_delay": 1}}
+    proxy = gunicorn(config, env={"REDIS_URL": redis_url}, workers=2)
+    base = f"{proxy.url}/up"
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for _ in range(2):  # misses, then hits
+            list(pool.map(lambda i: requests.get(f"{base}/item/{i}", timeout=10), range(5)))
+        list(pool.map(lambda _: requests.get(f"{base}/together?sleep=300", timeout=10), range(6)))  # coalesced
+        list(pool.map(lambda _: requests.get(f"{base}/big/300000?sleep=300", timeout=10), range(4)))  # relayed
+        list(pool.map(lambda _: requests.get(f"{base}/status/503?sleep=200", timeout=10), range(4)))  # shared error
+        list(pool.map(lambda i: requests.get(f"{base}/tenant?h=Vary:X-Tenant", headers={"X-Tenant": str(i % 2)},
+                                             timeout=10), range(4)))  # vary pointer and variants
+        list(pool.map(lambda i: requests.get(f"{proxy.url}/slow/t/{i}", timeout=10), range(6)))  # throttled
+        # A leader killed mid-fetch: its waiters take over.
+        doomed = pool.submit(requests.get, f"{base}/doomed?sleep=1500", timeout=10)
+        while upstream.count("/doomed") == 0:
+            time.sleep(0.02)
+        waiters = [pool.submit(requests.get, f"{base}/doomed?sleep=1500", timeout=20) for _ in range(3)]
+        time.sleep(0.2)
+        for worker in psutil.Process(proxy.process.pid).children():
+            os.kill(worker.pid, signal.SIGKILL)
+        for future in [doomed, *waiters]:
+            future.exception()
+    time.sleep(1.5)  # let every worker flush its counters
+    client, keys = redis_server.client(), RedisKeys("buddy:")
+    kinds = {kind.name: kind for kind in KEY_KINDS}
+    seen = set()
+    for key in client.scan_iter(count=1000):
+        name = key.decode()
+        kind = keys.kind(name)
+        assert kind in kinds, f"undeclared key {name}"
+        seen.add(kind)
+        ttl = client.pttl(key)
+        if kinds[kind].expires:
+            assert ttl > 0, f"{name} should expire but has no TTL"
+        if kind == "stats":
+            fields = [f.decode() for f in client.hkeys(key)]
+            assert all(stats_field(f) for f in fields), fields
+    assert {"cache", "stats", "rate", "workers"} <= seen
