@@ -45,15 +45,16 @@ def conceptnet_page(rng: random.Random, edges: int) -> bytes:
 def wikidata_entity(rng: random.Random, claims: int) -> bytes:
     """A Wikidata wbgetentities answer: labels in many languages and a pile of claims."""
     langs = ["en", "de", "fr", "es", "it", "nl", "pl", "pt", "ru", "ja", "zh", "sv", "fi", "cs"]
+    claims_by_property: dict[str, list[dict]] = {}
     entity = {
         "type": "item", "id": "Q144",
         "labels": {l: {"language": l, "value": rng.choice(WORDS).title()} for l in langs},
         "descriptions": {l: {"language": l, "value": " ".join(rng.choices(WORDS, k=6))} for l in langs},
-        "claims": {},
+        "claims": claims_by_property,
     }
     for i in range(claims):
         pid = f"P{rng.randint(1, 3000)}"
-        entity["claims"].setdefault(pid, []).append({
+        claims_by_property.setdefault(pid, []).append({
             "mainsnak": {"snaktype": "value", "property": pid, "hash": "%040x" % rng.getrandbits(160),
                          "datavalue": {"value": {"entity-type": "item", "numeric-id": rng.randint(1, 10**7),
                                                  "id": f"Q{rng.randint(1, 10**7)}"}, "type": "wikibase-entityid"}},

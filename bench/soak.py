@@ -102,7 +102,8 @@ def main() -> None:
     upstream = UpstreamStub()
     with tempfile.TemporaryDirectory() as tmp:
         process, base = start(Path(tmp) / "data", upstream.url, Path(tmp))
-        stop, counts = threading.Event(), {}
+        stop = threading.Event()
+        counts: dict[str, int] = {}
         try:
             master = psutil.Process(process.pid)
             client = redis.Redis.from_url(f"unix://{Path(tmp) / 'data' / 'redis.sock'}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import redis
 
@@ -161,7 +161,7 @@ class Coalescer:
 
     def relay(
         self, entry: EntryId, token: str, result: ProxyResult, drop: frozenset[str] = frozenset()
-    ) -> Iterator[bytes]:
+    ) -> Iterable[bytes]:
         """An over-size body: relay it to the requests waiting on this leader, if there are any.
 
         With nobody waiting, nothing is copied into Redis and the lock goes at once (a request that comes

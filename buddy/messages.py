@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Iterator
+from typing import Callable, Iterable
 
 from buddy.settings import DomainSettings
 
@@ -55,7 +55,7 @@ class ProxyResult:
     reason: str
     headers: list[tuple[str, str]]
     body: bytes | None = None
-    stream: Iterator[bytes] | None = None
+    stream: Iterable[bytes] | None = None  # a BodyStream, a relay: iterated once, closed if it has close()
     cache: str = "MISS"
     extra: list[tuple[str, str]] = field(default_factory=list)
     fetch_ms: int = 0

@@ -320,11 +320,11 @@ class UpstreamClient:
         if "location" in (name.lower() for name, _ in headers):
             result.headers = []
             for name, value in headers:
+                sent: str | None = value
                 if name.lower() == "location":
-                    value = location_for_client(domain, response.url, value)
-                    if value is None:
-                        continue
-                result.headers.append((name, value))
+                    sent = location_for_client(domain, response.url, value)
+                if sent is not None:
+                    result.headers.append((name, sent))
         declared = response.headers.get("Content-Length", "")
         chunks = body_chunks(response, coding, CHUNK)
         if not decoded and _DIGITS.fullmatch(declared) and int(declared) > self.max_body:

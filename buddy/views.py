@@ -86,7 +86,7 @@ def hung_up(sock: socket.socket | None) -> Callable[[], bool]:
 def proxy(_: str) -> Response:
     buddy = current_app.extensions["buddy"]
     service: ProxyService = buddy.service
-    req: Request = request._get_current_object()  # one context lookup, not one per attribute
+    req: Request = request._get_current_object()  # type: ignore[attr-defined]  # one context lookup, not one per attribute
     environ = req.environ
     first, slash, rest = raw_target(environ)[1:].partition(b"/")
     raw_first = first.decode("latin-1")

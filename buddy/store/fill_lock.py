@@ -20,7 +20,7 @@ log = logging.getLogger("buddy.coalesce")
 
 def load_script(name: str) -> str:
     """A Lua script shipped in the package (buddy/store/lua/<name>.lua)."""
-    return resources.files("buddy.store").joinpath("lua", f"{name}.lua").read_text()
+    return resources.files("buddy.store").joinpath("lua").joinpath(f"{name}.lua").read_text()
 
 
 class FillLock:

@@ -69,6 +69,10 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128  # a burst of new proxy connections must not overflow the listen backlog
+    log: list[Seen]
+    lock: threading.Lock
+    stub: "UpstreamStub"
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client (the proxy) that hangs up early is routine here, not worth a traceback."""
         if not isinstance(sys.exc_info()[1], ConnectionError):
