@@ -1,11 +1,5 @@
-"""The WSGI entry point for gunicorn (`gunicorn wsgi:app`) and for `flask buddy ...`."""
-import sys
+"""The WSGI entry point for gunicorn (`gunicorn wsgi:app`) and for `flask buddy ...`: the same app `api-buddy`
+serves (a bad config stops gunicorn instead of respawning workers)."""
+from buddy.serve import load_app
 
-from buddy import create_app
-from buddy.errors import ConfigError
-
-try:
-    app = create_app()
-except ConfigError as exc:
-    print(f"reference-api-buddy: {exc}", file=sys.stderr)
-    raise SystemExit(3)  # gunicorn's "worker failed to boot": the master stops instead of respawning
+app = load_app()

@@ -1,20 +1,54 @@
-"""`flask buddy ...`: the operator's commands (Flask finds the app through wsgi.py in the working folder)."""
+"""The operator's commands: `flask buddy ...` in the project folder, and `api-buddy`, which serves and runs the
+same commands from any folder.
+
+A command acts on the cache of a running proxy or on nothing: with no REDIS_URL, it joins the embedded Redis
+of its data folder only while a proxy uses it, and otherwise says so and exits 1 without creating anything.
+"""
 from __future__ import annotations
 
 import json
 import os
 import sys
 from dataclasses import asdict
+from functools import partial
+from typing import Any
 
 import click
 from flask import current_app
-from flask.cli import AppGroup
+from flask.cli import AppGroup, ScriptInfo
 
+from buddy.embedded import NotRunning, join_only
 from buddy.errors import ConfigError, StoreUnavailable
 from buddy.monitoring import redacted_url
 from buddy.settings import load_settings
 
-group = AppGroup("buddy", help="Operate reference-api-buddy: key, stats, clear-cache, check-config.")
+
+class _ActsOnARunningProxy(click.Group):
+    """Turns the refusals of a command that found no proxy to act on into one message and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except NotRunning as exc:
+            raise click.ClickException(
+                f"no proxy is running with the data folder {exc.data_dir}; nothing was changed. "
+                "Run this command with the proxy's environment: BUDDY_DATA_DIR (or XDG_DATA_HOME) naming its data "
+                "folder, REDIS_URL if it uses a Redis server, or its config file (--config or BUDDY_CONFIG)."
+            ) from None
+        except PermissionError as exc:
+            raise click.ClickException(
+                f"{exc.strerror}: {exc.filename}; run this command as the user the proxy runs as"
+            ) from None
+
+
+class OperatorGroup(_ActsOnARunningProxy, AppGroup):
+    """`flask buddy`: its commands load the app (wsgi.py) joining the proxy's embedded Redis, never starting one."""
+
+
+@click.group("buddy", cls=OperatorGroup, help="Operate reference-api-buddy: key, stats, clear-cache, check-config.")
+@click.pass_context
+def group(ctx: click.Context) -> None:
+    ctx.with_resource(join_only())
 
 
 def _redis_down(exc: StoreUnavailable) -> click.ClickException:
@@ -23,11 +57,26 @@ def _redis_down(exc: StoreUnavailable) -> click.ClickException:
 
 @group.command("key")
 def key_command() -> None:
-    """Print the proxy's access key (configured, or generated once and kept in Redis) and nothing else."""
-    try:
-        click.echo(current_app.extensions["buddy"].secure_key.get())
+    """Print the proxy's access key (configured, or the one it generated and keeps in Redis) and nothing else."""
+    buddy = current_app.extensions["buddy"]
+    configured = buddy.settings.security["secure_key"]
+    if configured:
+        click.echo(configured)
+        return
+    store = buddy.secure_key
+    try:  # read, never generate: a key made up here would not be the one a proxy with BUDDY_SECURE_KEY accepts
+        stored = store.guard.run(lambda: store.client.get(store.name))
     except StoreUnavailable as exc:
         raise _redis_down(exc) from exc
+    if stored is None:
+        url = buddy.monitoring.redis_url
+        where = url if url.startswith("unix:") else redacted_url(url)
+        raise click.ClickException(
+            f"no access key to print: none is configured here and the proxy's Redis ({where}) holds no generated "
+            "one. The proxy either does not require a key (security.require_secure_key), has not finished starting, "
+            "or takes its key from BUDDY_SECURE_KEY: run this with its environment."
+        )
+    click.echo(stored.decode() if isinstance(stored, bytes) else str(stored))
 
 
 @group.command("clear-cache")
@@ -41,7 +90,7 @@ def clear_cache_command(domain: str | None) -> None:
     try:
         cache = buddy.service.cache
         for name in [domain] if domain else sorted(buddy.settings.domains):
-            total = cache.guard.run(lambda: buddy.redis.zcard(buddy.service.keys.index(name)))
+            total = cache.guard.run(partial(buddy.redis.zcard, buddy.service.keys.index(name)))
             with click.progressbar(length=total, label=f"clearing {name}", file=sys.stderr) as bar:
                 removed = buddy.service.cache.clear(name, progress=bar.update)
             click.echo(f"{name}: {removed} entries removed")
@@ -66,12 +115,14 @@ def stats_command() -> None:
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        click.echo("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        cells = (cell.ljust(w) if i == 0 else cell.rjust(w)
+                 for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+        click.echo("  ".join(cells))
     click.echo(f"\n{cache['hit_count']} hits, {cache['miss_count']} misses, {cache['coalesced_count']} coalesced; "
                f"{_size(cache['bytes_saved'])} and {cache['seconds_saved']:.1f} s of upstream time saved")
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -103,3 +154,69 @@ def check_config_command(path: str | None) -> None:
     }
     click.echo(json.dumps(effective, indent=2, default=list))
     click.echo("configuration is valid", err=True)
+
+
+# -- api-buddy: the console script ------------------------------------------------------------------------------
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class ApiBuddy(_ActsOnARunningProxy):
+    """`api-buddy`'s commands are `flask buddy`'s, looked up in `group` (so a command added there is here too)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return group.list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return group.get_command(ctx, name)
+
+
+def _load_app_for_a_command() -> Any:
+    from buddy import create_app
+
+    try:
+        return create_app()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=ApiBuddy, invoke_without_command=True, subcommand_metavar="[COMMAND [ARGS]...]")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False),
+              help="The config file, JSON or TOML (default: $BUDDY_CONFIG).")
+@click.option("--host", help="Serve on this address (default: server.host, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Serve on this port (default: server.port, 8080).")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
+              help="The proxy's and gunicorn's log level (default: logging.level, INFO).")
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: $WEB_CONCURRENCY, 4).")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads per worker (default: $BUDDY_THREADS, 64).")
+@click.version_option(package_name="reference-api-buddy", message="%(prog)s %(version)s")
+@click.pass_context
+def main(ctx: click.Context, config: str | None, **flags: Any) -> None:
+    """Serve reference-api-buddy under gunicorn, as `gunicorn wsgi:app` does in the project folder; or, with a
+    COMMAND, operate the proxy that runs with the same config and environment.
+
+    \b
+      api-buddy --config cfg.json --port 8080      serve (Ctrl-C stops it, and the embedded Redis with it)
+      api-buddy --config cfg.json stats            the proxy's numbers, per mapping
+      api-buddy --config cfg.json clear-cache NAME
+    """
+    if config:
+        os.environ["BUDDY_CONFIG"] = os.path.abspath(config)  # for the workers and the commands alike
+    given = {name: value for name, value in flags.items() if value is not None}
+    if ctx.invoked_subcommand is not None:
+        if given:
+            options = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+            raise click.UsageError(f"{options}: only for serving (api-buddy without a COMMAND)")
+        ctx.obj = ScriptInfo(create_app=_load_app_for_a_command, set_debug_flag=False)
+        ctx.with_resource(join_only())
+        return
+    overrides: dict[str, Any] = {}
+    if "host" in given:
+        overrides.setdefault("server", {})["host"] = given["host"]
+    if "port" in given:
+        overrides.setdefault("server", {})["port"] = given["port"]
+    if "log_level" in given:
+        overrides["logging"] = {"level": given["log_level"].upper()}
+    from buddy.serve import serve  # gunicorn only when serving
+
+    serve(overrides, {name: given[name] for name in ("workers", "threads") if name in given})

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextvars import ContextVar
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
@@ -129,10 +130,15 @@ class EmbeddedRedis:
         (another process, or this one's parent), this never starts a server: it waits a little for the
         supervisor to bring it back and otherwise returns False (clients reconnect when it is back).
         """
+        if _JOIN_ONLY.get() and not self.in_use():
+            raise NotRunning(self.data_dir)  # before _join(): nothing is created
         self._join()
         with exclusive(self.data_dir / "redis.lock"):
             state = send(self.socket_path, b"PING")
             if state == DOWN and (self._thread is not None or not held_by_others(self._supervisor_path)):
+                if _JOIN_ONLY.get():  # its proxy stopped since in_use() looked
+                    self._leave()
+                    raise NotRunning(self.data_dir)
                 self._start(timeout)
                 return True
         if state != READY and self._wait_ready(min(timeout, WAIT_FOR_SUPERVISOR)) != READY:
@@ -178,6 +184,20 @@ class EmbeddedRedis:
                 return
             self._shutdown(process, timeout)
         finally:
+            users.close()
+
+    def in_use(self) -> bool:
+        """True while a proxy uses this folder: its server answers (or is busy loading), or a supervisor holds
+        the folder and brings the server back. Creates nothing."""
+        if not self.data_dir.is_dir():
+            return False
+        if self.socket_path.is_socket() and send(self.socket_path, b"PING") != DOWN:
+            return True
+        return self._supervisor_path.exists() and held_by_others(self._supervisor_path)
+
+    def _leave(self) -> None:
+        users, self._users = self._users, None
+        if users is not None:
             users.close()
 
     @property
@@ -267,6 +287,31 @@ class EmbeddedRedis:
             while send(self.socket_path, b"PING") != DOWN and time.monotonic() < deadline:
                 time.sleep(0.05)
         log.info("embedded Redis stopped")
+
+
+# -- Operator commands join a running proxy's server, never start their own -------------------------------------
+
+_JOIN_ONLY: ContextVar[bool] = ContextVar("buddy_embedded_join_only", default=False)
+
+
+class NotRunning(Exception):
+    """Raised by `ensure()` under `join_only()`: no proxy uses this data folder, and nothing was started."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        super().__init__(f"no proxy is running with the data folder {data_dir}")
+
+
+@contextlib.contextmanager
+def join_only() -> Iterator[None]:
+    """Within this block, `ensure()` joins a server that runs (or that a supervisor brings back) and otherwise
+    raises NotRunning, creating nothing: `flask buddy` and `api-buddy` commands must act on the cache that a
+    proxy uses, never on a fresh, empty one of their own."""
+    token = _JOIN_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _JOIN_ONLY.reset(token)
 
 
 def keep(data_dir: Path, grace: float, server_command: list[str]) -> int:

@@ -293,17 +293,30 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return result
 
 
+CONFIG_FORMATS = {".json": "JSON", ".toml": "TOML"}  # a file with no extension is read as JSON
+ENVIRONMENT_VARIABLES = {  # variable -> (section, key) it sets, over the config file
+    "REDIS_URL": ("redis", "url"),
+    "BUDDY_DATA_DIR": ("redis", "data_dir"),
+    "BUDDY_SECURE_KEY": ("security", "secure_key"),
+}
+
+
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a JSON or TOML configuration file (by extension; JSON otherwise)."""
+    """Read a JSON (.json, or no extension) or TOML (.toml) configuration file."""
     path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix and suffix not in CONFIG_FORMATS:
+        raise ConfigError([f"BUDDY_CONFIG: {path}: '{path.suffix}' files are not supported; "
+                           "the config file must be JSON (.json) or TOML (.toml)"])
     try:
         text = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"BUDDY_CONFIG: cannot read {path}: {exc.strerror}"]) from exc
+    kind = CONFIG_FORMATS.get(suffix, "JSON")
     try:
-        data = tomllib.loads(text.decode()) if path.suffix.lower() == ".toml" else json.loads(text)
+        data = tomllib.loads(text.decode()) if kind == "TOML" else json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"BUDDY_CONFIG: {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {exc}"]) from exc
+        raise ConfigError([f"BUDDY_CONFIG: {path} is not valid {kind}: {exc}"]) from exc
     if not isinstance(data, dict):
         raise ConfigError([f"BUDDY_CONFIG: {path} must hold an object/table at the top level"])
     return data
@@ -312,25 +325,38 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """The few settings people set per machine."""
     overrides: dict[str, Any] = {}
-    if environ.get("REDIS_URL"):
-        overrides.setdefault("redis", {})["url"] = environ["REDIS_URL"]
-    if environ.get("BUDDY_DATA_DIR"):
-        overrides.setdefault("redis", {})["data_dir"] = environ["BUDDY_DATA_DIR"]
-    if environ.get("BUDDY_SECURE_KEY"):
-        overrides.setdefault("security", {})["secure_key"] = environ["BUDDY_SECURE_KEY"]
+    for variable, (section, key) in ENVIRONMENT_VARIABLES.items():
+        if environ.get(variable):
+            overrides.setdefault(section, {})[key] = environ[variable]
     return overrides
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Defaults, then the BUDDY_CONFIG file, then environment, then `overrides`; raise ConfigError listing every bad field."""
+    """Defaults, then the BUDDY_CONFIG file, then environment, then `overrides`; raise ConfigError listing every
+    bad field, by its environment variable when that is where the value came from."""
     environ = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
     if environ.get("BUDDY_CONFIG"):
         raw = read_config_file(environ["BUDDY_CONFIG"])
-    raw = deep_merge(raw, environment_overrides(environ))
+    from_environment = environment_overrides(environ)
+    raw = deep_merge(raw, from_environment)
     if overrides:
         raw = deep_merge(raw, overrides)
-    return validate_config(raw)
+    try:
+        return validate_config(raw)
+    except ConfigError as exc:
+        names = {
+            f"{section}.{key}: ": f"{variable}: " for variable, (section, key) in ENVIRONMENT_VARIABLES.items()
+            if key in from_environment.get(section, {}) and key not in ((overrides or {}).get(section) or {})
+        }
+        raise ConfigError([_named_by_variable(problem, names) for problem in exc.problems]) from None
+
+
+def _named_by_variable(problem: str, names: Mapping[str, str]) -> str:
+    for path, variable in names.items():
+        if problem.startswith(path):
+            return variable + problem[len(path):]
+    return problem
 
 
 def validate_config(raw: Mapping[str, Any]) -> Settings:
