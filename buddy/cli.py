@@ -89,8 +89,9 @@ def clear_cache_command(domain: str | None) -> None:
                                  param_hint="DOMAIN")
     try:
         cache = buddy.service.cache
+        census = cache.census(max_age=0)  # how many there are, to size the progress bar
         for name in [domain] if domain else sorted(buddy.settings.domains):
-            total = cache.guard.run(partial(buddy.redis.zcard, buddy.service.keys.index(name)))
+            total = census.describe(name).entries
             with click.progressbar(length=total, label=f"clearing {name}", file=sys.stderr) as bar:
                 removed = buddy.service.cache.clear(name, progress=bar.update)
             click.echo(f"{name}: {removed} entries removed")
