@@ -48,11 +48,11 @@ def wikidata_entity(rng: random.Random, claims: int) -> bytes:
     claims_by_property: dict[str, list[dict]] = {}
     entity = {
         "type": "item", "id": "Q144",
-        "labels": {l: {"language": l, "value": rng.choice(WORDS).title()} for l in langs},
-        "descriptions": {l: {"language": l, "value": " ".join(rng.choices(WORDS, k=6))} for l in langs},
+        "labels": {lang: {"language": lang, "value": rng.choice(WORDS).title()} for lang in langs},
+        "descriptions": {lang: {"language": lang, "value": " ".join(rng.choices(WORDS, k=6))} for lang in langs},
         "claims": claims_by_property,
     }
-    for i in range(claims):
+    for _ in range(claims):
         pid = f"P{rng.randint(1, 3000)}"
         claims_by_property.setdefault(pid, []).append({
             "mainsnak": {"snaktype": "value", "property": pid, "hash": "%040x" % rng.getrandbits(160),
@@ -85,7 +85,8 @@ def main() -> None:
     print(f"{len(samples)} samples, {sum(map(len, samples)) / 1024:.0f} KiB in all")
     zc = {level: zstandard.ZstdCompressor(level=level) for level in (1, 3, 6)}
     zd = zstandard.ZstdDecompressor()
-    rows = [measure(f"zlib-{lvl}", lambda b, l=lvl: zlib.compress(b, l), zlib.decompress, samples) for lvl in (1, 6, 9)]
+    rows = [measure(f"zlib-{lvl}", lambda b, level=lvl: zlib.compress(b, level), zlib.decompress, samples)
+            for lvl in (1, 6, 9)]
     rows += [measure(f"zstd-{lvl}", c.compress, zd.decompress, samples) for lvl, c in zc.items()]
     print(f"{'codec':8} {'ratio':>6} {'encode us':>10} {'decode us':>10}")
     for name, ratio, enc, dec in rows:

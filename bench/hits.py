@@ -179,7 +179,7 @@ def start_ceiling(workdir: Path, redis_url: str, args: argparse.Namespace) -> tu
         wait_for_port(port, timeout=30, alive=lambda: process.poll() is None)
     except Exception:
         stop_group(process)
-        raise RuntimeError("ceiling gunicorn did not start:\n" + (workdir / "ceiling.log").read_text())
+        raise RuntimeError("ceiling gunicorn did not start:\n" + (workdir / "ceiling.log").read_text()) from None
     return process, port
 
 

@@ -17,8 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import wait
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import requests
@@ -26,11 +25,11 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import subprocess  # noqa: E402
+
 from tests.support.ports import free_port, wait_for_port  # noqa: E402
 from tests.support.processes import RedisServer, stop_group  # noqa: E402
 from tests.support.upstream_stub import UpstreamStub  # noqa: E402
-
-import subprocess  # noqa: E402
 
 
 def start_proxy(workdir: Path, redis_url: str, upstream: str, worker_class: str, threads: int) -> tuple:
@@ -41,7 +40,8 @@ def start_proxy(workdir: Path, redis_url: str, upstream: str, worker_class: str,
                                   "logging": {"level": "WARNING"}}))
     env = {**os.environ, "REDIS_URL": redis_url, "BUDDY_CONFIG": str(config)}
     args = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{port}", "-w", "4",
-            "-k", worker_class, "--threads", str(threads if worker_class == "gthread" else 1), "--worker-connections", "1000", "wsgi:app"]
+            "-k", worker_class, "--threads", str(threads if worker_class == "gthread" else 1),
+            "--worker-connections", "1000", "wsgi:app"]
     log = open(workdir / f"gunicorn-{port}.log", "wb")
     process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     wait_for_port(port, alive=lambda: process.poll() is None)
@@ -76,22 +76,23 @@ def summary(latencies: list[float]) -> str:
     return f"{statistics.median(ordered) * 1000:8.1f} {p99 * 1000:8.1f} {ordered[-1] * 1000:8.1f}"
 
 
-def run_class(worker_class: str, threads: int, workdir: Path, redis: RedisServer, upstream: UpstreamStub) -> list[str]:
+def run_class(worker_class: str, threads: int, workdir: Path, redis: RedisServer, upstream: UpstreamStub,
+              parked: int = 120, burst: int = 100) -> list[str]:
     redis.client().flushall()
     process, base = start_proxy(workdir, redis.url, upstream.url, worker_class, threads)
     rows = []
     try:
         rows.append(f"{worker_class:8} {'idle hits':28} {summary(hit_latencies(base, 2))}")
-        pool = ThreadPoolExecutor(max_workers=120)
+        pool = ThreadPoolExecutor(max_workers=parked)
         started = time.monotonic()
         futures = [pool.submit(requests.get, f"{base}/up/parked/{worker_class}/{i}?sleep=4000", timeout=60)
-                   for i in range(120)]
+                   for i in range(parked)]
         time.sleep(0.5)  # let them reach the upstream
-        rows.append(f"{worker_class:8} {'hits, 120 misses parked':28} {summary(hit_latencies(base, 3))}")
+        rows.append(f"{worker_class:8} {f'hits, {parked} misses parked':28} {summary(hit_latencies(base, 3))}")
         done, _ = wait(futures, timeout=max(0.0, started + 15 - time.monotonic()))
         ok = sum(1 for f in done if f.exception() is None and f.result().status_code == 200)
-        rows.append(f"{worker_class:8} {'parked misses answered':28} {ok:>8}/120 within 15 s")
-        if ok < 120:  # a starved class would take minutes to drain; restart it rather than wait
+        rows.append(f"{worker_class:8} {'parked misses answered':28} {ok:>8}/{parked} within 15 s")
+        if ok < parked:  # a starved class would take minutes to drain; restart it rather than wait
             stop_group(process)
             pool.shutdown(cancel_futures=True)
             process, base = start_proxy(workdir, redis.url, upstream.url, worker_class, threads)
@@ -99,13 +100,13 @@ def run_class(worker_class: str, threads: int, workdir: Path, redis: RedisServer
             pool.shutdown()
         upstream.clear()
         started = time.monotonic()
-        with ThreadPoolExecutor(max_workers=100) as burst:
-            answers = list(burst.map(lambda _: requests.get(f"{base}/up/burst/{worker_class}?sleep=500", timeout=60),
-                                     range(100)))
+        with ThreadPoolExecutor(max_workers=burst) as pool_of_burst:
+            answers = list(pool_of_burst.map(
+                lambda _: requests.get(f"{base}/up/burst/{worker_class}?sleep=500", timeout=60), range(burst)))
         burst_time = time.monotonic() - started
-        rows.append(f"{worker_class:8} {'100 identical misses':28} {burst_time * 1000:8.0f} ms for all "
+        rows.append(f"{worker_class:8} {f'{burst} identical misses':28} {burst_time * 1000:8.0f} ms for all "
                     f"(upstream 500 ms, {upstream.count()} upstream call(s), "
-                    f"{sum(a.status_code == 200 for a in answers)}/100 ok)")
+                    f"{sum(a.status_code == 200 for a in answers)}/{burst} ok)")
     finally:
         stop_group(process)
     return rows
@@ -116,6 +117,8 @@ def main() -> None:
     default = "sync,gthread" + (",gevent" if importlib.util.find_spec("gevent") else "")
     parser.add_argument("--classes", default=default)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("BUDDY_THREADS", "64")))
+    parser.add_argument("--parked", type=int, default=120, help="distinct slow misses parked at once")
+    parser.add_argument("--burst", type=int, default=100, help="identical concurrent misses")
     args = parser.parse_args()
     upstream = UpstreamStub()
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,7 +126,7 @@ def main() -> None:
         try:
             print(f"{'class':8} {'scenario':28} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
             for worker_class in args.classes.split(","):
-                for row in run_class(worker_class, args.threads, Path(tmp), redis, upstream):
+                for row in run_class(worker_class, args.threads, Path(tmp), redis, upstream, args.parked, args.burst):
                     print(row, flush=True)
         finally:
             redis.stop()

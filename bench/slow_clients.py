@@ -145,7 +145,8 @@ def scenarios(clients: int) -> list[tuple[str, bool, Callable[[int], Hostile | N
         return Hostile(port, clients, head[:1], head[1:])
 
     def never_close(port: int) -> Hostile:
-        return Hostile(port, clients, f"GET /up/warm HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+        request = f"GET /up/warm HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+        return Hostile(port, clients, request.encode())
 
     def slow_bodies(port: int) -> Hostile:
         head = f"POST /up/post HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 100000\r\n\r\n".encode()

@@ -21,7 +21,7 @@ from buddy.monitoring import MonitoringManager
 from buddy.redis_keys import RedisKeys
 from buddy.service import ProxyService
 from buddy.settings import Settings, load_settings
-from buddy.store.guard import StoreGuard
+from buddy.store.guard import BUG_TTL_SECONDS, StoreGuard
 from buddy.store.metrics import MetricsRecorder
 from buddy.store.rate_limiter import LocalLimiter, RateLimiter, WaitingRoom
 from buddy.store.response_cache import ResponseCache
@@ -108,22 +108,26 @@ def create_app(
     url, embedded = "(injected)", None
     if redis_client is None:
         redis_client, url, embedded = connect_redis(settings)
-    guard = StoreGuard(probe=redis_client.ping)
     keys = RedisKeys(settings.redis["prefix"])
+    guard = StoreGuard(
+        probe=redis_client.ping,
+        on_bug=lambda text: redis_client.set(keys.last_bug, text, ex=BUG_TTL_SECONDS),
+    )
     metrics = MetricsRecorder(redis_client, guard, keys)
     hub = WakeupHub(redis_client, keys.fill_channel)
     cache = ResponseCache(redis_client, guard, keys)
     max_delay = settings.throttling["progressive_max_delay"]
+    waiting = WaitingRoom(int(os.environ.get("BUDDY_THREADS", "64")))  # sleepers and followers alike
     service = ProxyService(
         settings,
         keys,
         cache,
         UpstreamClient(settings.cache["max_cache_response_size"]),
-        Coalescer(redis_client, guard, keys, hub, relay_limit=settings.cache["max_relay_size"]),
+        Coalescer(redis_client, guard, keys, hub, relay_limit=settings.cache["max_relay_size"], waiting=waiting),
         RateLimiter(redis_client, guard, keys, max_delay),
         LocalLimiter(max_delay, int(os.environ.get("BUDDY_WORKERS", "1"))),
         metrics,
-        WaitingRoom(int(os.environ.get("BUDDY_THREADS", "64"))),
+        waiting,
     )
     secure_key = SecureKeyStore(redis_client, guard, keys, settings.security["secure_key"])
     access = AccessControl(

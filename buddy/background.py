@@ -20,7 +20,9 @@ class ProcessThread:
     it is set. `fresh`, if given, runs whenever the thread starts in a new process (to drop state a forked
     child must not inherit, such as its parent's unflushed counters)."""
 
-    def __init__(self, name: str, loop: Callable[[threading.Event], None], fresh: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, name: str, loop: Callable[[threading.Event], None], fresh: Callable[[], None] | None = None
+    ) -> None:
         self.name = name
         self.loop = loop
         self.fresh = fresh

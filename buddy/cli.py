@@ -10,7 +10,6 @@ import json
 import os
 import sys
 from dataclasses import asdict
-from functools import partial
 from typing import Any
 
 import click

@@ -13,6 +13,7 @@ from buddy.messages import ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
 from buddy.store.fill_lock import FillLock, LockKeeper
 from buddy.store.guard import StoreGuard
+from buddy.store.rate_limiter import WaitingRoom
 from buddy.store.relay import RelayWriter, follow_chunks, read_meta
 from buddy.store.wakeup import WakeupHub
 from buddy.upstream import BodyStream, storable_headers
@@ -21,6 +22,14 @@ POLL_SECONDS = 1.0  # a waiter re-checks this often even without a wake-up (a de
 DEAF_POLL_SECONDS = 0.05  # ... and this often while its process's subscription is not confirmed
 SHARED_RESULT_TTL_MS = 30_000
 FOLLOWERS_TTL_MS = 120_000
+
+
+class WaitingFull(Exception):
+    """This process already has as many requests waiting on one mapping as it may: refuse, do not wait."""
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+        super().__init__(domain)
 
 
 class NotShared(Exception):
@@ -45,12 +54,14 @@ class Coalescer:
         keys: RedisKeys,
         hub: WakeupHub,
         relay_limit: int,
+        waiting: WaitingRoom | None = None,
     ) -> None:
         self.client = client
         self.guard = guard
         self.keys = keys
         self.hub = hub
         self.relay_limit = relay_limit
+        self.waiting = waiting  # shared with requests that sleep for a rate-limit slot: both hold a thread
         self.lock = FillLock(client, guard, keys)
         self.keeper = LockKeeper(self.lock)
 
@@ -78,7 +89,13 @@ class Coalescer:
                 self.keeper.hold(entry, token, lock_ttl_ms, timeout)
                 return lead(token)
             if holder:
-                result = self._follow(entry, holder, deadline, idle_timeout, accept)
+                if self.waiting is not None and not self.waiting.enter(entry.domain, per_mapping=False):
+                    raise WaitingFull(entry.domain)
+                try:
+                    result = self._follow(entry, holder, deadline, idle_timeout, accept)
+                finally:
+                    if self.waiting is not None:
+                        self.waiting.leave(entry.domain)
                 if result is not None:
                     return result
                 vanished = holder

@@ -205,7 +205,8 @@ class EmbeddedRedis:
         return self.data_dir / "redis.supervisor"
 
     def _join(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Only its owner may read the cache (and a generated key) or take the folder's locks.
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self._users is None or self._owner_pid != os.getpid():
             self._users = open(self.data_dir / "redis.users", "a")
             fcntl.flock(self._users, fcntl.LOCK_SH)
@@ -316,6 +317,7 @@ def join_only() -> Iterator[None]:
 
 def keep(data_dir: Path, grace: float, server_command: list[str]) -> int:
     """The keeper's loop: run the server; stop it on SIGTERM or once nobody has used the folder for `grace` s."""
+    os.umask(0o077)  # the server's AOF and RDB hold every cached body: its owner's alone
     stop_requested: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda signum, frame: stop_requested.append(signum))

@@ -14,7 +14,7 @@ from buddy import redis_memory
 from buddy.errors import StoreUnavailable
 from buddy.redis_keys import RedisKeys
 from buddy.settings import Settings
-from buddy.store.guard import StoreGuard
+from buddy.store.guard import BUG_TTL_SECONDS, StoreGuard
 from buddy.store.metrics import WORKER_SEEN_SECONDS
 from buddy.store.response_cache import ResponseCache
 
@@ -40,7 +40,8 @@ def redacted_url(url: str) -> str:
         netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
         parts = parts._replace(netloc=netloc)
     if parts.query:
-        query = [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        query = [(k, "***" if k.lower() == "password" else v) for k, v in pairs]
         parts = parts._replace(query=urlencode(query, safe="*"))
     return urlunsplit(parts)
 
@@ -190,7 +191,8 @@ class MonitoringManager:
     def get_proxy_health(self) -> dict[str, Any]:
         health = self.health()
         try:
-            workers = self.guard.run(lambda: self.client.zcount(self.keys.workers, time.time() - WORKER_SEEN_SECONDS, "+inf"))
+            since = time.time() - WORKER_SEEN_SECONDS
+            workers = self.guard.run(lambda: self.client.zcount(self.keys.workers, since, "+inf"))
             errors = [json.loads(e) for e in self.guard.run(lambda: self.client.lrange(self.keys.recent_errors, 0, 19))]
         except StoreUnavailable:
             workers, errors = 0, []
@@ -282,6 +284,14 @@ class MonitoringManager:
                 reasons.append(f"a write was refused for lack of memory {now - when:.0f} s ago")
             else:
                 reasons.append(f"Redis refused a command {now - when:.0f} s ago: {text}")
+        try:  # what another worker's guard saw: every worker's health says the same
+            key = self.keys.last_bug
+            shared, ttl = self.guard.run(lambda: (self.client.get(key), self.client.ttl(key)))
+        except StoreUnavailable:
+            shared, ttl = None, -1
+        if shared and BUG_TTL_SECONDS - ttl < REFUSAL_RECENT and not any("refused a command" in r for r in reasons):
+            text = shared.decode(errors="replace") if isinstance(shared, bytes) else str(shared)
+            reasons.append(f"Redis refused a command {max(0, BUG_TTL_SECONDS - ttl)} s ago: {text}")
         if full:
             reasons.insert(0, redis_memory.full_reason(info))
         return reasons

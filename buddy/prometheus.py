@@ -44,7 +44,9 @@ class BuddyCollector:
             for domain, c in counters.items():
                 family.add_metric([domain], c.get(field, 0))
             yield family
-        avoided = CounterMetricFamily("buddy_upstream_calls_avoided", "Hits plus coalesced requests.", labels=["domain"])
+        avoided = CounterMetricFamily(
+            "buddy_upstream_calls_avoided", "Hits plus coalesced requests.", labels=["domain"]
+        )
         saved = CounterMetricFamily("buddy_seconds_saved", "Upstream time not spent thanks to hits and coalescing.",
                                     labels=["domain"])
         spent = CounterMetricFamily("buddy_upstream_response_seconds", "Time spent waiting for upstreams.",

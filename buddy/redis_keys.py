@@ -34,10 +34,11 @@ KEY_KINDS = (
     KeyKind("relay", True, "a stream carrying an over-size body from its leader to the followers; 60 s"),
     KeyKind("rate", True, "the mapping's reserved upstream start times (sorted set); its longest window"),
     KeyKind("penalty", True, "the mapping's backoff after an upstream 429/503: until, level, last"),
+    KeyKind("bug", True, "the latest error reply any worker got from Redis (a bug, not an outage), for health; 60 s"),
     KeyKind("health", True, "written by each /admin/health check (a full Redis refuses it); 10 s"),
     KeyKind("stats", False, "the mapping's counters: a fixed set of fields (STATS_FIELDS, status:<outcome>)"),
     KeyKind("errors", False, "the 50 latest upstream errors (JSON events), newest first; trimmed on every push"),
-    KeyKind("workers", False, "proxy processes seen lately (host:pid -> time); trimmed to the last 15 s on every flush"),
+    KeyKind("workers", False, "proxy processes seen lately (host:pid -> time); trimmed to the last 15 s at each flush"),
     KeyKind("secure_key", False, "the generated access key: kept across restarts, never evicted"),
 )
 # The counters of `stats:{<name>}`, besides one `status:<outcome>` per upstream status code or failure kind.
@@ -110,6 +111,11 @@ class RedisKeys:
     def workers(self) -> str:
         """Proxy processes seen lately: host:pid -> last flush time."""
         return f"{self.prefix}workers"
+
+    @property
+    def last_bug(self) -> str:
+        """The latest error reply (WRONGTYPE, a script error) any worker got: every worker's health reports it."""
+        return f"{self.prefix}bug"
 
     @property
     def secure_key(self) -> str:

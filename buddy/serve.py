@@ -70,7 +70,7 @@ class ServerHooks:
         if warning:
             server.log.warning(warning)
         # Workers inherit these: while Redis is down, each keeps 1/workers of every rate limit by itself, and
-        # each lets at most threads/4 requests sleep for one mapping's slots (`--threads` included).
+        # each lets at most threads/2 requests wait on one mapping (`--threads` included).
         os.environ["BUDDY_WORKERS"] = str(server.cfg.workers)
         os.environ["BUDDY_THREADS"] = str(server.cfg.threads)
 

@@ -8,8 +8,8 @@ import time
 from typing import NamedTuple
 
 from buddy import policy
+from buddy.coalesce import Coalescer, NotShared, WaitingFull
 from buddy.codec import VaryPointer
-from buddy.coalesce import Coalescer, NotShared
 from buddy.errors import ClientGone, CoalesceTimeout, StoreUnavailable, UpstreamError
 from buddy.messages import ProxyRequest, ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
@@ -22,6 +22,7 @@ from buddy.upstream import UpstreamClient, build_url, keep_access_key, storable_
 
 log = logging.getLogger("buddy.service")
 LOCK_MARGIN_SECONDS = 2.0
+WAITING_RETRY_AFTER = 2  # seconds: by then the request it would have waited on has often been answered
 SLOT_CHECK_SECONDS = 0.5  # how often a request sleeping for its rate-limit slot checks that its client is there
 
 
@@ -106,6 +107,9 @@ class ProxyService:
             except NotShared as exc:
                 if exc.reason == "private":
                     break
+            except WaitingFull:
+                self.metrics.count(domain.name, "throttle_refused")
+                return too_many_waiting(domain)
             except CoalesceTimeout as exc:
                 result = json_result(
                     504, "Gateway Timeout", error="coalesce timeout", domain=exc.domain, message=str(exc)
@@ -329,6 +333,16 @@ def refused(domain: DomainSettings, decision: Decision) -> ProxyResult:
         ("X-RateLimit-Remaining", "0"),
         ("X-RateLimit-Reset", str(wait)),
     ]
+    return result
+
+
+def too_many_waiting(domain: DomainSettings) -> ProxyResult:
+    """429 for a request that would wait on an identical one while this worker has no thread to spare."""
+    result = json_result(
+        429, "Too Many Requests", error="too many waiting", domain=domain.name, retry_after=WAITING_RETRY_AFTER,
+        message=f"too many requests to '{domain.name}' are waiting in this worker; try again shortly",
+    )
+    result.headers.append(("Retry-After", str(WAITING_RETRY_AFTER)))
     return result
 
 

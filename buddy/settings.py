@@ -68,7 +68,7 @@ def _check_upstream(value: str) -> None:
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ValidationError("must not carry credentials, a query or a fragment")
     try:
-        parts.port
+        _ = parts.port  # raises for a port out of range
     except ValueError as exc:
         raise ValidationError("has an invalid port") from exc
 
@@ -112,7 +112,9 @@ class ServerSchema(_Section):
 
 class SecuritySchema(_Section):
     require_secure_key = _boolean(load_default=False)
-    secure_key = _string(load_default=None, allow_none=True, validate=validate.Length(min=16, error="must be at least 16 characters"))
+    secure_key = _string(
+        load_default=None, allow_none=True, validate=validate.Length(min=16, error="must be at least 16 characters")
+    )
     log_security_events = _boolean(load_default=True)
 
 
@@ -139,7 +141,8 @@ class LoggingSchema(_Section):
     level = _string(
         load_default="INFO",
         validate=validate.OneOf(
-            ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], error="must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+            ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+            error="must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
         ),
     )
     parent_logger = _string(load_default=None, allow_none=True)
@@ -149,7 +152,9 @@ class LoggingSchema(_Section):
     enable_file = _boolean(load_default=False)
     file_path = _string(load_default=None, allow_none=True)
     max_file_size = _positive_int(load_default=10 * 1024 * 1024)
-    backup_count = fields.Integer(strict=True, load_default=5, validate=validate.Range(min=0, error="must be 0 or more"))
+    backup_count = fields.Integer(
+        strict=True, load_default=5, validate=validate.Range(min=0, error="must be 0 or more")
+    )
 
 
 class RedisSchema(_Section):
@@ -406,7 +411,8 @@ def _coalesce_problems(data: dict[str, Any]) -> list[str]:
                 f"cache.coalesce_timeout_seconds: {explicit:g} s is shorter than a fetch for '{name}' may take "
                 f"(throttling.progressive_max_delay {max_delay:g} s + total_timeout {total:g} s + "
                 f"{LEADER_MARGIN_SECONDS:g} s): requests waiting on it would give up while it still works; set it "
-                f"to at least {needed:g}, lower throttling.progressive_max_delay or the total_timeout, or leave it unset"
+                f"to at least {needed:g}, lower throttling.progressive_max_delay or the total_timeout, "
+                "or leave it unset"
             )
     return problems
 
@@ -441,7 +447,8 @@ def _build(data: dict[str, Any]) -> Settings:
             connect_timeout=connect,
             read_timeout=read,
             total_timeout=total,
-            coalesce_timeout=cache["coalesce_timeout_seconds"] or leader_budget(throttling["progressive_max_delay"], total),
+            coalesce_timeout=cache["coalesce_timeout_seconds"]
+            or leader_budget(throttling["progressive_max_delay"], total),
             max_requests_per_second=spec["max_requests_per_second"],
             max_requests_per_minute=spec["max_requests_per_minute"],
             max_requests_per_hour=throttling["domain_limits"].get(name, throttling["default_requests_per_hour"]),

@@ -7,8 +7,8 @@ import re
 import socket
 import threading
 import time
-from http.cookiejar import DefaultCookiePolicy
 from dataclasses import dataclass, field
+from http.cookiejar import DefaultCookiePolicy
 from typing import Collection, Iterable, Iterator
 from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 
@@ -155,7 +155,7 @@ def location_for_client(domain: DomainSettings, request_url: str, location: str)
     (an invalid port or IPv6 host): dropped like any other header that would break the response."""
     try:
         rewritten = rewrite_location(domain, request_url, location)
-        urlsplit(rewritten).port
+        _ = urlsplit(rewritten).port  # raises for a port out of range
         iri_to_uri(rewritten)
     except ValueError:
         return None
@@ -283,7 +283,8 @@ class UpstreamClient:
         try:
             response = self.session.request(
                 method, url, headers=headers, data=body or None, stream=True, allow_redirects=False,
-                timeout=(min(domain.connect_timeout, domain.total_timeout), min(domain.read_timeout, domain.total_timeout)),
+                timeout=(min(domain.connect_timeout, domain.total_timeout),
+                         min(domain.read_timeout, domain.total_timeout)),
                 verify=True,
             )
         except requests.Timeout as exc:
@@ -344,8 +345,12 @@ class UpstreamClient:
             if alarm.fired:
                 raise UpstreamTimeout(domain.name, too_late, "timeout") from exc
             if isinstance(exc.__context__, ReadTimeoutError) or isinstance(exc, requests.Timeout):
-                raise UpstreamTimeout(domain.name, f"upstream '{domain.name}' stopped sending in time", "timeout") from exc
-            raise UpstreamUnavailable(domain.name, f"upstream '{domain.name}' broke off the body", "broken body") from exc
+                raise UpstreamTimeout(
+                    domain.name, f"upstream '{domain.name}' stopped sending in time", "timeout"
+                ) from exc
+            raise UpstreamUnavailable(
+                domain.name, f"upstream '{domain.name}' broke off the body", "broken body"
+            ) from exc
         if alarm.fired:  # a shut-down socket also looks like the clean end of a close-delimited body
             response.close()
             raise UpstreamTimeout(domain.name, too_late, "timeout")

@@ -71,8 +71,9 @@ def hung_up(sock: socket.socket | None) -> Callable[[], bool]:
 
     def check() -> bool:
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            poller = select.poll()  # not select.select: it refuses descriptors past 1023, a busy worker's lot
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0)) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except BlockingIOError:
             return False
         except (OSError, ValueError):

@@ -9,8 +9,8 @@ from importlib import resources
 import redis
 
 from buddy.background import ProcessThread
-from buddy.redis_keys import EntryId, RedisKeys
 from buddy.errors import StoreUnavailable
+from buddy.redis_keys import EntryId, RedisKeys
 from buddy.store.guard import StoreGuard
 
 SUCCESSOR_GRACE_MS = 30_000  # a successor is remembered this long after its lock would expire

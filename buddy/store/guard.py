@@ -27,17 +27,25 @@ log = logging.getLogger("buddy.store")
 T = TypeVar("T")
 RECENT_SECONDS = 60.0  # a refusal or bug older than this no longer makes health 'degraded'
 OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
+BUG_SHARE_SECONDS = 5.0
+BUG_TTL_SECONDS = 60
 
 
 class StoreGuard:
     """Runs Redis calls; see the module docstring for what each kind of failure does."""
 
     def __init__(
-        self, retry_after: float = 1.0, log_every: float = 30.0, probe: Callable[[], object] | None = None
+        self,
+        retry_after: float = 1.0,
+        log_every: float = 30.0,
+        probe: Callable[[], object] | None = None,
+        on_bug: Callable[[str], object] | None = None,
     ) -> None:
         self.retry_after = retry_after
         self.log_every = log_every
         self.probe = probe  # given (a PING): a background thread probes, so that no request ever waits on it
+        self.on_bug = on_bug  # given: tells every process (through Redis) of an error reply, at most every 5 s
+        self._bug_shared_at = 0.0
         self.failed_at: float | None = None  # when the circuit opened (monotonic), None while closed
         self.last_error = ""
         self.refused_at: float | None = None  # the last error reply for lack of memory
@@ -113,6 +121,14 @@ class StoreGuard:
             self.bug_at, self.last_bug = now, message + (f" (on {what})" if what else "")
             first = kind not in self._bugs_logged
             self._bugs_logged.add(kind)
+            share = self.on_bug is not None and now - self._bug_shared_at >= BUG_SHARE_SECONDS
+            if share:
+                self._bug_shared_at = now
+        if share and self.on_bug is not None:
+            try:
+                self.on_bug(self.last_bug)
+            except redis.RedisError:
+                pass  # health in this process still knows
         if first:
             log.error("Redis answered a command with an error: this is a bug, not an outage; that request is "
                       "served without Redis: %s%s", message, f" (keys: {what})" if what else "")

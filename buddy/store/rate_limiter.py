@@ -127,22 +127,25 @@ class LocalLimiter:
 
 
 class WaitingRoom:
-    """How many requests of this process may sleep for a rate-limit slot: per mapping and in all.
+    """How many requests of this process may wait, per mapping and in all: for a rate-limit slot, or on an
+    identical request that fetches (coalesced).
 
-    Every sleeper holds a server thread; past these caps a request is refused at once (429) instead, so
-    that throttled misses can never take the threads that cache hits need.
+    Every waiter holds a server thread; past these caps a request is refused at once (429) instead, so
+    that waiting misses can never take the threads that cache hits need: a quarter always stays free.
     """
 
     def __init__(self, threads: int) -> None:
-        self.per_mapping = max(1, threads // 4)
-        self.total = max(1, threads // 2)
+        self.per_mapping = max(1, threads // 2)
+        self.total = max(1, threads * 3 // 4)
         self._waiting: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def enter(self, domain: str) -> bool:
+    def enter(self, domain: str, per_mapping: bool = True) -> bool:
+        """Room to wait? `per_mapping=False` (a coalesced follower) checks only the total: a burst of
+        identical requests is what coalescing is for."""
         with self._lock:
             mine = self._waiting.get(domain, 0)
-            if mine >= self.per_mapping or sum(self._waiting.values()) >= self.total:
+            if (per_mapping and mine >= self.per_mapping) or sum(self._waiting.values()) >= self.total:
                 return False
             self._waiting[domain] = mine + 1
             return True

@@ -72,7 +72,9 @@ def read_meta(client: redis.Redis, guard: StoreGuard, key: str) -> tuple[bytes, 
     return entry_id, int(meta["s"]), str(meta["r"]), [(str(n), str(v)) for n, v in meta["h"]]
 
 
-def follow_chunks(client: redis.Redis, guard: StoreGuard, key: str, after: bytes, idle_timeout: float) -> Iterator[bytes]:
+def follow_chunks(
+    client: redis.Redis, guard: StoreGuard, key: str, after: bytes, idle_timeout: float
+) -> Iterator[bytes]:
     """Yield the body's chunks as the leader adds them, up to the end mark.
 
     A relay that the leader marks unfinished (its upstream broke off, the body passed the relay limit),

@@ -8,7 +8,6 @@ import pytest
 
 from tests.support.processes import Gunicorn
 
-
 StartGunicorn = Callable[..., Gunicorn]
 
 

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -101,7 +101,9 @@ def test_a_killed_leader_does_not_wedge_its_waiters(gunicorn, redis_url, upstrea
     assert elapsed < lock_ttl + latency + poll + 2
 
 
-def test_an_oversize_body_with_nobody_waiting_is_not_copied_into_redis(gunicorn, redis_server, redis_url, upstream) -> None:
+def test_an_oversize_body_with_nobody_waiting_is_not_copied_into_redis(
+    gunicorn, redis_server, redis_url, upstream
+) -> None:
     proxy = gunicorn(config_for(upstream, cache={"max_cache_response_size": 65536}), env={"REDIS_URL": redis_url})
     response = requests.get(f"{proxy.url}/up/big/2000000", timeout=30)
     assert len(response.content) == 2_000_000

@@ -144,8 +144,8 @@ def test_a_killed_redis_is_back_within_seconds_with_its_entries(start, upstream,
     proxy = start(upstream, data_dir)
     master = psutil.Process(proxy.process.pid)
     hit_once(proxy, "/up/kept")
+    assert wait_until(lambda: len(workers_of(master)) == 2, timeout=30), "the second worker never booted"
     workers = {p.pid for p in workers_of(master)}
-    assert len(workers) == 2
     [server] = redis_servers(data_dir)
 
     server.kill()
@@ -238,8 +238,9 @@ def test_an_orphan_of_a_killed_master_stops_once_nobody_uses_it(start, upstream,
     data_dir = tmp_path / "data"
     doomed = start(upstream, data_dir)
     hit_once(doomed, "/up/kept")
-    workers = workers_of(psutil.Process(doomed.process.pid))
-    assert len(workers) == 2
+    master = psutil.Process(doomed.process.pid)
+    assert wait_until(lambda: len(workers_of(master)) == 2, timeout=30), "the second worker never booted"
+    workers = workers_of(master)
     doomed.process.send_signal(signal.SIGKILL)  # the master only: its workers notice and leave by themselves
     doomed.process.wait()
     killed_at = time.monotonic()

@@ -230,7 +230,11 @@ def odd_answer(request: RawRequest, count: int):
         "latin1-location": [("Location", "/caf\xe9")],
         "bad-port-location": [("Location", "http://127.0.0.1:99999999/x")],
     }[name]
-    status = "503 Service Unavailable" if name.startswith("retry-after") else "302 Found" if "location" in name else "200 OK"
+    status = "200 OK"
+    if name.startswith("retry-after"):
+        status = "503 Service Unavailable"
+    elif "location" in name:
+        status = "302 Found"
     body = b'{"ok": true}'
     if name != "superscript-length":
         headers.append(("Content-Length", str(len(body))))

@@ -31,7 +31,7 @@ def settled_metrics(url: str, hits: int, misses: int, timeout: float = 5.0) -> d
 
 def test_counts_describe_the_whole_proxy_not_one_worker(gunicorn, redis_url, upstream) -> None:
     proxy = gunicorn(two_domains(upstream), env={"REDIS_URL": redis_url}, workers=4)
-    for round_ in range(3):
+    for _ in range(3):
         for i in range(10):
             requests.get(f"{proxy.url}/up/item/{i}", timeout=10, headers={"Connection": "close"})
     report = settled_metrics(proxy.url, hits=20, misses=10)

@@ -116,7 +116,9 @@ def test_hits_keep_answering_while_400_connections_trickle_their_headers(gunicor
     assert upstream.paths() == ["/hit"]  # no slow head ever became a request
 
 
-def test_a_head_that_misses_header_timeout_is_closed_for_a_new_or_a_reused_connection(gunicorn, redis_url, upstream) -> None:
+def test_a_head_that_misses_header_timeout_is_closed_for_a_new_or_a_reused_connection(
+    gunicorn, redis_url, upstream
+) -> None:
     proxy = gunicorn(config(upstream, header_timeout=1), env={"REDIS_URL": redis_url}, workers=1, extra_args=SMALL)
     warm(proxy.url, "/up/a")
     request = head(proxy.port, "/up/a", "X-Pad: " + "a" * 100)

@@ -82,7 +82,7 @@ class Gunicorn:
             wait_for_port(self.port, timeout=30, alive=lambda: self.process.poll() is None)
         except Exception:
             self.stop()
-            raise RuntimeError(f"gunicorn did not start:\n{self.log()}")
+            raise RuntimeError(f"gunicorn did not start:\n{self.log()}") from None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -151,7 +151,9 @@ def test_a_leader_that_fails_lets_go_so_a_waiter_leads(make) -> None:
     while not calls:
         time.sleep(0.01)
     results: list[ProxyResult] = []
-    follower = threading.Thread(target=lambda: results.append(second.run(ENTRY, 10_000, 5.0, 10.0, lead_with(second, answer(b"ok"), calls))))
+    follower = threading.Thread(
+        target=lambda: results.append(second.run(ENTRY, 10_000, 5.0, 10.0, lead_with(second, answer(b"ok"), calls)))
+    )
     follower.start()
     time.sleep(0.2)
     gate.set()

@@ -7,7 +7,8 @@ from buddy.fingerprint import RequestShape, credentials_digest, fingerprint, sor
 from buddy.redis_keys import RedisKeys
 
 BASE = RequestShape(
-    method="GET", domain="conceptnet", upstream="https://api.conceptnet.io:443", path="/c/en/dog", query="limit=5&offset=0", body=b"",
+    method="GET", domain="conceptnet", upstream="https://api.conceptnet.io:443", path="/c/en/dog",
+    query="limit=5&offset=0", body=b"",
     content_type="", vary=(("accept", "application/json"), ("accept-language", None)), credentials="",
 )
 

@@ -5,7 +5,8 @@ from urllib.parse import urlsplit
 
 import fakeredis
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from werkzeug.test import EnvironBuilder
 
 from buddy import create_app

@@ -1,8 +1,8 @@
 """Cache policy on plain values: what is keyed, stored, shared, and how an upstream's Retry-After is read."""
 from __future__ import annotations
 
-from email.utils import format_datetime
 from datetime import datetime, timezone
+from email.utils import format_datetime
 
 import pytest
 
@@ -18,7 +18,9 @@ SETTINGS = validate_config({"domain_mappings": {
 API = SETTINGS.domains["api"]
 
 
-def request(headers: list[tuple[str, str]], domain: str = "api", method: str = "GET", body: bytes = b"") -> ProxyRequest:
+def request(
+    headers: list[tuple[str, str]], domain: str = "api", method: str = "GET", body: bytes = b""
+) -> ProxyRequest:
     mapping = SETTINGS.domains[domain]
     return ProxyRequest(mapping, method, "/v1/items", "q=1", headers, body, forwardable_request_headers(headers))
 

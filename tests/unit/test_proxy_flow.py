@@ -1,8 +1,9 @@
-"""The request flow through the Flask app (fakeredis, a real upstream stub): what a client sees and what upstream sees."""
+"""The request flow through the Flask app (fakeredis, a real upstream stub): what a client sees, what upstream sees."""
 from __future__ import annotations
 
 import gzip
 import json
+import os
 import time
 
 import fakeredis
@@ -171,7 +172,8 @@ def test_traversal_gets_a_json_400_and_never_reaches_upstream(client: FlaskClien
 
 
 def test_body_over_the_limit_is_413_json(upstream: UpstreamStub, buddy_config: dict) -> None:
-    app = create_app({**buddy_config, "server": {"max_request_body": 100}}, redis_client=fakeredis.FakeRedis(), environ={})
+    app = create_app({**buddy_config, "server": {"max_request_body": 100}}, redis_client=fakeredis.FakeRedis(),
+                     environ={})
     response = app.test_client().post("/up/x", data=b"x" * 101)
     assert response.status_code == 413 and response.is_json
     assert upstream.count() == 0
@@ -246,3 +248,24 @@ def test_a_request_past_its_leaders_budget_gets_a_504_labelled_coalesce_timeout(
         assert app.extensions["buddy"].monitoring.counters()["up"]["coalesce_timeouts"] == 1
     finally:
         app.extensions["buddy"].shutdown()
+
+
+def test_a_client_on_a_high_descriptor_is_not_taken_for_gone() -> None:
+    import resource
+    import socket
+
+    from buddy.views import hung_up
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(2048, hard), hard))
+    ours, theirs = socket.socketpair()
+    high = socket.socket(fileno=os.dup2(ours.fileno(), 1500))  # a busy worker's 1500th connection
+    try:
+        gone = hung_up(high)
+        assert not gone()  # select.select() would have refused fd 1500 and called the client gone
+        theirs.close()
+        assert gone()
+    finally:
+        high.close()
+        ours.close()

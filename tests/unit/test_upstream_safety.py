@@ -4,13 +4,20 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from buddy.errors import BadProxyRequest
 from buddy.settings import validate_config
 from buddy.upstream import (
-    build_url, client_response_headers, forwardable_request_headers, rewrite_location, safe_path, safe_query,
-    storable_headers, upstream_path,
+    build_url,
+    client_response_headers,
+    forwardable_request_headers,
+    rewrite_location,
+    safe_path,
+    safe_query,
+    storable_headers,
+    upstream_path,
 )
 
 DOMAIN = validate_config({"domain_mappings": {"w": {"upstream": "https://api.example.org:8443/v2"}}}).domains["w"]
