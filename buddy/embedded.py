@@ -161,11 +161,11 @@ class EmbeddedRedis:
             self._thread.start()
         return started
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 15.0) -> bool:
         """Leave the server; the last user (whoever started it, or adopted it from a process that died) saves
-        and stops it, the others leave it running for those still using it."""
+        and stops it, the others leave it running for those still using it. True if this call stopped it."""
         if self._owner_pid != os.getpid():
-            return  # a forked child: the locks, thread and server belong to the process that took them
+            return False  # a forked child: the locks, thread and server belong to the process that took them
         self._stopping.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread.is_alive() and thread is not threading.current_thread():
@@ -176,13 +176,14 @@ class EmbeddedRedis:
         users, self._users = self._users, None
         process, self.process = self.process, None
         if users is None:
-            return
+            return False
         try:
             try:
                 fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)  # granted only if nobody else uses it
             except BlockingIOError:
-                return
+                return False
             self._shutdown(process, timeout)
+            return True
         finally:
             users.close()
 

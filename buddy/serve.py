@@ -14,10 +14,12 @@ from typing import Any, Mapping
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 
+from buddy import __version__
 from buddy.access import exposure_warning
 from buddy.embedded import EmbeddedRedis
 from buddy.errors import ConfigError
 from buddy.logs import configure_logging, gunicorn_logconfig
+from buddy.monitoring import redacted_url
 from buddy.settings import Settings, load_settings
 
 WORKER_CLASS = "buddy.worker.DeadlineWorker"  # gthread whose main loop reads request heads (slow clients)
@@ -82,6 +84,7 @@ class ServerHooks:
         reloads the settings (and these hooks), and on_exit must still find the server this master supervises.
         """
         settings = self.settings
+        self._introduce(server)
         if settings.redis["url"]:
             return
         configure_logging(settings.logging)  # the master's own `buddy.embedded` lines (restarts) look like the rest
@@ -102,7 +105,28 @@ class ServerHooks:
         """The master is leaving: save and stop the embedded Redis, unless other processes still use it."""
         embedded = getattr(server, "buddy_embedded_redis", None)
         if embedded is not None:
-            embedded.stop()
+            if embedded.stop():
+                server.log.info("embedded Redis saved and stopped (data in %s)", embedded.data_dir)
+            else:
+                server.log.info("embedded Redis left running: another process still uses %s", embedded.data_dir)
+
+    def _introduce(self, server: Any) -> None:
+        """A few lines an operator needs at start-up: where it listens, with what, for which upstreams."""
+        settings, cfg = self.settings, server.cfg
+        server.log.info(
+            "reference-api-buddy %s on %s: %d workers x %d threads (%s)",
+            __version__, ", ".join(cfg.bind), cfg.workers, cfg.threads, cfg.worker_class_str.rsplit(".", 1)[-1],
+        )
+        config = os.environ.get("BUDDY_CONFIG")
+        server.log.info(
+            "config: %s; access key %s", os.path.abspath(config) if config else "built-in defaults",
+            "required" if settings.security["require_secure_key"] else "NOT required",
+        )
+        url = settings.redis["url"]
+        where = f"external {redacted_url(url)}" if url else f"embedded, data in {settings.data_dir}"
+        server.log.info("redis: %s", where)
+        for domain in settings.domains.values():
+            server.log.info("mapping /%s/ -> %s", domain.name, domain.upstream)
 
 
 def data_folder_problem(embedded: EmbeddedRedis, exc: OSError) -> str:

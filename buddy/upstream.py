@@ -229,6 +229,26 @@ class BodyStream:
             self.response.close()
 
 
+def failure_kind(exc: BaseException) -> str:
+    """What went wrong reaching an upstream, in words an operator can act on (never the URL or its query)."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    chain += [arg for e in chain for arg in getattr(e, "args", ()) if isinstance(arg, BaseException)]
+    text = " ".join(type(e).__name__ + " " + str(e) for e in chain)
+    if isinstance(exc, requests.exceptions.SSLError) or "SSL" in text:
+        return "TLS verification failed" if "CERTIFICATE_VERIFY_FAILED" in text else "TLS handshake failed"
+    if any(isinstance(e, socket.gaierror) for e in chain) or "NameResolutionError" in text:
+        return "DNS lookup failed"
+    if any(isinstance(e, ConnectionRefusedError) for e in chain) or "Connection refused" in text:
+        return "connection refused"
+    if any(isinstance(e, ConnectionResetError) for e in chain) or "reset by peer" in text:
+        return "connection reset"
+    return "connection failed"
+
+
 def socket_of(response: requests.Response) -> socket.socket | None:
     """The socket an upstream answer is read from: the pooled connection's, or (when the upstream said
     `Connection: close` and http.client detached it) the one behind the response's file object."""
@@ -288,9 +308,13 @@ class UpstreamClient:
                 verify=True,
             )
         except requests.Timeout as exc:
-            raise UpstreamTimeout(domain.name, f"upstream '{domain.name}' did not answer in time", "timeout") from exc
+            raise UpstreamTimeout(
+                domain.name, f"upstream '{domain.name}' ({domain.netloc}) did not answer in time", "timeout"
+            ) from exc
         except requests.RequestException as exc:
-            raise UpstreamUnavailable(domain.name, f"could not reach upstream '{domain.name}'") from exc
+            raise UpstreamUnavailable(
+                domain.name, f"could not reach upstream '{domain.name}' ({domain.netloc}): {failure_kind(exc)}"
+            ) from exc
         except (UnicodeError, ValueError) as exc:  # requests decodes a redirect's Location even when not following
             raise UpstreamUnavailable(
                 domain.name, f"upstream '{domain.name}' sent a malformed answer", kind="malformed"

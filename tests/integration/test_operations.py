@@ -157,3 +157,16 @@ def test_caching_proxy_lifecycle_errors_are_clear(redis_url, upstream) -> None:
     blocking.stop()  # from another thread: ends the blocking start()
     runner.join(10)
     assert not runner.is_alive()
+
+
+def test_start_up_and_shutdown_say_what_an_operator_needs_and_nothing_secret(gunicorn, upstream, tmp_path) -> None:
+    config = {"domain_mappings": {"up": {"upstream": upstream.url}},
+              "security": {"require_secure_key": True, "secure_key": "k" * 32}}
+    proxy = gunicorn(config, env={"BUDDY_DATA_DIR": str(tmp_path / "data")}, workers=2)
+    proxy.stop()
+    log = proxy.log()
+    assert "2 workers x 64 threads (DeadlineWorker)" in log
+    assert "access key required" in log and "k" * 32 not in log
+    assert f"redis: embedded, data in {tmp_path / 'data'}" in log
+    assert f"mapping /up/ -> {upstream.url}" in log
+    assert "embedded Redis saved and stopped" in log

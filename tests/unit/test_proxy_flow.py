@@ -180,12 +180,13 @@ def test_body_over_the_limit_is_413_json(upstream: UpstreamStub, buddy_config: d
 
 
 def test_connection_refused_is_502_naming_the_domain(fake_redis: fakeredis.FakeRedis) -> None:
-    app = create_app({"domain_mappings": {"gone": {"upstream": f"http://127.0.0.1:{free_port()}"}}},
+    port = free_port()
+    app = create_app({"domain_mappings": {"gone": {"upstream": f"http://127.0.0.1:{port}"}}},
                      redis_client=fake_redis, environ={})
-    response = app.test_client().get("/gone/x")
+    response = app.test_client().get("/gone/x?api_key=secret")
     assert response.status_code == 502
     assert response.json == {"error": "upstream unavailable", "domain": "gone",
-                             "message": "could not reach upstream 'gone'"}
+                             "message": f"could not reach upstream 'gone' (127.0.0.1:{port}): connection refused"}
 
 
 def test_slow_upstream_is_504_naming_the_domain(client: FlaskClient, upstream: UpstreamStub) -> None:

@@ -128,3 +128,22 @@ def test_a_redirect_through_the_proxy_keeps_the_key_where_the_client_put_it() ->
     # A redirect elsewhere (another host, another mapping) never carries the proxy's key.
     for elsewhere in ("https://other.example.org/up/x", "/upper/x", "/other/up"):
         assert keep_access_key([("Location", elsewhere)], domain, "k3y", "k3y") == [("Location", elsewhere)]
+
+
+def test_a_502_says_what_failed_in_words_an_operator_can_act_on() -> None:
+    import socket
+
+    import requests
+
+    from buddy.upstream import failure_kind
+
+    try:
+        requests.get("http://127.0.0.1:1/x?api_key=secret", timeout=2)
+    except requests.RequestException as exc:
+        refused = exc
+    dns = requests.ConnectionError("lookup")
+    dns.__cause__ = socket.gaierror(-2, "Name or service not known")
+    tls = requests.exceptions.SSLError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    reset = requests.ConnectionError("Connection aborted.", ConnectionResetError(104, "Connection reset by peer"))
+    assert [failure_kind(e) for e in (refused, dns, tls, reset)] == [
+        "connection refused", "DNS lookup failed", "TLS verification failed", "connection reset"]
