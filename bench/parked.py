@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -25,34 +24,22 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import subprocess  # noqa: E402
 
-from tests.support.ports import free_port, wait_for_port  # noqa: E402
-from tests.support.processes import RedisServer, stop_group  # noqa: E402
+from tests.support.processes import Gunicorn, RedisServer  # noqa: E402
 from tests.support.upstream_stub import UpstreamStub  # noqa: E402
 
 
-def start_proxy(workdir: Path, redis_url: str, upstream: str, worker_class: str, threads: int) -> tuple:
-    port = free_port()
-    config = workdir / f"config-{port}.json"
-    config.write_text(json.dumps({"domain_mappings": {"up": {"upstream": upstream, "read_timeout": 30}},
-                                  "throttling": {"default_requests_per_hour": 1_000_000},
-                                  "logging": {"level": "WARNING"}}))
-    env = {**os.environ, "REDIS_URL": redis_url, "BUDDY_CONFIG": str(config)}
-    args = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{port}", "-w", "4",
-            "-k", worker_class, "--threads", str(threads if worker_class == "gthread" else 1),
-            "--worker-connections", "1000", "wsgi:app"]
-    log = open(workdir / f"gunicorn-{port}.log", "wb")
-    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    wait_for_port(port, alive=lambda: process.poll() is None)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):  # wait for the workers, not just the master's socket
-        try:
-            requests.get(f"{base}/up/warm", timeout=5)
-            break
-        except requests.RequestException:
-            time.sleep(0.1)
-    return process, base
+def start_proxy(workdir: Path, redis_url: str, upstream: str, worker_class: str, threads: int) -> Gunicorn:
+    proxy = Gunicorn(
+        workdir,
+        {"domain_mappings": {"up": {"upstream": upstream, "read_timeout": 30}},
+         "throttling": {"default_requests_per_hour": 1_000_000}, "logging": {"level": "WARNING"}},
+        {"REDIS_URL": redis_url}, workers=4,
+        extra_args=("-k", worker_class, "--threads", str(threads if worker_class == "gthread" else 1),
+                    "--worker-connections", "1000"),
+    )
+    proxy.wait_until_serving("/up/warm")
+    return proxy
 
 
 def hit_latencies(base: str, seconds: float) -> list[float]:
@@ -79,7 +66,8 @@ def summary(latencies: list[float]) -> str:
 def run_class(worker_class: str, threads: int, workdir: Path, redis: RedisServer, upstream: UpstreamStub,
               parked: int = 120, burst: int = 100) -> list[str]:
     redis.client().flushall()
-    process, base = start_proxy(workdir, redis.url, upstream.url, worker_class, threads)
+    proxy = start_proxy(workdir, redis.url, upstream.url, worker_class, threads)
+    base = proxy.url
     rows = []
     try:
         rows.append(f"{worker_class:8} {'idle hits':28} {summary(hit_latencies(base, 2))}")
@@ -93,9 +81,10 @@ def run_class(worker_class: str, threads: int, workdir: Path, redis: RedisServer
         ok = sum(1 for f in done if f.exception() is None and f.result().status_code == 200)
         rows.append(f"{worker_class:8} {'parked misses answered':28} {ok:>8}/{parked} within 15 s")
         if ok < parked:  # a starved class would take minutes to drain; restart it rather than wait
-            stop_group(process)
+            proxy.stop()
             pool.shutdown(cancel_futures=True)
-            process, base = start_proxy(workdir, redis.url, upstream.url, worker_class, threads)
+            proxy = start_proxy(workdir, redis.url, upstream.url, worker_class, threads)
+            base = proxy.url
         else:
             pool.shutdown()
         upstream.clear()
@@ -108,7 +97,7 @@ def run_class(worker_class: str, threads: int, workdir: Path, redis: RedisServer
                     f"(upstream 500 ms, {upstream.count()} upstream call(s), "
                     f"{sum(a.status_code == 200 for a in answers)}/{burst} ok)")
     finally:
-        stop_group(process)
+        proxy.stop()
     return rows
 
 

@@ -15,12 +15,10 @@ Run: python bench/stalls.py [--misses 300] [--seconds 3] [--smoke]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,32 +29,19 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.ports import free_port, wait_for_port  # noqa: E402
-from tests.support.processes import RedisServer, stop_group  # noqa: E402
+from tests.support.processes import Gunicorn, RedisServer  # noqa: E402
 from tests.support.upstream_stub import UpstreamStub  # noqa: E402
 
 
-def start_proxy(workdir: Path, redis_url: str, upstream: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    config = workdir / f"config-{port}.json"
-    config.write_text(json.dumps({
+def start_proxy(workdir: Path, redis_url: str, upstream: str) -> Gunicorn:
+    """The default shape of gunicorn.conf.py (4 workers), one free mapping and one at 1 request a second."""
+    proxy = Gunicorn(workdir, {
         "domain_mappings": {"up": {"upstream": upstream}, "slow": {"upstream": upstream, "max_requests_per_second": 1}},
         "throttling": {"default_requests_per_hour": 10_000_000},  # BYPASS goes upstream: never the limit here
         "logging": {"level": "WARNING"},
-    }))
-    env = {**os.environ, "REDIS_URL": redis_url, "BUDDY_CONFIG": str(config)}
-    args = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{port}", "wsgi:app"]
-    log = open(workdir / f"gunicorn-{port}.log", "wb")
-    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    wait_for_port(port, alive=lambda: process.poll() is None)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):  # wait for the workers, not just the master's socket
-        try:
-            requests.get(f"{base}/up/warm", timeout=5)
-            break
-        except requests.RequestException:
-            time.sleep(0.1)
-    return process, base
+    }, {"REDIS_URL": redis_url}, workers=4)
+    proxy.wait_until_serving("/up/warm")
+    return proxy
 
 
 def hit_latencies(base: str, seconds: float) -> tuple[list[float], int]:
@@ -101,8 +86,8 @@ def main() -> None:
     upstream = UpstreamStub()
     with tempfile.TemporaryDirectory() as tmp:
         redis = RedisServer(Path(tmp))
-        process, base = start_proxy(Path(tmp), redis.url, upstream.url)
-        port = int(base.rsplit(":", 1)[1])
+        proxy = start_proxy(Path(tmp), redis.url, upstream.url)
+        base, port = proxy.url, proxy.port
         try:
             print(f"{'scenario':34} {'hits':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'failed':>6}")
             print(row("idle", *hit_latencies(base, seconds)), flush=True)
@@ -135,7 +120,7 @@ def main() -> None:
             time.sleep(1.5)
             print(row("Redis back", *hit_latencies(base, seconds)), flush=True)
         finally:
-            stop_group(process)
+            proxy.stop()
             redis.stop()
             upstream.stop()
 

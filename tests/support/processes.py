@@ -6,10 +6,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import redis
+import requests
 
 from buddy.embedded import redis_server_binary
 from tests.support.ports import free_port, wait_for_port
@@ -86,6 +88,15 @@ class Gunicorn:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def wait_until_serving(self, path: str, tries: int = 100) -> None:
+        """Wait for the workers, not just the master's socket: GET `path` until an answer comes."""
+        for _ in range(tries):
+            try:
+                requests.get(f"{self.url}{path}", timeout=5)
+                return
+            except requests.RequestException:
+                time.sleep(0.1)
 
     def stop(self) -> None:
         stop_group(self.process, timeout=20)
