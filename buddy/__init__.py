@@ -23,6 +23,7 @@ from buddy.service import ProxyService
 from buddy.settings import Settings, load_settings
 from buddy.store.guard import BUG_TTL_SECONDS, StoreGuard
 from buddy.store.metrics import MetricsRecorder
+from buddy.store.offline import OfflineSwitch
 from buddy.store.rate_limiter import LocalLimiter, RateLimiter, WaitingRoom
 from buddy.store.response_cache import ResponseCache
 from buddy.store.secure_key import SecureKeyStore
@@ -115,7 +116,7 @@ def create_app(
     )
     metrics = MetricsRecorder(redis_client, guard, keys)
     hub = WakeupHub(redis_client, keys.fill_channel)
-    cache = ResponseCache(redis_client, guard, keys)
+    cache = ResponseCache(redis_client, guard, keys, {name: d.grace for name, d in settings.domains.items()})
     max_delay = settings.throttling["progressive_max_delay"]
     waiting = WaitingRoom(int(os.environ.get("BUDDY_THREADS", "64")))  # sleepers and followers alike
     service = ProxyService(
@@ -128,6 +129,7 @@ def create_app(
         LocalLimiter(max_delay, int(os.environ.get("BUDDY_WORKERS", "1"))),
         metrics,
         waiting,
+        OfflineSwitch(redis_client, guard, keys, settings.cache["offline"]),
     )
     secure_key = SecureKeyStore(redis_client, guard, keys, settings.security["secure_key"])
     access = AccessControl(

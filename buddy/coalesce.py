@@ -73,11 +73,14 @@ class Coalescer:
         timeout: float,
         lead: Callable[[str], ProxyResult],
         accept: Accept = lambda result: True,
+        usable: Accept = lambda entry: True,
     ) -> ProxyResult:
         """Lead, or wait up to `timeout` for the leader's answer and return it if `accept` says it is ours.
 
-        StoreUnavailable before anything was fetched propagates, so the caller can serve without Redis;
-        NotShared when the leader's answer may not be given to this request.
+        A follower also takes the entry from the cache once it is there, if `usable` says it may (an expired
+        entry kept for stale-if-error is no answer to wait for). StoreUnavailable before anything was fetched
+        propagates, so the caller can serve without Redis; NotShared when the leader's answer may not be given
+        to this request.
         """
         started = time.monotonic()
         deadline = started + timeout
@@ -92,7 +95,7 @@ class Coalescer:
                 if self.waiting is not None and not self.waiting.enter(entry.domain, per_mapping=False):
                     raise WaitingFull(entry.domain)
                 try:
-                    result = self._follow(entry, holder, deadline, idle_timeout, accept)
+                    result = self._follow(entry, holder, deadline, idle_timeout, accept, usable)
                 finally:
                     if self.waiting is not None:
                         self.waiting.leave(entry.domain)
@@ -102,15 +105,24 @@ class Coalescer:
             if time.monotonic() >= deadline:
                 raise CoalesceTimeout(entry.domain, time.monotonic() - started)
 
+    def try_lead(self, entry: EntryId, lock_ttl_ms: int, timeout: float) -> str | None:
+        """Take the lock if nobody holds it (a background refresh): the token to lead with, else None."""
+        token = secrets.token_hex(12)
+        won, _ = self.lock.acquire(entry, token, lock_ttl_ms)
+        if not won:
+            return None
+        self.keeper.hold(entry, token, lock_ttl_ms, timeout)
+        return token
+
     def _follow(
-        self, entry: EntryId, holder: str, deadline: float, idle_timeout: float, accept: Accept
+        self, entry: EntryId, holder: str, deadline: float, idle_timeout: float, accept: Accept, usable: Accept
     ) -> ProxyResult | None:
         """Wait for `holder`'s result; None when the holder is gone without one (the caller then tries to lead)."""
         waiter = self.hub.register(entry)  # before the re-check: a result published from now on wakes us
         try:
             first = True
             while True:
-                result, lock_holder = self._check(entry, holder, idle_timeout, count_me=first)
+                result, lock_holder = self._check(entry, holder, idle_timeout, usable, count_me=first)
                 first = False
                 if result is not None:
                     if not accept(result):
@@ -128,7 +140,7 @@ class Coalescer:
             self.hub.unregister(entry, waiter)
 
     def _check(
-        self, entry: EntryId, holder: str, idle_timeout: float, count_me: bool
+        self, entry: EntryId, holder: str, idle_timeout: float, usable: Accept, count_me: bool
     ) -> tuple[ProxyResult | None, str]:
         """One round trip: who holds the lock now, then the cache entry, this leader's shared result and relay.
 
@@ -152,13 +164,14 @@ class Coalescer:
         lock_holder = lock_holder.decode() if lock_holder else ""
         if shared == codec.NOT_SHARED:
             raise NotShared("private")
-        for blob in (cached, shared):
+        for blob, from_cache in ((cached, True), (shared, False)):
             if blob:
                 try:
                     found = codec.decode(blob)
                 except codec.CodecError:
                     continue
-                if isinstance(found, ProxyResult):  # a vary pointer is no answer: the leader shares one
+                # A vary pointer is no answer (the leader shares one), nor is an entry too old for this request.
+                if isinstance(found, ProxyResult) and (not from_cache or usable(found)):
                     found.cache = "COALESCED"
                     return found, lock_holder
         if relaying:

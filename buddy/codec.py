@@ -12,6 +12,7 @@ better than zlib level 6 while encoding about 6x and decoding about 4x faster.
 """
 from __future__ import annotations
 
+import base64
 import json
 import struct
 import threading
@@ -19,7 +20,7 @@ from typing import NamedTuple
 
 import zstandard
 
-from buddy.messages import ProxyResult
+from buddy.messages import ProxyResult, StoredRequest
 
 MAGIC = b"RB"
 POINTER_MAGIC = b"RV"
@@ -53,6 +54,10 @@ def encode(response: ProxyResult) -> bytes:
               "d": response.fetch_ms}
     if response.vary:
         fields.update(v=response.vary, k=response.variant)
+    if response.fresh_for is not None:
+        fields["f"] = response.fresh_for
+    if response.request is not None:
+        fields["q"] = _request_fields(response.request)
     meta = json.dumps(fields, separators=(",", ":")).encode()
     payload = _HEADER_LEN.pack(len(meta)) + meta + response.body
     return MAGIC + bytes([VERSION]) + _contexts()[0].compress(payload)
@@ -81,9 +86,34 @@ def decode(blob: bytes) -> ProxyResult | VaryPointer:
         return ProxyResult(
             int(meta["s"]), str(meta["r"]), headers, payload[4 + size :], fetch_ms=int(meta.get("d", 0)),
             stored_at=float(meta["t"]), vary=tuple(str(n) for n in meta.get("v", ())), variant=str(meta.get("k", "")),
+            fresh_for=None if meta.get("f") is None else int(meta["f"]),
+            request=None if meta.get("q") is None else _stored_request(meta["q"]),
         )
     except (zstandard.ZstdError, struct.error, ValueError, KeyError, TypeError) as exc:
         raise CodecError(str(exc)) from exc
+
+
+def _request_fields(request: StoredRequest) -> dict:
+    fields: dict = {"m": request.method, "u": request.url}
+    if request.headers:
+        fields["h"] = request.headers
+    if request.body:
+        fields["b"] = base64.b64encode(request.body).decode()
+    if not request.body_kept:
+        fields["bk"] = False
+    for name, value in (("c", request.content_type), ("x", request.credentials), ("n", request.namespace)):
+        if value:
+            fields[name] = value
+    return fields
+
+
+def _stored_request(fields: dict) -> StoredRequest:
+    return StoredRequest(
+        method=str(fields["m"]), url=str(fields["u"]),
+        headers=tuple((str(name), str(value)) for name, value in fields.get("h", ())),
+        body=base64.b64decode(fields.get("b", ""), validate=True), body_kept=bool(fields.get("bk", True)),
+        content_type=str(fields.get("c", "")), credentials=str(fields.get("x", "")), namespace=str(fields.get("n", "")),
+    )
 
 
 def decode_response(blob: bytes) -> ProxyResult:

@@ -28,6 +28,7 @@ class ProxyRequest:
     forwarded: dict[str, str]
     key_prefix: str = ""
     key_param: str = ""
+    namespace: str = ""  # X-Buddy-Namespace: a partition of the cache; never sent upstream
     client_gone: Callable[[], bool] = field(default=lambda: False, compare=False)
 
     @cached_property
@@ -37,6 +38,29 @@ class ProxyRequest:
     def header(self, name: str) -> str:
         """The value of a header as the upstream gets it, '' when absent (names compare case-insensitively)."""
         return self._by_name.get(name.lower(), "")
+
+
+@dataclass(frozen=True)
+class StoredRequest:
+    """What a stored entry was fetched with and keyed on, kept beside it (for export, and to explain a key).
+
+    `headers` are the keyed request headers as the upstream got them (the mapping's vary headers and those
+    the answer's Vary named), never a credential; `credentials` is the digest of the credential headers
+    the key was partitioned by ('' for none), never their values. A body over STORED_BODY_LIMIT is not kept
+    (`body_kept` False): such an entry can be served but not exported.
+    """
+
+    method: str
+    url: str
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    body_kept: bool = True
+    content_type: str = ""
+    credentials: str = ""
+    namespace: str = ""
+
+
+STORED_BODY_LIMIT = 1024 * 1024
 
 
 @dataclass
@@ -49,6 +73,8 @@ class ProxyResult:
     the digest of the entry it was stored under for them (see policy.variant_digest). `upstream_headers`
     keeps a fresh upstream answer's headers as they came, before any was dropped for the client (a
     `Connection: Cache-Control` or a control character must not hide `private` from the policy).
+    A stored entry is fresh for `fresh_for` seconds after `stored_at`, then stale: Redis keeps it for a
+    grace period longer (stale-if-error, stale-while-revalidate; see policy.freshness).
     """
 
     status: int
@@ -63,6 +89,8 @@ class ProxyResult:
     vary: tuple[str, ...] = ()
     variant: str = ""
     upstream_headers: list[tuple[str, str]] | None = None  # as the upstream sent them; read by policy only
+    fresh_for: int | None = None  # a stored entry's freshness lifetime (s) from stored_at; None: fresh while kept
+    request: StoredRequest | None = None  # a stored entry's request
 
     def all_headers(self) -> list[tuple[str, str]]:
         return [*self.headers, ("X-Cache", self.cache), *self.extra]

@@ -40,11 +40,13 @@ KEY_KINDS = (
     KeyKind("errors", False, "the 50 latest upstream errors (JSON events), newest first; trimmed on every push"),
     KeyKind("workers", False, "proxy processes seen lately (host:pid -> time); trimmed to the last 15 s at each flush"),
     KeyKind("secure_key", False, "the generated access key: kept across restarts, never evicted"),
+    KeyKind("offline", False, "the run-time offline switch ('1' on, '0' off) set by `buddy offline`; one key"),
 )
 # The counters of `stats:{<name>}`, besides one `status:<outcome>` per upstream status code or failure kind.
 STATS_FIELDS = frozenset({
     "hits", "misses", "coalesced", "passthrough", "coalesce_timeouts", "sets", "bytes_saved", "ms_saved",
     "upstream_requests", "upstream_ms", "throttle_refused", "throttle_delayed", "throttle_delay_ms", "client_gone",
+    "stale", "stale_if_error", "background_refreshes", "refresh_failures", "offline_refusals", "not_cached",
 })
 
 
@@ -123,6 +125,11 @@ class RedisKeys:
         return f"{self.prefix}secure_key"
 
     @property
+    def offline(self) -> str:
+        """The run-time offline switch: '1' or '0'; absent means as configured (cache.offline)."""
+        return f"{self.prefix}offline"
+
+    @property
     def fill_channel(self) -> str:
         """Pub/sub channel on which leaders announce finished (or started-streaming) fills."""
         return f"{self.prefix}fill"
@@ -143,9 +150,14 @@ class RedisKeys:
             return ""
         return key[len(self.prefix):].split(":", 1)[0]
 
-    def cache_pattern(self, domain: str | None = None) -> str:
-        """A SCAN MATCH pattern for one domain's entries, or every domain's."""
-        if domain is None:
-            return f"{self.prefix}cache:*"
-        escaped = "".join("\\" + c if c in "*?[]\\" else c for c in domain)
-        return f"{self.prefix}cache:{{{escaped}}}:*"
+    def cache_pattern(self, domain: str | None = None, namespace: str | None = None) -> str:
+        """A SCAN MATCH pattern for one domain's entries, or every domain's; in one namespace only, if named
+        (see policy.namespaced)."""
+        tag = "*" if domain is None else "{" + _glob_escape(domain) + "}"
+        if namespace is None:
+            return f"{self.prefix}cache:{tag}:*" if domain is not None else f"{self.prefix}cache:*"
+        return f"{self.prefix}cache:{tag}:ns:{_glob_escape(namespace)}:*"
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
+from dataclasses import replace
 from typing import NamedTuple
 
 from buddy import policy
@@ -16,6 +18,7 @@ from buddy.redis_keys import EntryId, RedisKeys
 from buddy.settings import DomainSettings, Settings
 from buddy.store.fill_lock import LOCK_TTL_MS
 from buddy.store.metrics import MetricsRecorder
+from buddy.store.offline import OfflineSwitch
 from buddy.store.rate_limiter import Decision, LocalLimiter, RateLimiter, WaitingRoom
 from buddy.store.response_cache import ResponseCache
 from buddy.upstream import UpstreamClient, build_url, keep_access_key, storable_headers
@@ -24,6 +27,7 @@ log = logging.getLogger("buddy.service")
 LOCK_MARGIN_SECONDS = 2.0
 WAITING_RETRY_AFTER = 2  # seconds: by then the request it would have waited on has often been answered
 SLOT_CHECK_SECONDS = 0.5  # how often a request sleeping for its rate-limit slot checks that its client is there
+REFRESHES_PER_PROCESS = 8  # background refreshes (stale-while-revalidate) one worker runs at once at most
 
 
 def json_result(status: int, reason: str, **body: object) -> ProxyResult:
@@ -54,6 +58,7 @@ class ProxyService:
         fallback_limiter: LocalLimiter,
         metrics: MetricsRecorder,
         waiting: WaitingRoom,
+        offline: OfflineSwitch,
     ) -> None:
         self.settings = settings
         self.keys = keys
@@ -64,6 +69,8 @@ class ProxyService:
         self.fallback_limiter = fallback_limiter
         self.metrics = metrics
         self.waiting = waiting
+        self.offline = offline
+        self._refreshes = threading.BoundedSemaphore(REFRESHES_PER_PROCESS)
 
     def handle(self, request: ProxyRequest) -> ProxyResult:
         result = self._answer(request)
@@ -85,43 +92,108 @@ class ProxyService:
         return Lookup(primary, primary, found)
 
     def _answer(self, request: ProxyRequest) -> ProxyResult:
+        domain = request.domain
+        offline = self.offline.on()
         if not policy.cacheable_request(request):
+            if offline:
+                return offline_miss(domain)
             result = self._call_upstream(request)
             result.cache = "PASS"  # shown to the client as MISS; counted apart from cache misses
             return result
-        domain = request.domain
+        control = policy.request_control(request.header("Cache-Control"), request.header("Pragma"))
         primary = policy.entry_for(request)
+        asked = time.time()
+        stale: ProxyResult | None = None  # an expired entry that may stand in for a failed fetch
         for _ in range(2):  # a second look when the leader's answer turned out to vary on our headers
             try:
                 found = self.lookup(request, primary)
             except StoreUnavailable:
-                return self._bypass(request)
+                return offline_miss(domain) if offline else self._bypass(request)
             if found.hit is not None:
-                return from_cache(found.hit)
+                now = time.time()
+                verdict = policy.satisfies(found.hit, control, now)
+                if verdict is not None:
+                    return from_cache(found.hit, verdict)
+                if not offline and policy.may_revalidate_later(domain, found.hit, control, now):
+                    self._refresh_later(request, found)
+                    return from_cache(found.hit, "STALE")
+                if policy.may_stand_in(domain, found.hit, control, now, offline):
+                    stale = found.hit
+            if offline:
+                return from_cache(stale, "STALE") if stale is not None else offline_miss(domain)
+            if control.only_if_cached:
+                return not_cached(domain)
             try:
-                return self.coalescer.run(
+                result = self.coalescer.run(
                     found.entry, LOCK_TTL_MS, domain.read_timeout + LOCK_MARGIN_SECONDS, domain.coalesce_timeout,
-                    lambda token: self._lead(request, found, token),
+                    lambda token: self._lead(request, found, token, control, asked),
                     lambda result: policy.follower_may_take(result, primary.digest, request.forwarded),
+                    lambda entry: usable(entry, control, asked),
                 )
             except NotShared as exc:
                 if exc.reason == "private":
                     break
+                continue
             except WaitingFull:
                 self.metrics.count(domain.name, "throttle_refused")
-                return too_many_waiting(domain)
+                result = too_many_waiting(domain)
             except CoalesceTimeout as exc:
                 result = json_result(
                     504, "Gateway Timeout", error="coalesce timeout", domain=exc.domain, message=str(exc)
                 )
                 result.cache = "COALESCE-TIMEOUT"
-                return result
             except StoreUnavailable:
                 return self._bypass(request)
+            return self._stand_in(domain, stale, result)
         # The answer is not one to share (private, no-store, Vary: *): this request asks for itself.
         result = self._call_upstream(request)
         result.cache = "PASS"
-        return result
+        return self._stand_in(domain, stale, result)
+
+    def _stand_in(self, domain: DomainSettings, stale: ProxyResult | None, result: ProxyResult) -> ProxyResult:
+        """Stale-if-error: the expired entry instead of a failed fetch (unreachable, timeout, 5xx, 429)."""
+        if stale is None or not policy.failed(result):
+            return result
+        result.close_stream()
+        self.metrics.count(domain.name, "stale_if_error")
+        log.info("'%s' answered with an expired entry: the upstream call ended in %s", domain.name, result.status)
+        return from_cache(stale, "STALE")
+
+    def _refresh_later(self, request: ProxyRequest, found: Lookup) -> None:
+        """Stale-while-revalidate: refresh the entry in a thread of this process, unless a refresh (or any
+        fetch of it) runs anywhere already (the fill lock), or this process runs as many as it may."""
+        if not self._refreshes.acquire(blocking=False):
+            return
+        started = False
+        try:
+            token = self.coalescer.try_lead(found.entry, LOCK_TTL_MS, request.domain.coalesce_timeout)
+            if token is not None:
+                detached = replace(request, client_gone=lambda: False)  # nobody waits on it to hang up
+                thread = threading.Thread(
+                    target=self._refresh, args=(detached, found, token), name="buddy-refresh", daemon=True
+                )
+                thread.start()
+                started = True
+        except StoreUnavailable:
+            pass
+        finally:
+            if not started:
+                self._refreshes.release()
+
+    def _refresh(self, request: ProxyRequest, found: Lookup, token: str) -> None:
+        domain = request.domain
+        try:
+            result = self._lead(request, found, token, policy.RequestControl(), time.time())
+            result.close_stream()  # an over-size body: followers read it from the relay, which keeps going
+            self.metrics.count(domain.name, "background_refreshes")
+            if policy.failed(result):
+                self.metrics.count(domain.name, "refresh_failures")
+                log.info("background refresh of an entry of '%s' got %s; the expired entry stays", domain.name,
+                         result.status)
+        except Exception:
+            log.exception("background refresh for '%s' failed", domain.name)
+        finally:
+            self._refreshes.release()
 
     def _tally(self, domain: str, result: ProxyResult) -> None:
         """Count what the request cost and saved (buffered; flushed to Redis once a second)."""
@@ -130,13 +202,21 @@ class ProxyService:
             self.metrics.count(domain, "passthrough")
         elif result.cache == "COALESCE-TIMEOUT":
             self.metrics.count(domain, "coalesce_timeouts")
-        elif result.cache in ("HIT", "COALESCED"):
+        elif result.cache in ("HIT", "COALESCED", "STALE"):
             saved = {} if result.body is None else {"bytes_saved": len(result.body), "ms_saved": result.fetch_ms}
-            self.metrics.count_many(domain, {"hits" if result.cache == "HIT" else "coalesced": 1, **saved})
+            counter = {"HIT": "hits", "COALESCED": "coalesced", "STALE": "stale"}[result.cache]
+            self.metrics.count_many(domain, {counter: 1, **saved})
+        elif result.cache == "OFFLINE":
+            self.metrics.count(domain, "offline_refusals")
+        elif result.cache == "NOT-CACHED":
+            result.cache = "MISS"
+            self.metrics.count(domain, "not_cached")
         else:
             self.metrics.count(domain, "misses")
 
-    def _lead(self, request: ProxyRequest, found: Lookup, token: str) -> ProxyResult:
+    def _lead(
+        self, request: ProxyRequest, found: Lookup, token: str, control: policy.RequestControl, asked: float
+    ) -> ProxyResult:
         """Fetch as the one leader; whatever happens, followers are handed a result or the lock is let go."""
         domain, entry = request.domain, found.entry
         handed_off = False
@@ -144,11 +224,11 @@ class ProxyService:
         try:
             # The previous leader may have stored the entry between our miss and our lock.
             again = self.lookup(request, found.primary)
-            if again.hit is not None:
-                return from_cache(again.hit)
+            if again.hit is not None and usable(again.hit, control, asked):
+                return from_cache(again.hit, "HIT")
             try:
                 result = self._call_upstream(request)
-                handed_off = self._settle(request, found, token, result)
+                handed_off = self._settle(request, found, token, result, store=not control.no_store)
                 return result
             except StoreUnavailable:
                 assert result is not None  # only storing and handing off touch Redis here
@@ -171,10 +251,13 @@ class ProxyService:
             if not handed_off:
                 self._let_go(entry, token, None)
 
-    def _settle(self, request: ProxyRequest, found: Lookup, token: str, result: ProxyResult) -> bool:
-        """Store the leader's answer as policy allows and hand it to the followers; True once handed off."""
+    def _settle(self, request: ProxyRequest, found: Lookup, token: str, result: ProxyResult, store: bool) -> bool:
+        """Store the leader's answer as policy (and the client's no-store) allows and hand it to the followers;
+        True once handed off."""
         domain, entry = request.domain, found.entry
         storage = policy.storage(domain, result)
+        if not store:
+            storage = replace(storage, ttl=None)
         if result.stream is not None:
             if not storage.shareable or storage.vary:  # a relay cannot tell who may take a varying body
                 self.coalescer.hand_off(entry, token, None, private=True)
@@ -188,6 +271,8 @@ class ProxyService:
         kept = ProxyResult(
             result.status, result.reason, storable_headers(result.headers, storage.drop), result.body,
             fetch_ms=result.fetch_ms, stored_at=result.stored_at, vary=result.vary, variant=result.variant,
+            fresh_for=storage.ttl,
+            request=policy.stored_request(request, build_url(domain, request.path, request.query), storage.vary),
         )
         stored = storage.ttl is not None and self._store(domain, found.primary, target, kept, storage)
         # Followers of this entry read it from the cache when it is stored there, else a copy of it.
@@ -210,9 +295,10 @@ class ProxyService:
         assert storage.ttl is not None
         pointer = None
         if storage.vary:
-            pointer = (primary, VaryPointer(storage.vary), max(domain.ttl_seconds, domain.negative_ttl_seconds))
+            longest = policy.kept_for(domain, max(domain.ttl_seconds, domain.negative_ttl_seconds))
+            pointer = (primary, VaryPointer(storage.vary), longest)
         try:
-            self.cache.put(target, kept, storage.ttl, pointer)
+            self.cache.put(target, kept, policy.kept_for(domain, storage.ttl), pointer)
         except StoreUnavailable:
             return False
         return True
@@ -346,8 +432,37 @@ def too_many_waiting(domain: DomainSettings) -> ProxyResult:
     return result
 
 
-def from_cache(entry: ProxyResult) -> ProxyResult:
-    entry.cache = "HIT"
+def usable(entry: ProxyResult, control: policy.RequestControl, asked: float) -> bool:
+    """May a request that missed take this entry once it is in the cache? If it satisfies the request; for
+    `no-cache`, if it was fetched after the request was made."""
+    if control.no_cache:
+        return entry.stored_at >= asked
+    return policy.satisfies(entry, control, time.time()) is not None
+
+
+def offline_miss(domain: DomainSettings) -> ProxyResult:
+    result = json_result(
+        504, "Gateway Timeout", error="offline", domain=domain.name,
+        message=f"the proxy is offline and holds no answer to this request for '{domain.name}'; nothing was sent "
+                "upstream (turn offline mode off with `flask buddy offline off`, or unset BUDDY_OFFLINE)",
+    )
+    result.cache = "OFFLINE"
+    return result
+
+
+def not_cached(domain: DomainSettings) -> ProxyResult:
+    """504 for `Cache-Control: only-if-cached` when the cache cannot answer (RFC 9111 5.2.1.7)."""
+    result = json_result(
+        504, "Gateway Timeout", error="not cached", domain=domain.name,
+        message="the request said only-if-cached and the cache holds no answer it accepts; nothing was sent upstream",
+    )
+    result.cache = "NOT-CACHED"
+    return result
+
+
+def from_cache(entry: ProxyResult, label: str) -> ProxyResult:
+    """A stored entry as the client gets it: labelled HIT or STALE, with its true Age."""
+    entry.cache = label
     entry.headers = [(name, value) for name, value in entry.headers if name.lower() != "age"]
     entry.extra.append(("Age", str(max(0, int(time.time() - entry.stored_at)))))
     return entry

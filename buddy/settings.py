@@ -42,6 +42,16 @@ def _positive_int(**kwargs: Any) -> fields.Integer:
     )
 
 
+def _non_negative_int(**kwargs: Any) -> fields.Integer:
+    message = "must be 0 or a positive integer"
+    return fields.Integer(
+        strict=True,
+        validate=validate.Range(min=0, error=message),
+        error_messages={"invalid": message, "null": message},
+        **kwargs,
+    )
+
+
 def _positive_number(**kwargs: Any) -> fields.Float:
     message = "must be a positive number"
     return fields.Float(
@@ -86,6 +96,9 @@ class DomainSchema(_Section):
     vary_headers = fields.List(_string(), load_default=None, allow_none=True)
     share_across_credentials = _boolean(load_default=False)
     respect_upstream_cache_control = _boolean(load_default=True)
+    ttl_from_upstream = _boolean(load_default=False)  # the upstream's s-maxage/max-age, at most ttl_seconds
+    stale_if_error_seconds = _non_negative_int(load_default=None, allow_none=True)
+    stale_while_revalidate_seconds = _non_negative_int(load_default=None, allow_none=True)
     credential_headers = fields.List(_string(), load_default=None, allow_none=True)
     connect_timeout = _positive_number(load_default=None, allow_none=True)
     read_timeout = _positive_number(load_default=None, allow_none=True)
@@ -125,6 +138,10 @@ class CacheSchema(_Section):
     # Unset: a coalesced request waits as long as its leader may legitimately take (see leader_budget).
     coalesce_timeout_seconds = _positive_number(load_default=None, allow_none=True)
     max_relay_size = _positive_int(load_default=64 * 1024 * 1024)
+    # How long an expired entry is kept: served when the upstream fails, or while one background refresh runs.
+    stale_if_error_seconds = _non_negative_int(load_default=7 * 86400)
+    stale_while_revalidate_seconds = _non_negative_int(load_default=0)
+    offline = _boolean(load_default=False)  # nothing reaches any upstream (also BUDDY_OFFLINE=1, `buddy offline on`)
     # Accepted so that seed configurations keep loading; the cache now lives in Redis.
     database_path = _string(load_default=None, allow_none=True)
     max_cache_entries = _positive_int(load_default=None, allow_none=True)
@@ -220,6 +237,9 @@ class DomainSettings:
     vary_headers: tuple[str, ...]
     share_across_credentials: bool
     respect_upstream_cache_control: bool
+    ttl_from_upstream: bool
+    stale_if_error: int  # seconds past its TTL an entry may answer for an upstream that fails
+    stale_while_revalidate: int  # seconds past its TTL an entry answers at once while one refresh runs
     credential_headers: frozenset[str]
     connect_timeout: float
     read_timeout: float
@@ -228,6 +248,11 @@ class DomainSettings:
     max_requests_per_second: int | None
     max_requests_per_minute: int | None
     max_requests_per_hour: int
+
+    @property
+    def grace(self) -> int:
+        """How long past its TTL Redis keeps an entry: the longer of the two stale windows."""
+        return max(self.stale_if_error, self.stale_while_revalidate)
 
 
 @dataclass(frozen=True)
@@ -303,6 +328,7 @@ ENVIRONMENT_VARIABLES = {  # variable -> (section, key) it sets, over the config
     "REDIS_URL": ("redis", "url"),
     "BUDDY_DATA_DIR": ("redis", "data_dir"),
     "BUDDY_SECURE_KEY": ("security", "secure_key"),
+    "BUDDY_OFFLINE": ("cache", "offline"),
 }
 
 
@@ -327,12 +353,23 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+def _switch(value: str) -> bool | str:
+    """BUDDY_OFFLINE=1/true/yes/on or 0/false/no/off; anything else is left for validation to refuse by name."""
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    return value
+
+
 def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """The few settings people set per machine."""
     overrides: dict[str, Any] = {}
     for variable, (section, key) in ENVIRONMENT_VARIABLES.items():
-        if environ.get(variable):
-            overrides.setdefault(section, {})[key] = environ[variable]
+        value = environ.get(variable)
+        if value:
+            overrides.setdefault(section, {})[key] = _switch(value) if key == "offline" else value
     return overrides
 
 
@@ -417,6 +454,10 @@ def _coalesce_problems(data: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _or_default(value: int | None, default: int) -> int:
+    return default if value is None else value  # 0 is a value here, not "unset"
+
+
 def _build(data: dict[str, Any]) -> Settings:
     cache, server, throttling = data["cache"], data["server"], data["throttling"]
     problems = _coalesce_problems(data)
@@ -441,6 +482,11 @@ def _build(data: dict[str, Any]) -> Settings:
             vary_headers=tuple(sorted({h.lower() for h in vary})),
             share_across_credentials=spec["share_across_credentials"],
             respect_upstream_cache_control=spec["respect_upstream_cache_control"],
+            ttl_from_upstream=spec["ttl_from_upstream"],
+            stale_if_error=_or_default(spec["stale_if_error_seconds"], cache["stale_if_error_seconds"]),
+            stale_while_revalidate=_or_default(
+                spec["stale_while_revalidate_seconds"], cache["stale_while_revalidate_seconds"]
+            ),
             credential_headers=frozenset(sorted({h.lower() for h in (
                 spec["credential_headers"] if spec["credential_headers"] is not None else CREDENTIAL_HEADERS
             )})),

@@ -30,7 +30,7 @@ HOP_BY_HOP = frozenset(
      "te", "trailer", "trailers", "transfer-encoding", "upgrade"}
 )
 # Request headers the proxy sets itself (or that name the proxy, not the upstream).
-NOT_FORWARDED = frozenset({"host", "content-length", "accept-encoding", "x-api-buddy-key"})
+NOT_FORWARDED = frozenset({"host", "content-length", "accept-encoding", "x-api-buddy-key", "x-buddy-namespace"})
 CHUNK = 64 * 1024
 _SEGMENT_SAFE = "!$&'()*+,;=:@~-._"
 _QUERY_SAFE = "=&;+%/:?@!$'()*,~-._[]"

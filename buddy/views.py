@@ -1,6 +1,7 @@
 """The proxy blueprint: flask.request -> ProxyRequest -> service -> flask.Response, nothing more."""
 from __future__ import annotations
 
+import re
 import select
 import socket
 from typing import Any, Callable, Mapping
@@ -63,6 +64,19 @@ def read_body(req: Request, server: Mapping[str, Any]) -> bytes:
     return body
 
 
+NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def namespace_of(req: Request) -> str:
+    """The cache partition the client names in X-Buddy-Namespace ('' for none); a bad name is a 400."""
+    value = req.headers.get("X-Buddy-Namespace", "").strip()
+    if value and not NAMESPACE.fullmatch(value):
+        raise BadProxyRequest(
+            "X-Buddy-Namespace must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return value
+
+
 def hung_up(sock: socket.socket | None) -> Callable[[], bool]:
     """A check that the client has closed its connection: readable, with nothing to read (bytes of a
     pipelined request count as still there). Without a socket to look at, never."""
@@ -121,6 +135,7 @@ def proxy(_: str) -> Response:
         forwarded=forwardable_request_headers(target.headers),
         key_prefix=target.key_prefix,
         key_param=target.key_param,
+        namespace=namespace_of(req),
         client_gone=hung_up(environ.get("gunicorn.socket") or environ.get("werkzeug.socket")),
     )
     result = service.handle(proxy_request)

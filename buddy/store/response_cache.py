@@ -5,7 +5,7 @@ import logging
 import random
 import threading
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import redis
 
@@ -21,7 +21,8 @@ BATCH = 1000  # keys per round trip when counting or clearing: Redis is never bl
 CENSUS_SAMPLE = 30_000  # keys a census reads at most; a Redis holding fewer is read whole
 MEASURE_SAMPLE = 3_000  # keys a census measures per domain at most; with fewer found, the count is exact
 CENSUS_MAX_AGE = 1.0  # seconds a census is reused by this process (one scrape asks once per domain)
-TTL_BUCKETS = (("under_1h", 0, 3600), ("1h_to_1d", 3600, 86400), ("1d_to_7d", 86400, 604800),
+# Freshness left: an entry past its TTL is kept (stale) for its mapping's grace period; "stale" counts those.
+TTL_BUCKETS = (("stale", None, 0), ("under_1h", 0, 3600), ("1h_to_1d", 3600, 86400), ("1d_to_7d", 86400, 604800),
                ("over_7d", 604800, None))
 
 
@@ -54,10 +55,13 @@ class ResponseCache:
     and a domain is cleared with SCAN.
     """
 
-    def __init__(self, client: redis.Redis, guard: StoreGuard, keys: RedisKeys) -> None:
+    def __init__(
+        self, client: redis.Redis, guard: StoreGuard, keys: RedisKeys, grace: Mapping[str, int] | None = None
+    ) -> None:
         self.client = client
         self.guard = guard
         self.keys = keys
+        self.grace = dict(grace or {})  # domain -> seconds an entry is kept past its TTL
         self._store = client.register_script(load_script("store_entry"))
         self._measure = client.register_script(load_script("measure_entries"))
         self._drop_legacy = client.register_script(load_script("prune_index"))
@@ -138,7 +142,7 @@ class ResponseCache:
         for domain, names in found.items():
             measured = names if len(names) <= MEASURE_SAMPLE else random.sample(names, MEASURE_SAMPLE)
             exact = exact and measured is names
-            responses, size, buckets = self._measure_keys(measured)
+            responses, size, buckets = self._measure_keys(measured, self.grace.get(domain, 0))
             factor = scale * len(names) / len(measured)
             domains[domain] = DomainEntries(
                 round(responses * factor), round(size * factor),
@@ -164,9 +168,10 @@ class ResponseCache:
             if cursor == 0 or len(seen) >= CENSUS_SAMPLE:
                 return {domain: list(keys) for domain, keys in found.items()}, len(seen), cursor == 0
 
-    def _measure_keys(self, names: list[bytes]) -> tuple[int, int, list[int]]:
-        """(responses, their bytes, their count per TTL bucket) among these keys of one domain."""
-        bounds = [high * 1000 for _, _, high in TTL_BUCKETS if high is not None]
+    def _measure_keys(self, names: list[bytes], grace: int) -> tuple[int, int, list[int]]:
+        """(responses, their bytes, their count per bucket of freshness left) among these keys of one domain,
+        whose entries Redis keeps `grace` seconds past their TTL."""
+        bounds = [(high + grace) * 1000 for _, _, high in TTL_BUCKETS if high is not None]
         responses, size, buckets = 0, 0, [0] * len(TTL_BUCKETS)
         for start in range(0, len(names), BATCH):
             chunk = names[start : start + BATCH]
@@ -175,12 +180,14 @@ class ResponseCache:
             buckets = [b + int(n) for b, n in zip(buckets, counted[3:])]
         return responses, size, buckets
 
-    def clear(self, domain: str, progress: Callable[[int], None] = lambda n: None) -> int:
-        """Remove every cached response of `domain` (and its vary pointers), found with SCAN MATCH a batch at a
-        time so that Redis is never blocked for long; returns how many keys went. SCAN returns every key that
-        exists from start to end of the pass; what is stored meanwhile may stay."""
+    def clear(
+        self, domain: str, progress: Callable[[int], None] = lambda n: None, namespace: str | None = None
+    ) -> int:
+        """Remove every cached response of `domain` (and its vary pointers), or only those in `namespace`, found
+        with SCAN MATCH a batch at a time so that Redis is never blocked for long; returns how many keys went.
+        SCAN returns every key that exists from start to end of the pass; what is stored meanwhile may stay."""
         self.guard.run(lambda: self._drop_legacy(keys=self._legacy_keys(domain)))
-        pattern = self.keys.cache_pattern(domain)
+        pattern = self.keys.cache_pattern(domain, namespace)
         removed, cursor = 0, 0
         while True:
             cursor, found = self.guard.run(lambda: self.client.scan(cursor, match=pattern, count=BATCH))

@@ -11,7 +11,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from buddy import create_app, policy
+from buddy import codec, create_app, policy
 from buddy.messages import ProxyRequest
 from tests.support.ports import free_port
 from tests.support.upstream_stub import UpstreamStub
@@ -71,10 +71,13 @@ def test_not_found_is_cached_for_the_negative_ttl(client: FlaskClient, upstream:
     assert [client.get("/up/status/404").status_code for _ in range(2)] == [404, 404]
     assert upstream.count() == 1
     (key,) = fake_redis.keys("buddy:cache:*")
-    assert 0 < fake_redis.ttl(key) <= 300
+    grace = 7 * 86400  # kept past its TTL for stale-if-error (cache.stale_if_error_seconds)
+    assert codec.decode_response(fake_redis.get(key)).fresh_for == 300
+    assert 0 < fake_redis.ttl(key) - grace <= 300
     client.get("/up/ok")
     fresh = [k for k in fake_redis.keys("buddy:cache:*") if k != key]
-    assert 86000 < fake_redis.ttl(fresh[0]) <= 86400
+    assert codec.decode_response(fake_redis.get(fresh[0])).fresh_for == 86400
+    assert 86000 < fake_redis.ttl(fresh[0]) - grace <= 86400
 
 
 def test_set_cookie_reaches_the_first_client_but_is_never_replayed(client: FlaskClient) -> None:
