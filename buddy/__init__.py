@@ -140,7 +140,7 @@ def create_app(
             secure_key.get()  # now, so that the log filter knows the key before the first request is logged
         except StoreUnavailable:
             log.warning("the access key is in Redis, which is unreachable; requests get 503 until it is back")
-    monitoring = MonitoringManager(redis_client, guard, keys, settings, cache, url, __version__)
+    monitoring = MonitoringManager(redis_client, guard, keys, settings, cache, url, __version__, service.offline)
     buddy = Buddy(settings, redis_client, service, access, secure_key, monitoring, embedded)
     app.extensions["buddy"] = buddy
     _LIVE.add(buddy)

@@ -6,6 +6,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from buddy.access import Target
 from buddy.prometheus import exposition
+from buddy.views import NAMESPACE
 
 bp = Blueprint("admin", __name__)
 
@@ -44,8 +45,13 @@ def clear(domain: str | None = None) -> Response:
         response = jsonify(error="unknown domain", domain=domain, configured=sorted(buddy.settings.domains))
         response.status_code = 404
         return response
+    namespace = request.args.get("namespace")
+    if namespace is not None and not NAMESPACE.fullmatch(namespace):
+        response = jsonify(error="bad namespace", message="namespace: 1 to 64 letters, digits, '.', '_' or '-'")
+        response.status_code = 400
+        return response
     domains = [domain] if domain else list(buddy.settings.domains)
-    cleared = {name: buddy.service.cache.clear(name) for name in domains}
+    cleared = {name: buddy.service.cache.clear(name, namespace=namespace) for name in domains}
     return jsonify(cleared=sum(cleared.values()), by_domain=cleared)
 
 
@@ -53,6 +59,6 @@ def clear(domain: str | None = None) -> Response:
 @bp.route("/admin/<path:_>", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
 def not_an_admin_route(_: str = "") -> Response:
     response = jsonify(error="not found", message="admin routes: GET /admin/health, GET /admin/metrics, "
-                       "GET /metrics, DELETE /admin/cache[/<domain>]")
+                       "GET /metrics, DELETE /admin/cache[/<domain>][?namespace=NAME]")
     response.status_code = 404
     return response

@@ -20,6 +20,7 @@ from buddy.embedded import NotRunning, join_only
 from buddy.errors import ConfigError, StoreUnavailable
 from buddy.monitoring import redacted_url
 from buddy.settings import load_settings
+from buddy.views import NAMESPACE
 
 
 class _ActsOnARunningProxy(click.Group):
@@ -44,7 +45,8 @@ class OperatorGroup(_ActsOnARunningProxy, AppGroup):
     """`flask buddy`: its commands load the app (wsgi.py) joining the proxy's embedded Redis, never starting one."""
 
 
-@click.group("buddy", cls=OperatorGroup, help="Operate reference-api-buddy: key, stats, clear-cache, check-config.")
+@click.group("buddy", cls=OperatorGroup,
+             help="Operate reference-api-buddy: key, stats, clear-cache, offline, check-config, export, import.")
 @click.pass_context
 def group(ctx: click.Context) -> None:
     ctx.with_resource(join_only())
@@ -78,10 +80,18 @@ def key_command() -> None:
     click.echo(stored.decode() if isinstance(stored, bytes) else str(stored))
 
 
+def _namespace(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not NAMESPACE.fullmatch(value):
+        raise click.BadParameter("1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return value
+
+
 @group.command("clear-cache")
 @click.argument("domain", required=False)
-def clear_cache_command(domain: str | None) -> None:
-    """Remove the cached responses of DOMAIN, or of every domain; shows progress."""
+@click.option("--namespace", callback=_namespace, help="Only the entries stored under this X-Buddy-Namespace.")
+def clear_cache_command(domain: str | None, namespace: str | None) -> None:
+    """Remove the cached responses of DOMAIN, or of every domain (only those of one namespace with
+    --namespace); shows progress."""
     buddy = current_app.extensions["buddy"]
     if domain is not None and domain not in buddy.settings.domains:
         raise click.BadParameter(f"not a configured domain; choose from {', '.join(sorted(buddy.settings.domains))}",
@@ -92,10 +102,28 @@ def clear_cache_command(domain: str | None) -> None:
         for name in [domain] if domain else sorted(buddy.settings.domains):
             total = census.describe(name).entries
             with click.progressbar(length=total, label=f"clearing {name}", file=sys.stderr) as bar:
-                removed = buddy.service.cache.clear(name, progress=bar.update)
-            click.echo(f"{name}: {removed} entries removed")
+                removed = buddy.service.cache.clear(name, progress=bar.update, namespace=namespace)
+            click.echo(f"{name}: {removed} entries removed" + (f" from namespace {namespace}" if namespace else ""))
     except StoreUnavailable as exc:
         raise _redis_down(exc) from exc
+
+
+@group.command("offline")
+@click.argument("state", type=click.Choice(["on", "off", "status", "reset"]), default="status")
+def offline_command(state: str) -> None:
+    """Switch offline mode for every worker and host on this Redis (within a second): `on` sends nothing to any
+    upstream (hits and expired entries are served, a miss is a 504), `off` goes upstream again, `reset` goes back
+    to the configured value (cache.offline, BUDDY_OFFLINE); `status` (the default) says which applies."""
+    switch = current_app.extensions["buddy"].service.offline
+    try:
+        if state in ("on", "off"):
+            switch.set(state == "on")
+        elif state == "reset":
+            switch.reset()
+        on, source = switch.state()
+    except StoreUnavailable as exc:
+        raise _redis_down(exc) from exc
+    click.echo(f"offline mode is {'on' if on else 'off'} ({source})")
 
 
 @group.command("stats")

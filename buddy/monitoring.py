@@ -16,6 +16,7 @@ from buddy.redis_keys import RedisKeys
 from buddy.settings import Settings
 from buddy.store.guard import BUG_TTL_SECONDS, StoreGuard
 from buddy.store.metrics import WORKER_SEEN_SECONDS
+from buddy.store.offline import OfflineSwitch
 from buddy.store.response_cache import ResponseCache
 
 log = logging.getLogger("buddy.monitoring")
@@ -23,6 +24,17 @@ STARTED = time.time()
 ERROR_OUTCOMES = ("timeout", "unreachable")
 PROBE_TTL_MS = 10_000  # the health check's probe key lives this long
 REFUSAL_RECENT = 10.0  # seconds a command Redis refused in this process keeps health "degraded"
+
+
+# Counters of stale answers and offline mode, as /admin/metrics names them.
+FRESHNESS_COUNTERS = {
+    "stale": "stale_answers",  # X-Cache: STALE, for any reason
+    "stale_if_error": "stale_if_error",  # ... of which instead of an upstream failure
+    "background_refreshes": "background_refreshes",  # stale-while-revalidate refreshes run
+    "refresh_failures": "background_refresh_failures",  # ... that failed and left the expired entry in place
+    "offline_refusals": "offline_refusals",  # misses answered 504 in offline mode
+    "not_cached": "only_if_cached_misses",  # misses answered 504 for Cache-Control: only-if-cached
+}
 
 
 def _rate(part: int, whole: int) -> float:
@@ -51,7 +63,7 @@ class MonitoringManager:
 
     def __init__(
         self, client: redis.Redis, guard: StoreGuard, keys: RedisKeys, settings: Settings, cache: ResponseCache,
-        redis_url: str, version: str,
+        redis_url: str, version: str, offline: OfflineSwitch | None = None,
     ) -> None:
         self.client = client
         self.guard = guard
@@ -60,6 +72,7 @@ class MonitoringManager:
         self.cache = cache
         self.redis_url = redis_url
         self.version = version
+        self.offline = offline
         self.warn_about_memory_settings()
 
     def warn_about_memory_settings(self) -> list[str]:
@@ -91,7 +104,7 @@ class MonitoringManager:
         census = self.cache.census()
         described = {name: census.describe(name) for name in self.settings.domains}
         total = {field: sum(c.get(field, 0) for c in counters.values())
-                 for field in ("hits", "misses", "coalesced", "sets", "bytes_saved", "ms_saved")}
+                 for field in ("hits", "misses", "coalesced", "sets", "bytes_saved", "ms_saved", *FRESHNESS_COUNTERS)}
         lookups = total["hits"] + total["misses"] + total["coalesced"]
         ttl: dict[str, int] = {}
         for entries in described.values():
@@ -117,9 +130,11 @@ class MonitoringManager:
             "upstream_calls_avoided": total["hits"] + total["coalesced"],
             "bytes_saved": total["bytes_saved"],
             "seconds_saved": round(total["ms_saved"] / 1000, 3),
+            **{FRESHNESS_COUNTERS[field]: total[field] for field in FRESHNESS_COUNTERS},
             "by_domain": {
                 name: {
                     "hits": c.get("hits", 0), "misses": c.get("misses", 0), "coalesced": c.get("coalesced", 0),
+                    **{FRESHNESS_COUNTERS[field]: c.get(field, 0) for field in FRESHNESS_COUNTERS},
                     "hit_rate": _rate(c.get("hits", 0), c.get("hits", 0) + c.get("misses", 0) + c.get("coalesced", 0)),
                     "upstream_calls_avoided": c.get("hits", 0) + c.get("coalesced", 0),
                     "bytes_saved": c.get("bytes_saved", 0), "seconds_saved": round(c.get("ms_saved", 0) / 1000, 3),
@@ -202,6 +217,7 @@ class MonitoringManager:
             "version": self.version,
             "active_workers": int(workers),
             "threads_per_worker": int(os.environ.get("BUDDY_THREADS", "64")),
+            "offline": self.offline.on() if self.offline is not None else False,
             "recent_errors": errors,
         }
 
@@ -265,6 +281,7 @@ class MonitoringManager:
             "redis": state,
             "uptime_seconds": round(time.time() - STARTED, 1),
             "version": self.version,
+            "offline": self.offline.on() if self.offline is not None else False,
         }
         if reasons:
             report["reason"] = "; ".join(reasons)

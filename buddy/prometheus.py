@@ -18,6 +18,12 @@ COUNTERS = (
     ("bytes_saved", "buddy_bytes_saved", "Response bytes served without an upstream call."),
     ("throttle_refused", "buddy_throttle_refused", "Requests refused with 429 by the rate limiter."),
     ("throttle_delayed", "buddy_throttle_delayed", "Requests held for a rate-limit slot."),
+    ("stale", "buddy_stale_answers", "Requests answered with an expired entry (X-Cache: STALE)."),
+    ("stale_if_error", "buddy_stale_if_error", "Stale answers given instead of an upstream failure."),
+    ("background_refreshes", "buddy_background_refreshes", "Stale-while-revalidate refreshes run."),
+    ("refresh_failures", "buddy_background_refresh_failures", "Background refreshes that failed."),
+    ("offline_refusals", "buddy_offline_refusals", "Misses answered 504 in offline mode."),
+    ("not_cached", "buddy_only_if_cached_misses", "Misses answered 504 for Cache-Control: only-if-cached."),
 )
 
 
