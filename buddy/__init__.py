@@ -30,7 +30,7 @@ from buddy.store.secure_key import SecureKeyStore
 from buddy.store.wakeup import WakeupHub
 from buddy.upstream import UpstreamClient
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 __all__ = ["create_app", "Buddy", "CachingProxy", "__version__"]
 
 log = logging.getLogger("buddy")

@@ -26,7 +26,8 @@ class KeyKind(NamedTuple):
 # Every kind of key the proxy writes. A key that does not expire must be bounded by construction; a test
 # runs a mixed workload and checks that Redis holds no other key, and none of these without its TTL.
 KEY_KINDS = (
-    KeyKind("cache", True, "a stored response (zstd blob), or a vary pointer to its variants; the mapping's TTL"),
+    KeyKind("cache", True, "a stored response (zstd blob), or a vary pointer to its variants; the mapping's TTL plus "
+            "its stale grace"),
     KeyKind("lock", True, "the fill lock of a miss in flight (value: the leader's token); 3 s, renewed by its leader"),
     KeyKind("successor", True, "which waiter took over from a leader that vanished; lock TTL + 30 s"),
     KeyKind("result", True, "a leader's uncacheable answer (or a 'not for sharing' mark) for its followers; 30 s"),
