@@ -143,7 +143,7 @@ class ProxyService:
                 )
                 result.cache = "COALESCE-TIMEOUT"
             except StoreUnavailable:
-                return self._bypass(request)
+                return self._stand_in(domain, stale, self._bypass(request))
             return self._stand_in(domain, stale, result)
         # The answer is not one to share (private, no-store, Vary: *): this request asks for itself.
         result = self._call_upstream(request)
