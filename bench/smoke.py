@@ -23,6 +23,7 @@ RUNS = {
     "redis_memory.py": ["--entries", "300", "--maxmemory", "2mb", "--rounds", "1"],
     "stalls.py": ["--smoke"],
     "soak.py": ["--smoke"],
+    "warc.py": ["--sizes", "2", "--body-kb", "4"],
 }
 
 

@@ -248,3 +248,9 @@ def main(ctx: click.Context, config: str | None, **flags: Any) -> None:
     from buddy.serve import serve  # gunicorn only when serving
 
     serve(overrides, {name: given[name] for name in ("workers", "threads") if name in given})
+
+
+from buddy.archive import export_command, import_command  # noqa: E402  (the WARC commands, in their own module)
+
+group.add_command(export_command)
+group.add_command(import_command)

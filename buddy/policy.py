@@ -45,9 +45,12 @@ def cacheable_request(request: ProxyRequest) -> bool:
     return request.method in CACHEABLE_METHODS and not any(request.header(h) for h in UNSHAREABLE_HEADERS)
 
 
-def entry_for(request: ProxyRequest) -> EntryId:
-    """The request's primary cache entry: made only of what the upstream is sent, plus where it is sent."""
+def entry_for(request: ProxyRequest, credentials: str | None = None) -> EntryId:
+    """The request's primary cache entry: made only of what the upstream is sent, plus where it is sent.
+    `credentials`: the digest of its credential headers when only that is known (an imported archive)."""
     domain, sent = request.domain, request.forwarded.items()
+    if credentials is None:
+        credentials = credentials_digest(sent, domain.credential_headers)
     shape = RequestShape(
         method=request.method,
         domain=domain.name,
@@ -57,7 +60,7 @@ def entry_for(request: ProxyRequest) -> EntryId:
         body=request.body,
         content_type=request.header("Content-Type"),
         vary=vary_values(sent, domain.vary_headers),
-        credentials="" if domain.share_across_credentials else credentials_digest(sent, domain.credential_headers),
+        credentials="" if domain.share_across_credentials else credentials,
     )
     return EntryId(domain.name, namespaced(request.namespace, fingerprint(shape)))
 

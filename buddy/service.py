@@ -185,6 +185,8 @@ class ProxyService:
         try:
             result = self._lead(request, found, token, policy.RequestControl(), time.time())
             result.close_stream()  # an over-size body: followers read it from the relay, which keeps going
+            if result.cache == "HIT":
+                return  # refreshed meanwhile by another request: nothing was fetched
             self.metrics.count(domain.name, "background_refreshes")
             if policy.failed(result):
                 self.metrics.count(domain.name, "refresh_failures")
@@ -225,7 +227,7 @@ class ProxyService:
             # The previous leader may have stored the entry between our miss and our lock.
             again = self.lookup(request, found.primary)
             if again.hit is not None and usable(again.hit, control, asked):
-                return from_cache(again.hit, "HIT")
+                return from_cache(again.hit, policy.satisfies(again.hit, control, time.time()) or "HIT")
             try:
                 result = self._call_upstream(request)
                 handed_off = self._settle(request, found, token, result, store=not control.no_store)
