@@ -260,9 +260,9 @@ def staleness(entry: ProxyResult, now: float) -> float:
     return -math.inf if entry.fresh_for is None else age(entry, now) - entry.fresh_for
 
 
-def satisfies(entry: ProxyResult, control: RequestControl, now: float) -> str | None:
+def satisfies(domain: DomainSettings, entry: ProxyResult, control: RequestControl, now: float) -> str | None:
     """May the cache answer the request with this entry without going upstream: "HIT" (fresh, and as fresh as
-    the client asks), "STALE" (expired, but within the client's max-stale), or None."""
+    the client asks), "STALE" (expired, but within the client's max-stale, and not `must-revalidate`), or None."""
     if control.no_cache:
         return None
     old, late = age(entry, now), staleness(entry, now)
@@ -272,7 +272,7 @@ def satisfies(entry: ProxyResult, control: RequestControl, now: float) -> str | 
         return None
     if late <= 0:
         return "HIT"
-    if control.max_stale is not None and late <= control.max_stale:
+    if control.max_stale is not None and late <= control.max_stale and not must_revalidate(domain, entry):
         return "STALE"
     return None
 

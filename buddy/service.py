@@ -94,13 +94,15 @@ class ProxyService:
     def _answer(self, request: ProxyRequest) -> ProxyResult:
         domain = request.domain
         offline = self.offline.on()
+        control = policy.request_control(request.header("Cache-Control"), request.header("Pragma"))
         if not policy.cacheable_request(request):
             if offline:
                 return offline_miss(domain)
+            if control.only_if_cached:
+                return not_cached(domain)
             result = self._call_upstream(request)
             result.cache = "PASS"  # shown to the client as MISS; counted apart from cache misses
             return result
-        control = policy.request_control(request.header("Cache-Control"), request.header("Pragma"))
         primary = policy.entry_for(request)
         asked = time.time()
         stale: ProxyResult | None = None  # an expired entry that may stand in for a failed fetch
@@ -108,14 +110,17 @@ class ProxyService:
             try:
                 found = self.lookup(request, primary)
             except StoreUnavailable:
-                return offline_miss(domain) if offline else self._bypass(request)
+                if offline or control.only_if_cached:
+                    return offline_miss(domain) if offline else not_cached(domain)
+                return self._bypass(request)
             if found.hit is not None:
                 now = time.time()
-                verdict = policy.satisfies(found.hit, control, now)
+                verdict = policy.satisfies(domain, found.hit, control, now)
                 if verdict is not None:
                     return from_cache(found.hit, verdict)
                 if not offline and policy.may_revalidate_later(domain, found.hit, control, now):
-                    self._refresh_later(request, found)
+                    if not (control.only_if_cached or control.no_store):  # neither spends a call nor stores
+                        self._refresh_later(request, found)
                     return from_cache(found.hit, "STALE")
                 if policy.may_stand_in(domain, found.hit, control, now, offline):
                     stale = found.hit
@@ -128,7 +133,7 @@ class ProxyService:
                     found.entry, LOCK_TTL_MS, domain.read_timeout + LOCK_MARGIN_SECONDS, domain.coalesce_timeout,
                     lambda token: self._lead(request, found, token, control, asked),
                     lambda result: policy.follower_may_take(result, primary.digest, request.forwarded),
-                    lambda entry: usable(entry, control, asked),
+                    lambda entry: usable(domain, entry, control, asked),
                 )
             except NotShared as exc:
                 if exc.reason == "private":
@@ -172,8 +177,13 @@ class ProxyService:
                 thread = threading.Thread(
                     target=self._refresh, args=(detached, found, token), name="buddy-refresh", daemon=True
                 )
-                thread.start()
-                started = True
+                try:
+                    thread.start()
+                except RuntimeError:  # no thread to be had: let go at once, so that no request waits on it
+                    log.warning("no thread for a background refresh of '%s'", request.domain.name)
+                    self._let_go(found.entry, token, None)
+                else:
+                    started = True
         except StoreUnavailable:
             pass
         finally:
@@ -226,8 +236,8 @@ class ProxyService:
         try:
             # The previous leader may have stored the entry between our miss and our lock.
             again = self.lookup(request, found.primary)
-            if again.hit is not None and usable(again.hit, control, asked):
-                return from_cache(again.hit, policy.satisfies(again.hit, control, time.time()) or "HIT")
+            if again.hit is not None and usable(domain, again.hit, control, asked):
+                return from_cache(again.hit, policy.satisfies(domain, again.hit, control, time.time()) or "HIT")
             try:
                 result = self._call_upstream(request)
                 handed_off = self._settle(request, found, token, result, store=not control.no_store)
@@ -260,6 +270,10 @@ class ProxyService:
         storage = policy.storage(domain, result)
         if not store:
             storage = replace(storage, ttl=None)
+        elif storage.ttl is None and found.hit is not None and not policy.failed(result):
+            # The upstream answered, and its answer is not one to keep (over-size, private, max-age=0): the
+            # expired entry must not go on answering for it (stale-while-revalidate, stale-if-error).
+            self.cache.forget(found.entry)
         if result.stream is not None:
             if not storage.shareable or storage.vary:  # a relay cannot tell who may take a varying body
                 self.coalescer.hand_off(entry, token, None, private=True)
@@ -333,6 +347,9 @@ class ProxyService:
                 self.waiting.leave(domain.name)
             self.metrics.count(domain.name, "throttle_delayed")
             self.metrics.count(domain.name, "throttle_delay_ms", int(decision.delay * 1000))
+            if self.offline.on():  # switched offline while this request slept for its slot
+                self._give_back(limiter, domain, decision)
+                return offline_miss(domain)
         result = self._fetch(request)
         if decision.delay > 0:
             result.extra.append(("X-Throttle-Delay", f"{decision.delay:.3f}"))
@@ -434,12 +451,11 @@ def too_many_waiting(domain: DomainSettings) -> ProxyResult:
     return result
 
 
-def usable(entry: ProxyResult, control: policy.RequestControl, asked: float) -> bool:
-    """May a request that missed take this entry once it is in the cache? If it satisfies the request; for
-    `no-cache`, if it was fetched after the request was made."""
-    if control.no_cache:
-        return entry.stored_at >= asked
-    return policy.satisfies(entry, control, time.time()) is not None
+def usable(domain: DomainSettings, entry: ProxyResult, control: policy.RequestControl, asked: float) -> bool:
+    """May a request that missed take this entry once it is in the cache? If it was fetched after the request
+    was made (whatever the request asked: `no-cache`, `max-age=0`, a `min-fresh` beyond the TTL), or if it
+    satisfies the request."""
+    return entry.stored_at >= asked or policy.satisfies(domain, entry, control, time.time()) is not None
 
 
 def offline_miss(domain: DomainSettings) -> ProxyResult:

@@ -109,6 +109,10 @@ class ResponseCache:
         if legacy:
             self._legacy_dropped.add(d)
 
+    def forget(self, entry: EntryId) -> None:
+        """Remove one entry (a vary pointer's variants stay, each with its own TTL)."""
+        self.guard.run(lambda: self.client.unlink(self.keys.cache(entry.domain, entry.digest)))
+
     def census(self, max_age: float = CENSUS_MAX_AGE) -> Census:
         """Count every domain's entries, bytes and TTLs by reading the keyspace itself: all of it when Redis holds
         up to CENSUS_SAMPLE keys, else the first CENSUS_SAMPLE keys SCAN returns, scaled up by DBSIZE; the keys

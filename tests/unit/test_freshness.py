@@ -3,6 +3,9 @@ namespaces in keys, the offline switch and what an entry keeps of its request.""
 from __future__ import annotations
 
 import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fakeredis
@@ -55,11 +58,11 @@ def test_request_directives_are_read_case_insensitively(cache_control: str, prag
 ])
 def test_what_an_entry_may_answer_without_the_upstream(age: float, control: policy.RequestControl,
                                                        verdict: str | None) -> None:
-    assert policy.satisfies(entry(age), control, NOW) == verdict
+    assert policy.satisfies(domain(), entry(age), control, NOW) == verdict
 
 
 def test_an_entry_stored_before_lifetimes_were_kept_is_fresh_while_redis_keeps_it() -> None:
-    assert policy.satisfies(entry(10**6, fresh_for=None), policy.RequestControl(), NOW) == "HIT"
+    assert policy.satisfies(domain(), entry(10**6, fresh_for=None), policy.RequestControl(), NOW) == "HIT"
 
 
 def test_stale_windows() -> None:
@@ -74,6 +77,7 @@ def test_stale_windows() -> None:
     revalidate = entry(65, headers=[("Cache-Control", "max-age=60, Must-Revalidate")])
     assert not policy.may_stand_in(up, revalidate, plain, NOW) and not policy.may_revalidate_later(
         up, revalidate, plain, NOW)
+    assert policy.satisfies(up, revalidate, policy.RequestControl(max_stale=math.inf), NOW) is None
     ignoring = domain(respect_upstream_cache_control=False)
     assert policy.may_stand_in(ignoring, revalidate, plain, NOW)
     assert up.grace == 100 and policy.kept_for(up, 60) == 160
@@ -150,3 +154,106 @@ def test_offline_by_configuration_refuses_every_miss(offline_app: Flask, upstrea
     assert client.get("/up/anything").status_code == 200 and upstream.count() == 1
     switch.reset()
     assert switch.state() == (True, "configured")
+
+
+# -- found by a hostile review, each failed before its fix -----------------------------------------------------
+
+
+def proxy_app(upstream: UpstreamStub, server: fakeredis.FakeServer | None = None, cache: dict | None = None,
+              **spec: Any) -> Flask:
+    config = {"domain_mappings": {"up": {"upstream": upstream.url, "read_timeout": 5, **spec}},
+              "cache": cache or {}, "logging": {"enable_console": False}}
+    return create_app(config, redis_client=fakeredis.FakeRedis(server=server or fakeredis.FakeServer()), environ={})
+
+
+def test_only_if_cached_never_goes_upstream_not_even_without_redis_or_for_an_uncacheable_request(
+    upstream: UpstreamStub
+) -> None:
+    server = fakeredis.FakeServer()
+    client = proxy_app(upstream, server).test_client()
+    only = {"Cache-Control": "only-if-cached"}
+    assert client.get("/up/x", headers={**only, "Range": "bytes=0-3"}).status_code == 504
+    assert client.delete("/up/x", headers=only).status_code == 504
+    server.connected = False
+    assert client.get("/up/x", headers=only).json["error"] == "not cached"
+    assert upstream.count() == 0
+
+
+def test_max_stale_never_takes_an_expired_must_revalidate_answer(upstream: UpstreamStub) -> None:
+    client = proxy_app(upstream, ttl_seconds=1).test_client()
+    path = "/up/mr?h=Cache-Control:must-revalidate"
+    assert client.get(path).headers["X-Cache"] == "MISS"
+    time.sleep(1.1)
+    assert client.get(path, headers={"Cache-Control": "max-stale"}).headers["X-Cache"] == "MISS"
+
+
+def test_concurrent_max_age_0_requests_share_one_fetch(upstream: UpstreamStub) -> None:
+    app = proxy_app(upstream)
+    app.test_client().get("/up/slow/300")
+    with ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(lambda _: app.test_client().get("/up/slow/300", headers={
+            "Cache-Control": "max-age=0"}), range(5)))
+    assert sorted(a.headers["X-Cache"] for a in answers).count("MISS") == 1 and upstream.count() == 2
+
+
+def test_a_request_sleeping_for_its_slot_never_goes_upstream_once_offline(upstream: UpstreamStub) -> None:
+    app = proxy_app(upstream, max_requests_per_second=1)
+    app.test_client().get("/up/first")
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(lambda: app.test_client().get("/up/second"))
+        time.sleep(0.3)  # it sleeps for its slot now
+        app.extensions["buddy"].service.offline.set(True)
+        assert waiting.result().headers["X-Cache"] == "OFFLINE"
+    assert upstream.paths() == ["/first"]
+
+
+def test_inside_the_revalidate_window_only_if_cached_and_no_store_start_no_refresh(upstream: UpstreamStub) -> None:
+    app = proxy_app(upstream, ttl_seconds=1, stale_while_revalidate_seconds=60)
+    client = app.test_client()
+    client.get("/up/swr")
+    time.sleep(1.1)
+    for control in ("only-if-cached", "no-store"):
+        assert client.get("/up/swr", headers={"Cache-Control": control}).headers["X-Cache"] == "STALE"
+    time.sleep(0.3)
+    assert upstream.count() == 1
+
+
+def test_a_refresh_without_a_thread_lets_go_of_the_lock(upstream: UpstreamStub,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    app = proxy_app(upstream, ttl_seconds=1, stale_while_revalidate_seconds=60)
+    client, service = app.test_client(), app.extensions["buddy"].service
+    client.get("/up/t")
+    time.sleep(1.1)
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(threading.Thread, "start", no_thread)
+        assert client.get("/up/t").headers["X-Cache"] == "STALE"
+    assert service.coalescer.keeper.held() == 0
+    assert client.get("/up/t", headers={"Cache-Control": "no-cache"}).headers["X-Cache"] == "MISS"
+
+
+def test_an_answer_too_big_to_keep_retires_the_expired_entry(upstream: UpstreamStub) -> None:
+    app = proxy_app(upstream, cache={"max_cache_response_size": 1024}, ttl_seconds=1,
+                    stale_while_revalidate_seconds=60)
+    service = app.extensions["buddy"].service
+    up = service.settings.domains["up"]
+    service.cache.put(policy.entry_for(ProxyRequest(up, "GET", "/big/200000", "", [], b"", {})),
+                      ProxyResult(200, "OK", [], b"old", stored_at=time.time() - 5, fresh_for=1), 100)
+    client = app.test_client()
+    assert client.get("/up/big/200000").data == b"old"  # STALE, and one refresh
+    assert eventually(lambda: upstream.count() == 1)
+    time.sleep(0.3)
+    fresh = client.get("/up/big/200000")
+    assert fresh.headers["X-Cache"] == "MISS" and len(fresh.data) == 200000
+
+
+def eventually(check: Any, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
