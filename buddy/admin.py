@@ -1,22 +1,88 @@
-"""Operations over HTTP: health, JSON metrics, Prometheus text, and clearing the cache."""
+"""Operations over HTTP: health, JSON metrics, Prometheus text, clearing the cache, the offline switch; and who
+may use them (the access key, or the dashboard's session cookie, plus a header on every browser action)."""
 from __future__ import annotations
 
+import hashlib
+import hmac
+import time
+
 from flask import Blueprint, Response, current_app, jsonify, request
+from flask.blueprints import BlueprintSetupState
 from prometheus_client import CONTENT_TYPE_LATEST
+from werkzeug.exceptions import Forbidden
+from werkzeug.wrappers import Response as BaseResponse
 
 from buddy.access import Target
+from buddy.errors import StoreUnavailable
 from buddy.prometheus import exposition
 from buddy.views import NAMESPACE
 
 bp = Blueprint("admin", __name__)
+SESSION_COOKIE = "buddy_dashboard"
+SESSION_SECONDS = 12 * 3600
+ACTION_HEADER = "X-Buddy-Action"  # a cross-origin form or no-cors fetch cannot send it; same-origin JS can
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+OFFLINE_STATES = ("on", "off", "reset")
+
+
+@bp.record_once
+def _with_dashboard(state: BlueprintSetupState) -> None:
+    """The dashboard (its own blueprint: its page and login answer without a key) comes with the admin routes."""
+    from buddy import dashboard
+
+    state.app.register_blueprint(dashboard.bp)
+
+
+def session_token(key: str, expires: int) -> str:
+    """What the dashboard cookie holds: an expiry and an HMAC of it under the access key, never the key."""
+    label = f"reference-api-buddy dashboard session until {expires}".encode()
+    return f"{expires}.{hmac.new(key.encode('utf-8', 'surrogateescape'), label, hashlib.sha256).hexdigest()}"
+
+
+def session_valid(value: str, key: str, now: float) -> bool:
+    """Is this cookie value a session the current key signed, not yet expired? (Compared in constant time.)"""
+    expires, dot, _ = value.partition(".")
+    if not dot or not expires.isdigit() or not now < int(expires) <= now + SESSION_SECONDS:
+        return False
+    return hmac.compare_digest(session_token(key, int(expires)).encode(), value.encode("utf-8", "surrogateescape"))
+
+
+def start_session(response: BaseResponse, key: str) -> BaseResponse:
+    """Sign the browser in: an HttpOnly, SameSite=Strict cookie for the admin routes only."""
+    expires = int(time.time()) + SESSION_SECONDS
+    response.set_cookie(SESSION_COOKIE, session_token(key, expires), max_age=SESSION_SECONDS, path="/admin",
+                        secure=request.is_secure, httponly=True, samesite="Strict")
+    return response
+
+
+def authorize() -> str:
+    """How this request may use the admin routes: "open" (no key required), "cookie" (a dashboard session) or
+    "key" (the key itself, as for the proxy); raises Unauthorized (401) otherwise, logged like any refusal."""
+    buddy = current_app.extensions["buddy"]
+    if buddy.access.required:
+        cookie = request.cookies.get(SESSION_COOKIE)
+        if cookie and session_valid(cookie, buddy.access.key(), time.time()):
+            return "cookie"
+    target = Target("admin", None, request.environ.get("QUERY_STRING", ""), list(request.headers.items()))
+    buddy.access.admit(target, set(), request.remote_addr or "unknown")
+    return "key" if buddy.access.required else "open"
+
+
+def deliberate(how: str) -> None:
+    """CSRF: a state change through the browser's cookie, and any POST (which a cross-site form can send), must
+    carry ACTION_HEADER; DELETE never leaves a browser cross-origin without a CORS preflight, which is never
+    granted here."""
+    if request.method in SAFE_METHODS:
+        return
+    if (how == "cookie" or request.method == "POST") and request.headers.get(ACTION_HEADER) != "1":
+        raise Forbidden(f"admin actions from a browser need the header {ACTION_HEADER}: 1")
 
 
 @bp.before_request
 def require_key() -> None:
-    """The admin routes need the access key whenever the proxy does (header, bearer or ?key=)."""
-    buddy = current_app.extensions["buddy"]
-    target = Target("admin", None, request.environ.get("QUERY_STRING", ""), list(request.headers.items()))
-    buddy.access.admit(target, set(), request.remote_addr or "unknown")
+    """The admin routes need the access key whenever the proxy does (header, bearer, ?key= or the dashboard's
+    cookie), and browser actions need ACTION_HEADER."""
+    deliberate(authorize())
 
 
 @bp.get("/admin/health")
@@ -55,10 +121,31 @@ def clear(domain: str | None = None) -> Response:
     return jsonify(cleared=sum(cleared.values()), by_domain=cleared)
 
 
-@bp.route("/admin", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+@bp.post("/admin/offline/<state>")
+def offline(state: str) -> Response:
+    """The run-time offline switch, as `buddy offline on|off|reset`: every worker and host follows within 1 s."""
+    if state not in OFFLINE_STATES:
+        response = jsonify(error="not found", message="POST /admin/offline/on, /off or /reset")
+        response.status_code = 404
+        return response
+    switch = current_app.extensions["buddy"].service.offline
+    try:
+        if state == "reset":
+            switch.reset()
+        else:
+            switch.set(state == "on")
+        on, source = switch.state()
+    except StoreUnavailable:
+        response = jsonify(error="redis unavailable", message="the switch lives in Redis, which cannot be reached")
+        response.status_code = 503
+        return response
+    return jsonify(offline=on, source=source)
+
+
 @bp.route("/admin/<path:_>", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
 def not_an_admin_route(_: str = "") -> Response:
-    response = jsonify(error="not found", message="admin routes: GET /admin/health, GET /admin/metrics, "
-                       "GET /metrics, DELETE /admin/cache[/<domain>][?namespace=NAME]")
+    response = jsonify(error="not found", message="admin routes: GET /admin/ (the dashboard), GET /admin/health, "
+                       "GET /admin/metrics, GET /metrics, DELETE /admin/cache[/<domain>][?namespace=NAME], "
+                       "POST /admin/offline/on|off|reset")
     response.status_code = 404
     return response

@@ -15,7 +15,7 @@ from buddy.errors import StoreUnavailable
 from buddy.redis_keys import RedisKeys
 from buddy.settings import Settings
 from buddy.store.guard import BUG_TTL_SECONDS, StoreGuard
-from buddy.store.metrics import WORKER_SEEN_SECONDS
+from buddy.store.metrics import MINUTE_FIELDS, RECENT_ERRORS, TIMELINE_MINUTES, WORKER_SEEN_SECONDS
 from buddy.store.offline import OfflineSwitch
 from buddy.store.response_cache import ResponseCache
 
@@ -35,6 +35,12 @@ FRESHNESS_COUNTERS = {
     "offline_refusals": "offline_refusals",  # misses answered 504 in offline mode
     "not_cached": "only_if_cached_misses",  # misses answered 504 for Cache-Control: only-if-cached
 }
+
+
+# What each request adds to exactly one of (service._tally): their sum is the mapping's requests.
+REQUEST_OUTCOMES = ("hits", "coalesced", "stale", "misses", "passthrough", "coalesce_timeouts", "offline_refusals",
+                    "not_cached")
+PUSHED_BACK = ("429", "503")  # upstream answers that pause a mapping (progressive throttling)
 
 
 def _rate(part: int, whole: int) -> float:
@@ -111,6 +117,12 @@ class MonitoringManager:
             for bucket, n in entries.ttl_buckets.items():
                 ttl[bucket] = ttl.get(bucket, 0) + n
         redis_stats = self._info("stats")
+        by_domain = {name: self._cache_of(name, c) for name, c in counters.items()}
+        money: dict[str, float] = {}
+        for entry in by_domain.values():
+            if entry["money_saved"] is not None:
+                currency = entry["cost_currency"] or ""
+                money[currency] = round(money.get(currency, 0.0) + entry["money_saved"], 4)
         return {
             "total_entries": sum(e.entries for e in described.values()),
             "entries_per_domain": {name: e.entries for name, e in described.items()},
@@ -131,16 +143,23 @@ class MonitoringManager:
             "bytes_saved": total["bytes_saved"],
             "seconds_saved": round(total["ms_saved"] / 1000, 3),
             **{FRESHNESS_COUNTERS[field]: total[field] for field in FRESHNESS_COUNTERS},
-            "by_domain": {
-                name: {
-                    "hits": c.get("hits", 0), "misses": c.get("misses", 0), "coalesced": c.get("coalesced", 0),
-                    **{FRESHNESS_COUNTERS[field]: c.get(field, 0) for field in FRESHNESS_COUNTERS},
-                    "hit_rate": _rate(c.get("hits", 0), c.get("hits", 0) + c.get("misses", 0) + c.get("coalesced", 0)),
-                    "upstream_calls_avoided": c.get("hits", 0) + c.get("coalesced", 0),
-                    "bytes_saved": c.get("bytes_saved", 0), "seconds_saved": round(c.get("ms_saved", 0) / 1000, 3),
-                }
-                for name, c in counters.items()
-            },
+            "money_saved": money,  # by currency, from the mappings that set cost_per_call
+            "by_domain": by_domain,
+        }
+
+    def _cache_of(self, name: str, c: dict[str, int]) -> dict[str, Any]:
+        """One mapping's share of the cache section; money saved is calls avoided times its cost_per_call."""
+        avoided = c.get("hits", 0) + c.get("coalesced", 0)
+        cost, currency = self.settings.domains[name].cost_per_call, self.settings.domains[name].cost_currency
+        return {
+            "requests": sum(c.get(field, 0) for field in REQUEST_OUTCOMES),
+            "hits": c.get("hits", 0), "misses": c.get("misses", 0), "coalesced": c.get("coalesced", 0),
+            **{FRESHNESS_COUNTERS[field]: c.get(field, 0) for field in FRESHNESS_COUNTERS},
+            "hit_rate": _rate(c.get("hits", 0), c.get("hits", 0) + c.get("misses", 0) + c.get("coalesced", 0)),
+            "upstream_calls_avoided": avoided,
+            "bytes_saved": c.get("bytes_saved", 0), "seconds_saved": round(c.get("ms_saved", 0) / 1000, 3),
+            "cost_per_call": cost, "cost_currency": currency,
+            "money_saved": None if cost is None else round(avoided * cost, 4),
         }
 
     def _upstream_of(self, counters: dict[str, int], per_hour: int) -> dict[str, Any]:
@@ -232,13 +251,15 @@ class MonitoringManager:
             for name in names:
                 for window in (1_000, 60_000, 3_600_000):
                     pipe.zcount(self.keys.rate_starts(name), now - window, "+inf")
-                pipe.hmget(self.keys.rate_penalty(name), ["until", "level"])
+                pipe.hmget(self.keys.rate_penalty(name), ["until", "level", "last"])
+            pipe.lrange(self.keys.recent_errors, 0, RECENT_ERRORS - 1)
             return pipe.execute(), now
 
         values, now = self.guard.run(read)
+        pushed_back = self._last_pushed_back(values.pop())
         out = {}
         for i, name in enumerate(names):
-            second, minute, hour, (until, level) = values[i * 4 : i * 4 + 4]
+            second, minute, hour, (until, level, last) = values[i * 4 : i * 4 + 4]
             domain, c = self.settings.domains[name], counters[name]
             out[name] = {
                 "limits": {"per_second": domain.max_requests_per_second,
@@ -249,8 +270,50 @@ class MonitoringManager:
                 "total_delay_seconds": round(c.get("throttle_delay_ms", 0) / 1000, 3),
                 "current_delay_seconds": round(max(0, int(until or 0) - now) / 1000, 3),
                 "penalty_level": int(level or 0),
+                # The latest upstream 429/503 (among the recent errors) and the pause it set, while the penalty
+                # lasts: the upstream's Retry-After when it sent one, else the exponential backoff.
+                "last_pushed_back": pushed_back.get(name),
+                "penalty_since": round(int(last) / 1000, 3) if last else None,
+                "penalty_pause_seconds": round(max(0, int(until or 0) - int(last)) / 1000, 3) if last else None,
             }
         return out
+
+    @staticmethod
+    def _last_pushed_back(events: list[bytes]) -> dict[str, dict[str, Any]]:
+        """Each mapping's newest 429/503 among the recent errors (newest first): time, status, Retry-After."""
+        found: dict[str, dict[str, Any]] = {}
+        for raw in events:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue
+            if event.get("status") in PUSHED_BACK and event.get("domain") not in found:
+                found[event["domain"]] = {"time": event.get("time"), "status": event["status"],
+                                          "retry_after": event.get("retry_after")}
+        return found
+
+    def timeline(self) -> dict[str, Any]:
+        """Hits, misses and upstream calls per minute over the last TIMELINE_MINUTES minutes (the current one
+        last, still filling), per mapping and in all, from the per-minute counters every process flushes."""
+        names = list(self.settings.domains)
+        current = int(time.time() // 60)
+        minutes = list(range(current - TIMELINE_MINUTES + 1, current + 1))
+
+        def read() -> list:
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                for minute in minutes:
+                    pipe.hmget(self.keys.minute_counts(name, minute), list(MINUTE_FIELDS))
+            return pipe.execute()
+
+        values = self.guard.run(read)
+        by_domain: dict[str, dict[str, list[int]]] = {}
+        for i, name in enumerate(names):
+            rows = values[i * len(minutes) : (i + 1) * len(minutes)]
+            by_domain[name] = {field: [int(row[j] or 0) for row in rows] for j, field in enumerate(MINUTE_FIELDS)}
+        total = {field: [sum(series[field][k] for series in by_domain.values()) for k in range(len(minutes))]
+                 for field in MINUTE_FIELDS}
+        return {"minute_starts": [minute * 60 for minute in minutes], "total": total, "by_domain": by_domain}
 
     def health(self) -> dict[str, Any]:
         """ok, or degraded with the reason: Redis unreachable, full and refusing writes, or refusing commands lately.
@@ -325,7 +388,7 @@ class MonitoringManager:
         out: dict[str, Any] = {}
         for name, read in (("cache", self.get_cache_stats), ("upstream", self.get_upstream_stats),
                            ("database", self.get_database_stats), ("proxy_health", self.get_proxy_health),
-                           ("throttling", self.get_throttling_stats)):
+                           ("throttling", self.get_throttling_stats), ("timeline", self.timeline)):
             try:
                 out[name] = read()
             except (StoreUnavailable, redis.RedisError) as exc:

@@ -37,6 +37,8 @@ KEY_KINDS = (
     KeyKind("penalty", True, "the mapping's backoff after an upstream 429/503: until, level, last"),
     KeyKind("bug", True, "the latest error reply any worker got from Redis (a bug, not an outage), for health; 60 s"),
     KeyKind("health", True, "written by each /admin/health check (a full Redis refuses it); 10 s"),
+    KeyKind("minutes", True, "one mapping's hits, misses and upstream calls in one minute (hash of at most 3 "
+            "fields), for the dashboard's chart; expires 62 minutes after its minute ended"),
     KeyKind("stats", False, "the mapping's counters: a fixed set of fields (STATS_FIELDS, status:<outcome>)"),
     KeyKind("errors", False, "the 50 latest upstream errors (JSON events), newest first; trimmed on every push"),
     KeyKind("workers", False, "proxy processes seen lately (host:pid -> time); trimmed to the last 15 s at each flush"),
@@ -104,6 +106,10 @@ class RedisKeys:
     def rate_penalty(self, domain: str) -> str:
         """Hash holding the domain's progressive penalty: until, level, last."""
         return f"{self.prefix}penalty:{{{domain}}}"
+
+    def minute_counts(self, domain: str, minute: int) -> str:
+        """Hash of the domain's per-minute counters (store.metrics.MINUTE_FIELDS) in one minute (Unix time // 60)."""
+        return f"{self.prefix}minutes:{{{domain}}}:{minute}"
 
     @property
     def recent_errors(self) -> str:

@@ -413,7 +413,8 @@ class ProxyService:
             return json_result(exc.status, reason, error=error, domain=domain.name, message=str(exc))
         result.fetch_ms = self._count_upstream(domain.name, str(result.status), started)
         if result.status >= 500 or result.status == 429:
-            self.metrics.error(domain.name, str(result.status), f"upstream '{domain.name}' answered {result.status}")
+            self.metrics.error(domain.name, str(result.status), f"upstream '{domain.name}' answered {result.status}",
+                               retry_after=result.header("Retry-After") or None)
         return result
 
     def _count_upstream(self, domain: str, outcome: str, started: float) -> int:

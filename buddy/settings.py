@@ -61,6 +61,15 @@ def _positive_number(**kwargs: Any) -> fields.Float:
     )
 
 
+def _non_negative_number(**kwargs: Any) -> fields.Float:
+    message = "must be 0 or a positive number"
+    return fields.Float(
+        validate=validate.Range(min=0, error=message),
+        error_messages={"invalid": message, "null": message, "special": message},
+        **kwargs,
+    )
+
+
 def _boolean(**kwargs: Any) -> fields.Boolean:
     return fields.Boolean(
         truthy={True}, falsy={False}, error_messages={"invalid": "must be true or false"}, **kwargs
@@ -105,6 +114,10 @@ class DomainSchema(_Section):
     total_timeout = _positive_number(load_default=None, allow_none=True)
     max_requests_per_second = _positive_int(load_default=None, allow_none=True)
     max_requests_per_minute = _positive_int(load_default=None, allow_none=True)
+    # What one upstream call costs, for the dashboard's estimate of money saved (calls avoided x cost).
+    cost_per_call = _non_negative_number(load_default=None, allow_none=True)
+    cost_currency = _string(load_default=None, allow_none=True, validate=validate.Regexp(
+        r"^\S{1,8}$", error="must be a short currency name such as USD or EUR (1 to 8 characters, no spaces)"))
 
 
 class ServerSchema(_Section):
@@ -248,6 +261,8 @@ class DomainSettings:
     max_requests_per_second: int | None
     max_requests_per_minute: int | None
     max_requests_per_hour: int
+    cost_per_call: float | None = None  # what one upstream call costs, in cost_currency (dashboard estimate)
+    cost_currency: str | None = None
 
     @property
     def grace(self) -> int:
@@ -498,6 +513,8 @@ def _build(data: dict[str, Any]) -> Settings:
             max_requests_per_second=spec["max_requests_per_second"],
             max_requests_per_minute=spec["max_requests_per_minute"],
             max_requests_per_hour=throttling["domain_limits"].get(name, throttling["default_requests_per_hour"]),
+            cost_per_call=spec["cost_per_call"],
+            cost_currency=spec["cost_currency"],
         )
     return Settings(
         domains=domains,

@@ -7,7 +7,7 @@ import socket
 from typing import Any, Callable, Mapping
 from urllib.parse import quote, unquote
 
-from flask import Blueprint, Request, Response, current_app, jsonify, request
+from flask import Blueprint, Request, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
 from buddy.access import Target
@@ -103,6 +103,8 @@ def proxy(_: str) -> Response:
     service: ProxyService = buddy.service
     req: Request = request._get_current_object()  # type: ignore[attr-defined]  # one context lookup, not one per attribute
     environ = req.environ
+    if req.method in ("GET", "HEAD") and raw_target(environ) == b"/":  # no mapping named: the dashboard
+        return Response(status=302, headers={"Location": url_for("dashboard.page")})
     first, slash, rest = raw_target(environ)[1:].partition(b"/")
     raw_first = first.decode("latin-1")
     target = Target(

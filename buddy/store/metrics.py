@@ -1,7 +1,8 @@
 """Counters for the whole proxy, kept in Redis: each process buffers increments and flushes them once a second.
 
 Buffering keeps a cache hit at one Redis round trip; the counters lag by at most the flush interval, and
-a process that is killed loses at most that much counting.
+a process that is killed loses at most that much counting. A few counters are also kept per minute (for the
+dashboard's chart of the last hour), in keys that expire by themselves.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ from buddy.store.guard import StoreGuard
 log = logging.getLogger("buddy.metrics")
 RECENT_ERRORS = 50
 WORKER_SEEN_SECONDS = 15
+MINUTE_FIELDS = ("hits", "misses", "upstream_requests")  # also counted per minute, in `minutes:{<name>}:<minute>`
+TIMELINE_MINUTES = 60  # how many minutes the dashboard shows; a per-minute key outlives its minute by a bit more
+MINUTE_KEEP_SECONDS = (TIMELINE_MINUTES + 2) * 60
 
 
 class MetricsRecorder:
@@ -34,9 +38,10 @@ class MetricsRecorder:
         self.keys = keys
         self.interval = interval
         self._counts: Counter[tuple[str, str]] = Counter()
+        self._minutes: Counter[tuple[str, int, str]] = Counter()  # (domain, Unix minute, field) -> n
         self._errors: list[str] = []
         self._lock = threading.Lock()
-        self.thread = ProcessThread("buddy-metrics", self._run, fresh=self._counts.clear)  # a child tallies anew
+        self.thread = ProcessThread("buddy-metrics", self._run, fresh=self._fresh)  # a child tallies anew
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.serving = False  # set by the first request this process counts
 
@@ -48,19 +53,27 @@ class MetricsRecorder:
         if not self.thread.running:
             self.thread.ensure()
         self.serving = True
+        minute = int(time.time() // 60) if any(field in MINUTE_FIELDS for field in fields) else 0
         with self._lock:
             for field, n in fields.items():
                 self._counts[(domain, field)] += n
+                if field in MINUTE_FIELDS:
+                    self._minutes[(domain, minute, field)] += n
 
-    def error(self, domain: str, status: str, message: str) -> None:
-        event = json.dumps({"time": round(time.time(), 3), "domain": domain, "status": status, "message": message})
+    def error(self, domain: str, status: str, message: str, retry_after: str | None = None) -> None:
+        """Remember an upstream failure (and, for a 429/503, the Retry-After it sent, if any) for health."""
+        event: dict[str, object] = {"time": round(time.time(), 3), "domain": domain, "status": status,
+                                    "message": message}
+        if retry_after is not None:
+            event["retry_after"] = retry_after
         with self._lock:
-            self._errors.append(event)
+            self._errors.append(json.dumps(event))
             del self._errors[:-RECENT_ERRORS]
 
     def flush(self) -> None:
         with self._lock:
             counts, self._counts = self._counts, Counter()
+            minutes, self._minutes = self._minutes, Counter()
             errors, self._errors = self._errors, []
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -68,6 +81,13 @@ class MetricsRecorder:
             pipe = self.client.pipeline(transaction=False)
             for (domain, field), n in counts.items():
                 pipe.hincrby(self.keys.stats(domain), field, n)
+            expiring: dict[str, int] = {}
+            for (domain, minute, field), n in minutes.items():
+                key = self.keys.minute_counts(domain, minute)
+                pipe.hincrby(key, field, n)
+                expiring[key] = (minute + 1) * 60 + MINUTE_KEEP_SECONDS
+            for key, when in expiring.items():
+                pipe.expireat(key, when)
             if errors:
                 pipe.lpush(self.keys.recent_errors, *errors)
                 pipe.ltrim(self.keys.recent_errors, 0, RECENT_ERRORS - 1)
@@ -81,8 +101,14 @@ class MetricsRecorder:
         except StoreUnavailable:
             with self._lock:  # keep them for the next flush
                 self._counts.update(counts)
+                self._minutes.update(minutes)
                 self._errors[:0] = errors
                 del self._errors[:-RECENT_ERRORS]
+
+    def _fresh(self) -> None:
+        """In a forked child: drop the parent's unflushed counts (no lock: the parent's may have been held)."""
+        self._counts.clear()
+        self._minutes.clear()
 
     def stop(self) -> None:
         """Stop the flusher and write what is left; later calls do nothing."""

@@ -162,7 +162,7 @@ def test_unknown_domain_is_a_json_404_listing_the_configured_ones(client: FlaskC
     response = client.get("/nowhere/x")
     assert response.status_code == 404
     assert response.json["configured"] == ["up"] and response.json["domain"] == "nowhere"
-    assert client.get("/").status_code == 404
+    assert client.get("/").status_code == 302  # `/` alone leads to the dashboard (issue 16)
     assert upstream.count() == 0
 
 
