@@ -162,7 +162,9 @@ class ProxyService:
         result.close_stream()
         self.metrics.count(domain.name, "stale_if_error")
         log.info("'%s' answered with an expired entry: the upstream call ended in %s", domain.name, result.status)
-        return from_cache(stale, "STALE")
+        answer = from_cache(stale, "STALE")
+        answer.cache = "STALE-IF-ERROR"  # shown as STALE; it saved no upstream call (one was made, and failed)
+        return answer
 
     def _refresh_later(self, request: ProxyRequest, found: Lookup) -> None:
         """Stale-while-revalidate: refresh the entry in a thread of this process, unless a refresh (or any
@@ -218,6 +220,9 @@ class ProxyService:
             saved = {} if result.body is None else {"bytes_saved": len(result.body), "ms_saved": result.fetch_ms}
             counter = {"HIT": "hits", "COALESCED": "coalesced", "STALE": "stale"}[result.cache]
             self.metrics.count_many(domain, {counter: 1, **saved})
+        elif result.cache == "STALE-IF-ERROR":
+            result.cache = "STALE"
+            self.metrics.count(domain, "stale")
         elif result.cache == "OFFLINE":
             self.metrics.count(domain, "offline_refusals")
         elif result.cache == "NOT-CACHED":

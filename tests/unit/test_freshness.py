@@ -257,3 +257,16 @@ def eventually(check: Any, seconds: float = 5.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def test_a_stale_answer_for_a_failed_call_is_counted_but_saves_nothing(upstream: UpstreamStub) -> None:
+    app = proxy_app(upstream, ttl_seconds=1)
+    service = app.extensions["buddy"].service
+    up = service.settings.domains["up"]
+    service.cache.put(policy.entry_for(ProxyRequest(up, "GET", "/status/503", "", [], b"", {})),
+                      ProxyResult(200, "OK", [], b"kept", stored_at=time.time() - 5, fresh_for=1), 100)
+    answer = app.test_client().get("/up/status/503")
+    assert (answer.headers["X-Cache"], answer.data, upstream.count()) == ("STALE", b"kept", 1)
+    service.metrics.flush()
+    counted = app.extensions["buddy"].monitoring.counters()["up"]
+    assert counted["stale"] == counted["stale_if_error"] == 1 and "bytes_saved" not in counted
