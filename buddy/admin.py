@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import re
 import time
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -23,6 +25,7 @@ SESSION_SECONDS = 12 * 3600
 ACTION_HEADER = "X-Buddy-Action"  # a cross-origin form or no-cors fetch cannot send it; same-origin JS can
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 OFFLINE_STATES = ("on", "off", "reset")
+_EXPIRY = re.compile(r"[0-9]{1,12}")  # ASCII digits only: "²".isdigit() is True, int("²") is not
 
 
 @bp.record_once
@@ -42,7 +45,7 @@ def session_token(key: str, expires: int) -> str:
 def session_valid(value: str, key: str, now: float) -> bool:
     """Is this cookie value a session the current key signed, not yet expired? (Compared in constant time.)"""
     expires, dot, _ = value.partition(".")
-    if not dot or not expires.isdigit() or not now < int(expires) <= now + SESSION_SECONDS:
+    if not dot or not _EXPIRY.fullmatch(expires) or not now < int(expires) <= now + SESSION_SECONDS:
         return False
     return hmac.compare_digest(session_token(key, int(expires)).encode(), value.encode("utf-8", "surrogateescape"))
 
@@ -76,6 +79,28 @@ def deliberate(how: str) -> None:
         return
     if (how == "cookie" or request.method == "POST") and request.headers.get(ACTION_HEADER) != "1":
         raise Forbidden(f"admin actions from a browser need the header {ACTION_HEADER}: 1")
+    if how == "open" and request.headers.get("Origin") is not None and not trusted_host(request.host):
+        # DNS rebinding: a page on the attacker's name, pointed at this proxy, is "same-origin" with itself.
+        raise Forbidden(
+            f"admin actions from a browser at {request.host!r} are refused without an access key: use the proxy "
+            "by its IP address or localhost, name this host in security.admin_hosts, or require a key "
+            "(security.require_secure_key)"
+        )
+
+
+def trusted_host(host: str) -> bool:
+    """May a browser act on the admin routes through this Host (key-less mode)? An IP address, localhost, the
+    configured server.host, or a name listed in security.admin_hosts: never a name an attacker's DNS controls."""
+    settings = current_app.extensions["buddy"].settings
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]").lower()
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    allowed = {"localhost", str(settings.server["host"]).lower(), *map(str.lower, settings.security["admin_hosts"])}
+    return name in allowed
 
 
 @bp.before_request
@@ -118,7 +143,14 @@ def clear(domain: str | None = None) -> Response:
         return response
     domains = [domain] if domain else list(buddy.settings.domains)
     cleared = {name: buddy.service.cache.clear(name, namespace=namespace) for name in domains}
+    _changed()
     return jsonify(cleared=sum(cleared.values()), by_domain=cleared)
+
+
+def _changed() -> None:
+    from buddy import dashboard
+
+    dashboard.forget_view()
 
 
 @bp.post("/admin/offline/<state>")
@@ -135,6 +167,7 @@ def offline(state: str) -> Response:
         else:
             switch.set(state == "on")
         on, source = switch.state()
+        _changed()
     except StoreUnavailable:
         response = jsonify(error="redis unavailable", message="the switch lives in Redis, which cannot be reached")
         response.status_code = 503

@@ -3,7 +3,9 @@ few seconds, and the login that turns the access key into a session cookie. Ever
 MonitoringManager.get_all(), the same dictionary /admin/metrics answers."""
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -45,7 +47,7 @@ def page() -> BaseResponse:
         how = admin.authorize()
     except Unauthorized:
         return login_page("wrong key" if _key_in_query() else None)
-    if how == "key" and _key_in_query():
+    if how in ("key", "cookie") and _key_in_query():  # signed in or not, the key leaves the address bar
         return admin.start_session(redirect(url_for(".page"), 303), buddy.access.key())
     return make_response(render_template(
         "dashboard/page.html", view=build_view(), refresh_seconds=REFRESH_SECONDS, open=how == "open",
@@ -91,7 +93,30 @@ def _key_in_query() -> bool:
     return any(unquote_plus(item.partition("=")[0]) == "key" for item in query.split("&"))
 
 
+_VIEW_LOCK = threading.Lock()
+_VIEWS: "weakref.WeakKeyDictionary[Any, tuple[float, dict[str, Any]]]" = weakref.WeakKeyDictionary()
+VIEW_MAX_AGE = 2.0  # seconds one process reuses a view: many open tabs cost one census, not one each
+
+
 def build_view() -> dict[str, Any]:
+    """The view, built at most once per VIEW_MAX_AGE per process (the threads that wait share it); an action
+    taken through this process (clear, offline) drops it."""
+    buddy = current_app.extensions["buddy"]
+    with _VIEW_LOCK:
+        kept = _VIEWS.get(buddy)
+        if kept is not None and time.monotonic() - kept[0] < VIEW_MAX_AGE:
+            return kept[1]
+        view = _build_view()
+        _VIEWS[buddy] = (time.monotonic(), view)
+        return view
+
+
+def forget_view() -> None:
+    with _VIEW_LOCK:
+        _VIEWS.pop(current_app.extensions["buddy"], None)
+
+
+def _build_view() -> dict[str, Any]:
     """Everything the templates show: /admin/metrics' numbers, arranged per mapping, plus chart geometry."""
     buddy = current_app.extensions["buddy"]
     metrics = buddy.monitoring.get_all()

@@ -61,10 +61,10 @@ def _positive_number(**kwargs: Any) -> fields.Float:
     )
 
 
-def _non_negative_number(**kwargs: Any) -> fields.Float:
-    message = "must be 0 or a positive number"
+def _non_negative_number(at_most: float | None = None, **kwargs: Any) -> fields.Float:
+    message = "must be 0 or a positive number" + ("" if at_most is None else f" up to {at_most:g}")
     return fields.Float(
-        validate=validate.Range(min=0, error=message),
+        validate=validate.Range(min=0, max=at_most, error=message),
         error_messages={"invalid": message, "null": message, "special": message},
         **kwargs,
     )
@@ -115,7 +115,7 @@ class DomainSchema(_Section):
     max_requests_per_second = _positive_int(load_default=None, allow_none=True)
     max_requests_per_minute = _positive_int(load_default=None, allow_none=True)
     # What one upstream call costs, for the dashboard's estimate of money saved (calls avoided x cost).
-    cost_per_call = _non_negative_number(load_default=None, allow_none=True)
+    cost_per_call = _non_negative_number(load_default=None, allow_none=True, at_most=1_000_000)
     cost_currency = _string(load_default=None, allow_none=True, validate=validate.Regexp(
         r"^\S{1,8}$", error="must be a short currency name such as USD or EUR (1 to 8 characters, no spaces)"))
 
@@ -142,6 +142,9 @@ class SecuritySchema(_Section):
         load_default=None, allow_none=True, validate=validate.Length(min=16, error="must be at least 16 characters")
     )
     log_security_events = _boolean(load_default=True)
+    # Host names a browser may use the dashboard's buttons through when no key is required (IP addresses,
+    # localhost and server.host always may): a name not listed could be an attacker's, rebound to this proxy.
+    admin_hosts = fields.List(_string(), load_default=list)
 
 
 class CacheSchema(_Section):

@@ -64,6 +64,7 @@ def read_body(req: Request, server: Mapping[str, Any]) -> bytes:
     return body
 
 
+ACTIVE_CONTENT = frozenset({"text/html", "application/xhtml+xml", "image/svg+xml", "text/xml", "application/xml"})
 NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -144,6 +145,11 @@ def proxy(_: str) -> Response:
     body = result.stream if result.stream is not None else result.body
     status = f"{result.status} {result.reason}" if result.reason else result.status
     response = Response(body, status=status, headers=result.all_headers(), direct_passthrough=True)
-    if not any(name.lower() == "content-type" for name, _ in result.headers):
+    types = [value.split(";", 1)[0].strip().lower() for name, value in result.headers if name.lower() == "content-type"]
+    if not types:
         del response.headers["Content-Type"]  # never invent a type the upstream did not send
+    if not types or ACTIVE_CONTENT.intersection(types):
+        # A page an upstream serves through the proxy shares the dashboard's origin: sandboxed, its scripts
+        # run in an origin of their own and cannot use the admin routes (API clients never look at this).
+        response.headers.add("Content-Security-Policy", "sandbox")
     return response

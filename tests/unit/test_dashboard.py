@@ -16,13 +16,19 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from buddy import create_app
+from buddy import create_app, dashboard
 from buddy.admin import SESSION_COOKIE, session_token
 from buddy.errors import ConfigError
 from buddy.redis_keys import KEY_KINDS, RedisKeys
 from buddy.settings import validate_config
 from buddy.store.metrics import MINUTE_FIELDS, MINUTE_KEEP_SECONDS
 from tests.support.upstream_stub import UpstreamStub
+
+
+@pytest.fixture(autouse=True)
+def fresh_views(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each render reads Redis again (the page reuses a view for 2 s; these tests change state in between)."""
+    monkeypatch.setattr(dashboard, "VIEW_MAX_AGE", 0.0)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -311,8 +317,8 @@ def test_cost_settings_are_validated_by_name() -> None:
         return []
 
     assert problems(cost_per_call=0, cost_currency="USD") == []
-    assert problems(cost_per_call=-0.5) == ["domain_mappings.paid.cost_per_call: must be 0 or a positive number"]
-    assert problems(cost_per_call="lots") == ["domain_mappings.paid.cost_per_call: must be 0 or a positive number"]
+    bad_cost = "domain_mappings.paid.cost_per_call: must be 0 or a positive number up to 1e+06"
+    assert problems(cost_per_call=-0.5) == problems(cost_per_call="lots") == problems(cost_per_call=1e308) == [bad_cost]
     assert problems(cost_currency=3) == ["domain_mappings.paid.cost_currency: must be a string"]
     assert problems(cost_currency="US dollars")[0].startswith("domain_mappings.paid.cost_currency: must be a short")
     settings = validate_config({"domain_mappings": {"paid": {"upstream": "https://api.example", "cost_per_call": 0.01,
@@ -328,3 +334,52 @@ def test_every_template_and_asset_ships_in_the_wheel() -> None:
     assert {"templates/dashboard/page.html", "templates/assets/dashboard.js"} <= set(shipped)
     for path in shipped:
         assert any(fnmatch.fnmatch(path, glob) and path.count("/") == glob.count("/") for glob in globs), path
+
+
+def test_the_session_cookie_survives_no_tampering_and_the_key_never_stays_in_the_address_bar(
+    upstream: UpstreamStub, fake_redis: fakeredis.FakeRedis
+) -> None:
+    app = create_app({"domain_mappings": {"up": {"upstream": upstream.url}}, "logging": {"enable_console": False},
+                      "security": {"require_secure_key": True, "secure_key": "k" * 32}}, redis_client=fake_redis)
+    client = app.test_client()
+    for forged in ("\u00b2.abc", "9" * 4400 + ".abc", ".", "12.", "-5.x"):
+        client.set_cookie(SESSION_COOKIE, forged, path="/admin")
+        assert client.get("/admin/health").status_code == 401
+    client.set_cookie(SESSION_COOKIE, session_token("k" * 32, int(time.time()) + 60), path="/admin")
+    signed_in = client.get("/admin/?key=" + "k" * 32)
+    assert signed_in.status_code == 303 and "key" not in signed_in.headers["Location"]
+
+
+def test_a_page_served_through_the_proxy_cannot_reach_the_admin_routes(client: FlaskClient) -> None:
+    """An upstream's HTML shares the dashboard's origin: it is sandboxed (its own, opaque origin)."""
+    assert client.get("/up/page?h=Content-Type:text/html").headers["Content-Security-Policy"] == "sandbox"
+    assert "Content-Security-Policy" not in client.get("/up/data").headers  # JSON is left alone
+
+
+def test_without_a_key_browser_actions_need_a_host_no_attacker_can_name(upstream: UpstreamStub,
+                                                                        fake_redis: fakeredis.FakeRedis) -> None:
+    app = create_app({"domain_mappings": {"up": {"upstream": upstream.url}}, "logging": {"enable_console": False},
+                      "security": {"admin_hosts": ["devbox.internal"]}}, redis_client=fake_redis)
+    client, action = app.test_client(), {"X-Buddy-Action": "1"}
+    rebound = client.post("/admin/offline/on", headers={**action, "Origin": "http://rebind.example:8080",
+                                                        "Host": "rebind.example:8080"})
+    assert rebound.status_code == 403 and "security.admin_hosts" in rebound.get_data(as_text=True)
+    for host in ("127.0.0.1:8080", "[::1]:8080", "localhost:8080", "devbox.internal:8080"):
+        assert client.post("/admin/offline/off", headers={**action, "Origin": f"http://{host}", "Host": host}
+                           ).status_code == 200
+    assert client.delete("/admin/cache", headers={"Host": "devbox-by-another-name"}).status_code == 200  # curl
+    assert app.extensions["buddy"].service.offline.state() == (False, "switched at run time")
+
+
+def test_many_open_tabs_share_one_view_per_process(client: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dashboard, "VIEW_MAX_AGE", 60.0)
+    censuses = []
+    cache = client.application.extensions["buddy"].service.cache
+    real = cache._take_census
+    monkeypatch.setattr(cache, "_take_census", lambda: censuses.append(1) or real())
+    for _ in range(5):
+        assert client.get("/admin/panel").status_code == 200
+    assert len(censuses) == 1
+    client.delete("/admin/cache/up")  # an action drops the view
+    client.get("/admin/panel")
+    assert len(censuses) == 2
