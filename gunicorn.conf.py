@@ -7,6 +7,6 @@ A SIGHUP re-executes this file, and so re-reads the config.
 """
 from buddy.serve import gunicorn_options, settings_or_exit
 
-# bind, loglevel, logconfig_dict, workers, worker_class, threads, graceful_timeout, timeout,
+# bind, loglevel, logconfig_dict, logger_class, workers, worker_class, threads, graceful_timeout, timeout,
 # on_starting, when_ready, on_exit
 globals().update(gunicorn_options(settings_or_exit()))

@@ -45,6 +45,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "bind": [f"{settings.server['host']}:{settings.server['port']}"],
         "loglevel": settings.logging["level"].lower(),
         "logconfig_dict": gunicorn_logconfig(settings.logging),  # the app's logging section, for gunicorn too
+        "logger_class": "buddy.logs.GunicornLogger",  # no access records unless an access log is asked for
         "workers": int(os.environ.get("WEB_CONCURRENCY", str(DEFAULT_WORKERS))),
         "worker_class": WORKER_CLASS,
         "threads": int(os.environ.get("BUDDY_THREADS", str(DEFAULT_THREADS))),

@@ -45,3 +45,19 @@ def test_parent_logger_receives_the_records() -> None:
         host.removeHandler(collect)
         logging.getLogger("buddy").parent = logging.getLogger()
         configure_logging(section(enable_console=False))
+
+
+def test_gunicorn_builds_access_records_only_when_an_access_log_is_asked_for() -> None:
+    from gunicorn.config import Config
+
+    from buddy.serve import gunicorn_options
+    from buddy.settings import load_settings
+
+    cfg = Config()
+    for name, value in gunicorn_options(load_settings(environ={})).items():
+        cfg.set(name, value)
+    logger = cfg.logger_class(cfg)
+    assert logger.access_log_enabled is False  # our logconfig_dict alone does not turn it on
+    cfg.set("accesslog", "-")  # `gunicorn wsgi:app --access-logfile -`
+    logger.setup(cfg)
+    assert logger.access_log_enabled is True
