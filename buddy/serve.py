@@ -72,6 +72,12 @@ class ServerHooks:
         warning = exposure_warning(list(server.cfg.bind), self.settings.security["require_secure_key"])
         if warning:
             server.log.warning(warning)
+        chosen = server.cfg.settings["worker_class"].get()
+        if isinstance(chosen, str) and (chosen == "sync" or chosen.endswith("SyncWorker")) and server.cfg.threads > 1:
+            # gunicorn turns `sync` with threads into gthread; `-k sync` asked for one request per worker at a time.
+            server.cfg.set("threads", 1)
+            server.worker_class = server.cfg.worker_class
+            server.log.info("-k sync: one thread per worker (use the default worker for threads)")
         # Workers inherit these: while Redis is down, each keeps 1/workers of every rate limit by itself, and
         # each lets at most threads/2 requests wait on one mapping (`--threads` included).
         os.environ["BUDDY_WORKERS"] = str(server.cfg.workers)
