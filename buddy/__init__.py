@@ -21,6 +21,7 @@ from buddy.monitoring import MonitoringManager
 from buddy.redis_keys import RedisKeys
 from buddy.service import ProxyService
 from buddy.settings import Settings, load_settings
+from buddy.store.connect import connect
 from buddy.store.guard import BUG_TTL_SECONDS, StoreGuard
 from buddy.store.metrics import MetricsRecorder
 from buddy.store.offline import OfflineSwitch
@@ -79,17 +80,15 @@ def _shutdown_live_apps() -> None:
 
 
 def connect_redis(settings: Settings) -> tuple[redis.Redis, str, EmbeddedRedis | None]:
-    """The configured Redis, or the embedded one for this data folder (started here if nobody runs it yet)."""
+    """The configured Redis (one server, a Redis Cluster or a Sentinel service), or the embedded one for this data
+    folder (started here if nobody runs it yet)."""
     url, embedded = settings.redis["url"], None
     if not url:
         embedded = EmbeddedRedis(settings.data_dir, settings.redis["maxmemory"])
         embedded.ensure()  # the app's shutdown() leaves it again; the last process to leave stops it
         url = embedded.url
-    timeout = settings.redis["socket_timeout"]
-    client = redis.Redis.from_url(
-        url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
-    )
-    return client, url, embedded
+    # One server, a Redis Cluster (made on first use) or Sentinel's primary, as the URL's scheme says.
+    return connect(url, settings.redis["socket_timeout"]), url, embedded
 
 
 def create_app(

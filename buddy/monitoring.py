@@ -6,17 +6,20 @@ import logging
 import os
 import time
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
+from redis.exceptions import RedisClusterException
 
 from buddy import redis_memory
 from buddy.errors import StoreUnavailable
 from buddy.redis_keys import RedisKeys
 from buddy.settings import Settings
-from buddy.store.guard import BUG_TTL_SECONDS, StoreGuard
+from buddy.store import topology
+from buddy.store.connect import cluster_of, is_cluster
+from buddy.store.guard import BUG_TTL_SECONDS, StoreGuard, is_outage
 from buddy.store.metrics import MINUTE_FIELDS, RECENT_ERRORS, TIMELINE_MINUTES, WORKER_SEEN_SECONDS
 from buddy.store.offline import OfflineSwitch
+from buddy.store.redis_url import redacted
 from buddy.store.response_cache import ResponseCache
 
 log = logging.getLogger("buddy.monitoring")
@@ -52,16 +55,9 @@ def _ints(raw: dict[bytes, bytes]) -> dict[str, int]:
 
 
 def redacted_url(url: str) -> str:
-    """A Redis URL fit to show: the password replaced, whether in the user part or a ?password= parameter."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        parts = parts._replace(netloc=netloc)
-    if parts.query:
-        pairs = parse_qsl(parts.query, keep_blank_values=True)
-        query = [(k, "***" if k.lower() == "password" else v) for k, v in pairs]
-        parts = parts._replace(query=urlencode(query, safe="*"))
-    return urlunsplit(parts)
+    """A Redis URL fit to show: the password replaced, whether in the user part or a ?password= parameter; a
+    cluster's or Sentinel's list of hosts is kept as it is."""
+    return redacted(url)
 
 
 class MonitoringManager:
@@ -82,12 +78,13 @@ class MonitoringManager:
         self.warn_about_memory_settings()
 
     def warn_about_memory_settings(self) -> list[str]:
-        """Log, once at start-up, what is wrong with the Redis's maxmemory settings (health repeats it)."""
+        """Log, once at start-up, what is wrong with the Redis's maxmemory settings (health repeats it); on a
+        cluster, of every node's."""
         try:
-            info = self.client.info("memory")
-        except redis.RedisError:
+            found = self._memory_warnings() if is_cluster(self.client) else redis_memory.warnings(
+                self.client.info("memory")) + self._cluster_node_warnings()
+        except (redis.RedisError, RedisClusterException):
             return []  # unreachable, or no INFO (fakeredis): health says so when it matters
-        found = redis_memory.warnings(info)
         for warning in found:
             log.warning("%s (Redis at %s)", warning, redacted_url(self.redis_url))
         return found
@@ -201,21 +198,75 @@ class MonitoringManager:
         }
 
     def _info(self, section: str | None = None) -> dict[str, Any]:
-        """Redis INFO, or {} from a server that does not offer it (fakeredis in tests)."""
+        """Redis INFO, or {} from a server that does not offer it (fakeredis in tests); on a cluster, counts and
+        memory summed over the primaries (topology.summed_info)."""
         try:
+            cluster = cluster_of(self.client)
+            if cluster is not None:
+                return topology.summed_info(topology.node_infos(cluster, section, primaries_only=True))
             return self.client.info(section) if section else self.client.info()
         except redis.ResponseError:
             return {}
 
-    def get_database_stats(self) -> dict[str, Any]:
+    def _cluster_node_warnings(self) -> list[str]:
+        """A one-server URL that names a node of a Redis Cluster: the keys of other nodes' slots answer MOVED."""
         try:
+            enabled = str(self.client.info("cluster").get("cluster_enabled", "0"))
+        except (redis.RedisError, RedisClusterException):
+            return []
+        if enabled != "1":
+            return []
+        return ["this Redis is a node of a Redis Cluster, reached as one server: keys of the other nodes' slots are "
+                "served without the cache; start the URL with redis+cluster:// (or rediss+cluster://)"]
+
+    def _memory_warnings(self) -> list[str]:
+        """What is wrong with the memory settings of each node of the cluster, named (replicas too: one may lead)."""
+        cluster = cluster_of(self.client)
+        return topology.memory_warnings(topology.node_infos(cluster, "memory")) if cluster is not None else []
+
+    def _cluster_database_stats(self, cluster: Any) -> dict[str, Any]:
+        """get_database_stats of a Redis Cluster: keys and memory summed over the primaries, each node listed with
+        its role, state, slots, keys and memory, which nodes are down, and the cluster's state."""
+        state = topology.cluster_state(cluster)
+        infos = topology.node_infos(cluster)
+        primaries = {name: info for name, info in infos.items()
+                     if any(n["address"] == name and n["role"] == "primary" and n["slots"] for n in state["nodes"])}
+        total = topology.summed_info(primaries)
+        for node in state["nodes"]:
+            info = infos.get(node["address"])
+            if isinstance(info, dict):
+                node.update(keys=int((info.get("db0") or {}).get("keys", 0)), used_memory_bytes=info.get("used_memory"),
+                            maxmemory_bytes=info.get("maxmemory"), maxmemory_policy=info.get("maxmemory_policy"))
+            elif info is not None:
+                node["error"] = info
+        healthy = state["state"] == "ok" and not state["down"]
+        return {
+            "type": "redis-cluster", "health": "ok" if healthy else "degraded", "url": redacted_url(self.redis_url),
+            "cluster_state": state["state"], "version": total.get("redis_version"),
+            "used_memory_bytes": total.get("used_memory"), "maxmemory_bytes": total.get("maxmemory"),
+            "maxmemory_policy": total.get("maxmemory_policy"), "evicted_keys": total.get("evicted_keys"),
+            "keys": sum(int((info.get("db0") or {}).get("keys", 0)) for info in primaries.values()
+                        if isinstance(info, dict)),
+            "primaries": state["primaries"], "down": state["down"], "nodes": state["nodes"],
+            "prefix": self.keys.prefix,
+            "warnings": state["warnings"] + topology.memory_warnings(infos),
+        }
+
+    def get_database_stats(self) -> dict[str, Any]:
+        kind = "redis-cluster" if is_cluster(self.client) else "redis"
+        try:
+            cluster = cluster_of(self.client)
+            if cluster is not None:
+                return self._cluster_database_stats(cluster)
             keys = self.client.dbsize()
             info = self._info()
-        except redis.RedisError as exc:
-            return {"type": "redis", "health": "unavailable", "error": f"{type(exc).__name__}: {exc}",
+            primary = topology.sentinel_primary(self.client)
+        except (redis.RedisError, RedisClusterException) as exc:
+            return {"type": kind, "health": "unavailable", "error": f"{type(exc).__name__}: {exc}",
                     "url": redacted_url(self.redis_url)}
         return {
-            "type": "redis", "health": "ok", "url": redacted_url(self.redis_url),
+            "type": kind if primary is None else "redis-sentinel", "health": "ok", "url": redacted_url(self.redis_url),
+            **({} if primary is None else {"primary": primary}),
             "version": info.get("redis_version"), "used_memory_bytes": info.get("used_memory"),
             "maxmemory_bytes": info.get("maxmemory"), "maxmemory_policy": info.get("maxmemory_policy"),
             "evicted_keys": info.get("evicted_keys"), "keys": keys, "prefix": self.keys.prefix,
@@ -326,7 +377,7 @@ class MonitoringManager:
             self.guard.run(lambda: self.client.set(self.keys.health_probe, b"1", px=PROBE_TTL_MS))
         except StoreUnavailable as exc:
             cause = exc.__cause__
-            if not isinstance(cause, redis.ResponseError):  # an outage, or the circuit still open after one
+            if not isinstance(cause, redis.ResponseError) or is_outage(cause):  # an outage, or the circuit still open
                 kind = type(cause).__name__ if cause else self.guard.last_error.split(":", 1)[0] or "StoreUnavailable"
                 state = f"unavailable: {kind}"
                 reasons.append(f"Redis is unavailable ({kind}): requests are served without the cache "
@@ -346,10 +397,31 @@ class MonitoringManager:
             "version": self.version,
             "offline": self.offline.on() if self.offline is not None else False,
         }
+        warnings = redis_memory.warnings(info)
+        if not is_cluster(self.client) and not state.startswith("unavailable"):
+            warnings += self._cluster_node_warnings()
+        if is_cluster(self.client):
+            cluster_report, cluster_reason, warnings = self._cluster_health()
+            report["cluster"] = cluster_report
+            if cluster_reason:
+                reasons.append(cluster_reason)
+                report["status"] = "degraded"
         if reasons:
             report["reason"] = "; ".join(reasons)
-        report["warnings"] = redis_memory.warnings(info)
+        report["warnings"] = warnings
         return report
+
+    def _cluster_health(self) -> tuple[dict[str, Any], str | None, list[str]]:
+        """(the cluster's state and nodes down, why it cannot serve every slot or None, warnings). A node down
+        whose slots a replica took over is a warning, not a degradation: every request is served normally."""
+        try:
+            state = topology.cluster_state(cluster_of(self.client))
+            warnings = state["warnings"] + self._memory_warnings()
+        except (redis.RedisError, RedisClusterException) as exc:
+            return {"state": f"unknown: {type(exc).__name__}: {exc}", "down": []}, None, []
+        short = {key: state[key] for key in ("state", "slots_ok", "slots_pfail", "slots_fail", "primaries",
+                                             "known_nodes", "down")}
+        return short, topology.state_problem(state), warnings
 
     def _recent_refusals(self, info: dict[str, Any]) -> list[str]:
         """Trouble the probe can miss: a noeviction Redis at its limit refuses some writes and not others (memory
@@ -377,10 +449,17 @@ class MonitoringManager:
         return reasons
 
     def _memory_info(self) -> dict[str, Any]:
-        """INFO memory, or {} when Redis does not answer it (fakeredis, a Redis that went away meanwhile)."""
+        """INFO memory, or {} when Redis does not answer it (fakeredis, a Redis that went away meanwhile); on a
+        cluster, that of the fullest primary (one full node refuses the writes of its slots)."""
         try:
-            return self.client.info("memory")
-        except redis.RedisError:
+            cluster = cluster_of(self.client)
+            if cluster is None:
+                return self.client.info("memory")
+            infos = [i for i in topology.node_infos(cluster, "memory", primaries_only=True).values()
+                     if isinstance(i, dict)]
+            return max(infos, key=lambda i: int(i.get("used_memory", 0)) / max(1, int(i.get("maxmemory", 0) or 0)),
+                       default={})
+        except (redis.RedisError, RedisClusterException):
             return {}
 
     def get_all(self) -> dict[str, Any]:
@@ -391,6 +470,6 @@ class MonitoringManager:
                            ("throttling", self.get_throttling_stats), ("timeline", self.timeline)):
             try:
                 out[name] = read()
-            except (StoreUnavailable, redis.RedisError) as exc:
+            except (StoreUnavailable, redis.RedisError, RedisClusterException) as exc:
                 out[name] = {"error": f"Redis unavailable: {exc}"}
         return out

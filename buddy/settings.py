@@ -15,6 +15,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates_sch
 
 from buddy.errors import ConfigError
 from buddy.fingerprint import CREDENTIAL_HEADERS
+from buddy.store.redis_url import parse_redis_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -202,9 +203,18 @@ class RedisSchema(_Section):
 
     @validates_schema
     def _check_url(self, data: dict[str, Any], **_: Any) -> None:
+        """One server (redis://, rediss://, unix://), a Redis Cluster (redis+cluster://host:port,...) or a Sentinel
+        service (redis+sentinel://host:port,.../name); the message says what is wrong (see buddy.store.connect)."""
         url = data.get("url")
-        if url and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-            raise ValidationError("must start with redis://, rediss:// or unix://", "url")
+        if url:
+            try:
+                target = parse_redis_url(url)
+            except ValueError as exc:
+                raise ValidationError(str(exc), "url") from None
+            prefix = data.get("prefix") or ""
+            if target.kind == "cluster" and ("{" in prefix or "}" in prefix):
+                raise ValidationError("must not contain '{' or '}' on a Redis Cluster: it would be every key's hash "
+                                      "tag and put the whole cache in one slot, on one node", "prefix")
 
 
 class ConfigSchema(_Section):

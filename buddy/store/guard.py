@@ -9,6 +9,11 @@
   StoreUnavailable so the request carries on without Redis. Out of memory is recorded as a refusal
   (health says writes fail and why); anything else (WRONGTYPE, a script error) is a bug: logged loudly,
   once per kind, with what the call touched, and kept for health.
+- A Redis Cluster adds its own of each. Outages: CLUSTERDOWN and MASTERDOWN (a failover under way, slots with
+  no primary), slots the client finds uncovered, a cluster it cannot reach at all. Passing: TRYAGAIN, and a
+  MOVED or ASK that redis-py did not follow itself (slots migrating): that call fails, the circuit stays
+  closed (while a slot moves, new keys of it see this until the move ends). Bugs: keys of one call in different
+  slots (CROSSSLOT, or redis-py's refusal to send such a call).
 """
 from __future__ import annotations
 
@@ -18,6 +23,14 @@ import time
 from typing import Callable, TypeVar
 
 import redis
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ClusterError,
+    RedisClusterException,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 
 from buddy.background import ProcessThread
 from buddy.errors import StoreUnavailable
@@ -26,7 +39,15 @@ from buddy.redis_memory import out_of_memory
 log = logging.getLogger("buddy.store")
 T = TypeVar("T")
 RECENT_SECONDS = 60.0  # a refusal or bug older than this no longer makes health 'degraded'
-OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
+# Redis (or the part of a cluster that a call needs) cannot serve now. MasterDownError is a ClusterDownError.
+OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, ClusterDownError, SlotNotCoveredError)
+# A slot in migration: TRYAGAIN (a script's keys half moved, or all new while the slot is being imported), a MOVED
+# or ASK not followed, or redis-py's "TTL exhausted" ClusterError after 16 of those. (AskError includes MovedError;
+# ClusterDownError, also a ClusterError, is an outage and is told apart first.)
+PASSING = (TryAgainError, AskError, ClusterError)
+# redis-py's own RedisClusterException (no RedisError) for a cluster it cannot reach or map; others are bugs
+CLUSTER_OUTAGE_TEXTS = ("cannot be connected", "cannot be reached", "not covered", "could not agree",
+                        "No targets were found")
 BUG_SHARE_SECONDS = 5.0
 BUG_TTL_SECONDS = 60
 
@@ -57,6 +78,7 @@ class StoreGuard:
         self._probing = False
         self._logged_at = 0.0
         self._refused_logged_at = 0.0
+        self._passing_logged_at = float("-inf")
         self._lock = threading.Lock()
         self.prober = ProcessThread("buddy-redis-probe", self._probe_until_back)
 
@@ -75,11 +97,13 @@ class StoreGuard:
                     self._probing, self._probe_at, probe = True, now, True
         try:
             result = call()
-        except OUTAGES as exc:
-            self._failed(exc)
-            raise StoreUnavailable(str(exc)) from exc
-        except redis.RedisError as exc:
-            self._answered_with_error(exc, what)
+        except (redis.RedisError, RedisClusterException) as exc:
+            if is_outage(exc):
+                self._failed(exc)
+            elif isinstance(exc, PASSING):
+                self._passing(exc)
+            else:
+                self._answered_with_error(exc, what, answered=isinstance(exc, redis.RedisError))
             raise StoreUnavailable(str(exc)) from exc
         finally:
             if probe:
@@ -104,10 +128,23 @@ class StoreGuard:
             found.append(f"error replies: {self.last_bug}")
         return found
 
-    def _answered_with_error(self, exc: redis.RedisError, what: str) -> None:
-        message = f"{type(exc).__name__}: {exc}"
+    def _passing(self, exc: Exception) -> None:
+        """A slot in migration: this call goes without Redis, the next one finds the slot's new home."""
         now = time.monotonic()
         if self.failed_at is not None:
+            self._recovered()  # it answered: reachable again
+        with self._lock:
+            if now - self._passing_logged_at < self.log_every:
+                return
+            self._passing_logged_at = now
+        log.warning("Redis Cluster is moving slots (or a one-server URL names a cluster node: see /admin/health); "
+                    "a call went without the cache: %s: %s", type(exc).__name__, exc)
+
+    def _answered_with_error(self, exc: Exception, what: str, answered: bool = True) -> None:
+        """An error reply (`answered`), or a call that redis-py refused to send (a RedisClusterException)."""
+        message = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if self.failed_at is not None and answered:
             self._recovered()  # it answered: reachable again
         if out_of_memory(exc):
             with self._lock:
@@ -144,11 +181,11 @@ class StoreGuard:
             assert self.probe is not None
             try:
                 self.probe()
-            except OUTAGES as exc:
-                self._failed(exc)
-                continue
-            except redis.RedisError:
-                pass  # an error reply is an answer: Redis is reachable
+            except (redis.RedisError, RedisClusterException) as exc:
+                if is_outage(exc):
+                    self._failed(exc)
+                    continue
+                # an error reply is an answer: Redis is reachable
             self._recovered()
 
     def _failed(self, exc: Exception) -> None:
@@ -172,3 +209,10 @@ class StoreGuard:
                 self.failed_at = None
                 self._logged_at = 0.0
                 log.warning("Redis is back, cache in use again")
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Does this error mean Redis (or a part of the cluster) cannot serve now, rather than a bug?"""
+    if isinstance(exc, OUTAGES):
+        return True
+    return isinstance(exc, RedisClusterException) and any(text in str(exc) for text in CLUSTER_OUTAGE_TEXTS)

@@ -13,6 +13,7 @@ from buddy import codec
 from buddy.codec import VaryPointer
 from buddy.messages import ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
+from buddy.store.connect import is_cluster, primaries, scan_batches
 from buddy.store.fill_lock import load_script
 from buddy.store.guard import StoreGuard
 
@@ -68,6 +69,7 @@ class ResponseCache:
         self._legacy_dropped: set[str] = set()  # domains whose pre-0.3 index this process has removed
         self._census_lock = threading.Lock()
         self._census: tuple[float, Census] | None = None  # (when, census)
+        self.cluster = is_cluster(client)
 
     def get(self, entry: EntryId) -> ProxyResult | VaryPointer | None:
         """The stored response, or the vary pointer that says which variant to read; None on a miss."""
@@ -95,7 +97,9 @@ class ResponseCache:
         legacy = d not in self._legacy_dropped
 
         def store() -> None:
-            pipe = self.client.pipeline(transaction=False)
+            # redis-py's cluster pipeline refuses scripts: on a cluster the (one or two, rarely three) calls go
+            # one by one, each to the node of its slot (every key here has the domain's hash tag).
+            pipe = self.client if self.cluster else self.client.pipeline(transaction=False)
             if legacy:
                 self._drop_legacy(keys=self._legacy_keys(d), client=pipe)
             if pointer is not None:
@@ -103,7 +107,8 @@ class ResponseCache:
                 pipe.set(self.keys.cache(at.domain, at.digest), codec.encode_pointer(names), ex=pointer_ttl)
             self._store(keys=[self.keys.cache(d, entry.digest), self.keys.stats(d)], args=[blob, ttl_seconds * 1000],
                         client=pipe)
-            pipe.execute()
+            if pipe is not self.client:
+                pipe.execute()
 
         self.guard.run(store, what=self.keys.cache(d, entry.digest))
         if legacy:
@@ -137,39 +142,51 @@ class ResponseCache:
         return self.census().describe(domain)
 
     def _take_census(self) -> Census:
-        total = int(self.guard.run(self.client.dbsize))
-        found, read, complete = self._scan_sample()
-        if complete:
-            total = read
-        scale = max(total, read) / read if read else 1.0
-        domains, exact = {}, complete
-        for domain, names in found.items():
-            measured = names if len(names) <= MEASURE_SAMPLE else random.sample(names, MEASURE_SAMPLE)
-            exact = exact and measured is names
-            responses, size, buckets = self._measure_keys(measured, self.grace.get(domain, 0))
-            factor = scale * len(names) / len(measured)
-            domains[domain] = DomainEntries(
-                round(responses * factor), round(size * factor),
-                {name: round(n * factor) for (name, _, _), n in zip(TTL_BUCKETS, buckets)},
-            )
-        return Census(domains, read, max(total, read), exact)
+        """On a cluster, each primary is sampled alike (its share of CENSUS_SAMPLE) and scaled by its own DBSIZE; a
+        domain lives on one primary (its hash tag), so its counts come from that primary's sample."""
+        nodes = self.guard.run(lambda: primaries(self.client))
+        quota = max(1, CENSUS_SAMPLE // len(nodes))
+        sums: dict[str, list[int]] = {}
+        read_all = total_all = 0
+        exact = True
+        for _, node in nodes:
+            total = int(self.guard.run(node.dbsize))
+            found, read, complete = self._scan_sample(node, quota)
+            if complete:
+                total = read
+            scale = max(total, read) / read if read else 1.0
+            exact = exact and complete
+            read_all, total_all = read_all + read, total_all + max(total, read)
+            for domain, names in found.items():
+                measured = names if len(names) <= MEASURE_SAMPLE else random.sample(names, MEASURE_SAMPLE)
+                exact = exact and measured is names
+                responses, size, buckets = self._measure_keys(measured, self.grace.get(domain, 0))
+                factor = scale * len(names) / len(measured)
+                counts = sums.setdefault(domain, [0] * (2 + len(TTL_BUCKETS)))
+                for i, n in enumerate([responses, size, *buckets]):
+                    counts[i] += round(n * factor)
+        domains = {
+            domain: DomainEntries(counts[0], counts[1], {name: n for (name, _, _), n in zip(TTL_BUCKETS, counts[2:])})
+            for domain, counts in sums.items()
+        }
+        return Census(domains, read_all, total_all, exact)
 
-    def _scan_sample(self) -> tuple[dict[str, list[bytes]], int, bool]:
-        """Cache keys by domain among the first CENSUS_SAMPLE keys SCAN returns; how many keys it read; whether
-        that was all of them."""
+    def _scan_sample(self, node: redis.Redis, quota: int) -> tuple[dict[str, list[bytes]], int, bool]:
+        """Cache keys by domain among the first `quota` keys SCAN returns on this server (one primary of a
+        cluster); how many keys it read; whether that was all of them."""
         prefix = self.keys.cache_prefix.encode()
         found: dict[str, set[bytes]] = {}
         seen: set[bytes] = set()  # SCAN may return a key twice while Redis rehashes
         cursor = 0
         while True:
-            cursor, batch = self.guard.run(lambda: self.client.scan(cursor, count=BATCH))
+            cursor, batch = self.guard.run(lambda: node.scan(cursor, count=BATCH))
             seen.update(batch)
             for key in batch:
                 if key.startswith(prefix):
                     tag, sep, _ = key[len(prefix):].rpartition(b"}:")
                     if sep and tag.startswith(b"{"):
                         found.setdefault(tag[1:].decode(errors="replace"), set()).add(key)
-            if cursor == 0 or len(seen) >= CENSUS_SAMPLE:
+            if cursor == 0 or len(seen) >= quota:
                 return {domain: list(keys) for domain, keys in found.items()}, len(seen), cursor == 0
 
     def _measure_keys(self, names: list[bytes], grace: int) -> tuple[int, int, list[int]]:
@@ -192,14 +209,12 @@ class ResponseCache:
         SCAN returns every key that exists from start to end of the pass; what is stored meanwhile may stay."""
         self.guard.run(lambda: self._drop_legacy(keys=self._legacy_keys(domain)))
         pattern = self.keys.cache_pattern(domain, namespace)
-        removed, cursor = 0, 0
-        while True:
-            cursor, found = self.guard.run(lambda: self.client.scan(cursor, match=pattern, count=BATCH))
-            if found:
-                removed += int(self.guard.run(lambda: self.client.unlink(*found)))
-                progress(len(found))
-            if cursor == 0:
-                break
+        removed = 0
+        # On a cluster, SCAN runs on every primary (from a fresh view of the cluster; a cluster with slots down
+        # fails the clear rather than leave a part of it); UNLINK goes to the node of the keys' slot.
+        for found in scan_batches(self.client, self.guard.run, match=pattern, count=BATCH):
+            removed += int(self.guard.run(lambda: self.client.unlink(*found)))
+            progress(len(found))
         self._census = None
         return removed
 

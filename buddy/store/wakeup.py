@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
+from typing import Any
 
 import redis
+from redis.exceptions import RedisClusterException
 
 from buddy.background import ProcessThread
 from buddy.redis_keys import EntryId
+from buddy.store.connect import cluster_of, refresh_topology
 
 log = logging.getLogger("buddy.coalesce")
+HEARTBEAT_SECONDS = 10.0  # a subscription quiet for this long is PINGed
 
 
 class Waiter:
@@ -32,11 +37,18 @@ class WakeupHub:
     and one published after it wakes the waiter: no wake-up is lost. That holds only once Redis has
     confirmed the subscription (`listening`); until then, and while Redis is restarting, waiters poll
     quickly, and every waiter is woken when the subscription comes back.
+
+    On a Redis Cluster the subscription goes to one node, picked at random (so that many processes spread
+    over the cluster): a classic PUBLISH on any node reaches every node, replicas included. When that node
+    fails, the next subscription goes to another one, from a fresh view of the cluster. With Sentinel it goes
+    to the current primary, found again after a switch.
     """
 
     def __init__(self, client: redis.Redis, channel: str) -> None:
         self.client = client
         self.channel = channel
+        self.node = ""  # on a cluster, the node subscribed to (or last tried)
+        self._node_failed = False
         self._waiters: dict[str, set[Waiter]] = {}
         self._lock = threading.Lock()
         self._listening = threading.Event()
@@ -88,18 +100,50 @@ class WakeupHub:
         for waiter in targets:
             waiter.event.set()
 
+    def _pubsub(self) -> Any:
+        """A pub/sub object: the client's own, or on a cluster one bound to a node chosen here."""
+        cluster = cluster_of(self.client)  # a cluster that cannot be reached raises ConnectionError
+        if cluster is None:
+            return self.client.pubsub()
+        if self._node_failed:
+            refresh_topology(cluster)
+        nodes = cluster.get_nodes()
+        others = [node for node in nodes if node.name != self.node] if self._node_failed else nodes
+        node = random.choice(others or nodes)
+        self.node, self._node_failed = node.name, True  # until the subscription is confirmed
+        return cluster.pubsub(node=node)
+
+    @staticmethod
+    def _check_alive(pubsub: Any, heard: float, pinged: bool) -> tuple[float, bool]:
+        """A node that vanished without closing the connection (host down, network cut) sends nothing, not even an
+        error: after a quiet HEARTBEAT_SECONDS, PING it; with no answer within as long again, reconnect."""
+        quiet = time.monotonic() - heard
+        if quiet < HEARTBEAT_SECONDS:
+            return heard, pinged
+        if not pinged:
+            pubsub.ping()
+            return heard, True
+        if quiet >= 2 * HEARTBEAT_SECONDS:
+            raise redis.ConnectionError(f"no answer to PING on the wake-up subscription for {quiet:.0f} s")
+        return heard, pinged
+
     def _run(self, stopping: threading.Event) -> None:
         failures = 0
         while not stopping.is_set():
-            pubsub = self.client.pubsub()
+            pubsub = None
             try:
+                pubsub = self._pubsub()
                 pubsub.subscribe(self.channel)
+                heard, pinged = time.monotonic(), False
                 while not stopping.is_set():
                     message = pubsub.get_message(timeout=0.25)  # short, so that stop() is quick
                     if not message:
+                        heard, pinged = self._check_alive(pubsub, heard, pinged)
                         continue
+                    heard, pinged = time.monotonic(), False
                     if message.get("type") == "subscribe":
                         # Redis has processed SUBSCRIBE: every publish from now on reaches us.
+                        self._node_failed = False
                         self._listening.set()
                         if failures:
                             log.warning("wake-up subscription restored")
@@ -108,16 +152,19 @@ class WakeupHub:
                     elif message.get("type") == "message":
                         data = message["data"]
                         self._wake(data.decode() if isinstance(data, bytes) else str(data))
-            except (redis.RedisError, OSError, ValueError) as exc:
+            except (redis.RedisError, RedisClusterException, OSError, ValueError) as exc:
                 self._listening.clear()
+                self._node_failed = True
                 if stopping.is_set():
                     break  # shutting down: Redis may already be gone, nothing to report
                 if failures == 0:
-                    log.warning("wake-up subscription lost, waiters poll until it is back: %s", exc)
+                    where = f" (node {self.node})" if self.node else ""
+                    log.warning("wake-up subscription lost%s, waiters poll until it is back: %s", where, exc)
                 failures += 1
                 time.sleep(min(1.0, 0.1 * failures))
             finally:
                 try:
-                    pubsub.close()
+                    if pubsub is not None:
+                        pubsub.close()
                 except Exception:  # closing a broken connection may fail again; nothing left to do
                     pass
