@@ -15,10 +15,12 @@ import time
 from collections import Counter
 
 import redis
+from redis.exceptions import AskError, ClusterError, TryAgainError
 
 from buddy.background import ProcessThread
 from buddy.errors import StoreUnavailable
 from buddy.redis_keys import RedisKeys, stats_field
+from buddy.redis_memory import out_of_memory
 from buddy.store.guard import StoreGuard
 
 log = logging.getLogger("buddy.metrics")
@@ -27,6 +29,22 @@ WORKER_SEEN_SECONDS = 15
 MINUTE_FIELDS = ("hits", "misses", "upstream_requests")  # also counted per minute, in `minutes:{<name>}:<minute>`
 TIMELINE_MINUTES = 60  # how many minutes the dashboard shows; a per-minute key outlives its minute by a bit more
 MINUTE_KEEP_SECONDS = (TIMELINE_MINUTES + 2) * 60
+# The most one flush adds to a counter. Redis counts in signed 64-bit integers and refuses an HINCRBY past them
+# with an error reply (the flush fails, health reports a bug): clamped, a counter needs 32,768 flushes at the
+# limit to get there, where a real one (bytes or milliseconds saved in a second) is a millionth of it.
+INCREMENT_LIMIT = 2**48
+
+
+def _clamped(n: int) -> int:
+    return max(-INCREMENT_LIMIT, min(INCREMENT_LIMIT, n))
+
+
+def _ran(error: BaseException | None) -> bool:
+    """Did Redis run the whole pipeline, refusing one command for that command's sake (a value out of range, a key
+    of another type)? Then the others are counted. Not so for a refusal of every write (read-only replica, out of
+    memory) or a cluster slot on the move."""
+    return isinstance(error, redis.ResponseError) and not isinstance(
+        error, (redis.ReadOnlyError, ClusterError, AskError, TryAgainError)) and not out_of_memory(error)
 
 
 class MetricsRecorder:
@@ -80,11 +98,11 @@ class MetricsRecorder:
         def write() -> None:
             pipe = self.client.pipeline(transaction=False)
             for (domain, field), n in counts.items():
-                pipe.hincrby(self.keys.stats(domain), field, n)
+                pipe.hincrby(self.keys.stats(domain), field, _clamped(n))
             expiring: dict[str, int] = {}
             for (domain, minute, field), n in minutes.items():
                 key = self.keys.minute_counts(domain, minute)
-                pipe.hincrby(key, field, n)
+                pipe.hincrby(key, field, _clamped(n))
                 expiring[key] = (minute + 1) * 60 + MINUTE_KEEP_SECONDS
             for key, when in expiring.items():
                 pipe.expireat(key, when)
@@ -98,7 +116,9 @@ class MetricsRecorder:
 
         try:
             self.guard.run(write)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
+            if _ran(exc.__cause__):
+                return  # adding them again would count the others twice (the refused one is dropped; health tells)
             with self._lock:  # keep them for the next flush
                 self._counts.update(counts)
                 self._minutes.update(minutes)

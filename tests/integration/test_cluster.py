@@ -130,6 +130,35 @@ def test_clearing_one_mapping_leaves_the_others_and_clearing_all_reaches_every_p
         assert [get(proxies[0], p).headers["X-Cache"] for p in paths[name]] == ["MISS"] * 5
 
 
+def test_a_warc_export_reaches_every_primary_and_imports_back(proxies: list, stub: UpstreamStub,
+                                                              tmp_path: Path) -> None:
+    from warcio.archiveiterator import ArchiveIterator
+
+    run = uuid.uuid4().hex
+    paths = [f"/{name}/w/{run}/{i}" for name in MAPPINGS for i in range(3)]
+    bodies = {p: get(proxies[0], p).content for p in paths}
+    archive = tmp_path / "slice.warc.gz"
+
+    def flask_buddy(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "flask", "buddy", *args], cwd=ROOT, env=proxies[0].env,
+                              capture_output=True, text=True, timeout=120)
+
+    exported = flask_buddy("export", *MAPPINGS, "-o", str(archive))
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    with archive.open("rb") as stream:
+        found = {(r.rec_headers.get_header("WARC-Buddy-Mapping"), r.rec_headers.get_header("WARC-Target-URI"))
+                 for r in ArchiveIterator(stream) if r.rec_type == "response"}
+    ours = {(name, uri) for name, uri in found if f"/w/{run}/" in uri}
+    assert {name for name, _ in ours} == set(MAPPINGS) and len(ours) == len(paths)  # from all three primaries
+    assert flask_buddy("clear-cache").returncode == 0
+    calls = len(stub.log)
+    imported = flask_buddy("import", str(archive))
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    again = {p: get(proxies[1], p) for p in paths}
+    assert all(a.headers["X-Cache"] == "HIT" and a.content == bodies[p] for p, a in again.items())
+    assert len(stub.log) == calls
+
+
 def test_health_and_metrics_describe_the_cluster(proxies: list, cluster: LocalCluster) -> None:
     health = get(proxies[0], "/admin/health")
     assert health.status_code == 200, health.text

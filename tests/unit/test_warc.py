@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 import time
 import uuid
 import zlib
@@ -69,9 +70,10 @@ def exchange(url: str, answer: bytes, method: str = "GET", headers: dict[str, st
     return b"".join(gzip.compress(record) if gzipped else record for record in records)
 
 
-def make_app(upstream_url: str, **config: Any) -> Flask:
-    return create_app({"domain_mappings": {"up": {"upstream": upstream_url, "connect_timeout": 2,
-                                                  "read_timeout": 2}},
+def make_app(upstream_url: str, name: str = "up", domain: dict[str, Any] | None = None, **config: Any) -> Flask:
+    """An app with one mapping, `name` (settings `domain` besides its upstream), on a fakeredis of its own."""
+    return create_app({"domain_mappings": {name: {"upstream": upstream_url, "connect_timeout": 2, "read_timeout": 2,
+                                                  **(domain or {})}},
                        "cache": {"max_cache_response_size": 64 * 1024}, "logging": {"enable_console": False},
                        **config}, redis_client=fakeredis.FakeRedis(server=fakeredis.FakeServer()), environ={})
 
@@ -80,8 +82,8 @@ def make_app(upstream_url: str, **config: Any) -> Flask:
 def apps() -> Iterator[Any]:
     made: list[Flask] = []
 
-    def make(url: str, **config: Any) -> Flask:
-        made.append(make_app(url, **config))
+    def make(url: str, name: str = "up", domain: dict[str, Any] | None = None, **config: Any) -> Flask:
+        made.append(make_app(url, name, domain, **config))
         return made[-1]
 
     yield make
@@ -310,3 +312,239 @@ def test_a_url_belongs_to_the_longest_base_path_or_the_recorded_mapping() -> Non
             HostMap.parse("no-name-here")
     finally:
         app.extensions["buddy"].shutdown()
+
+
+# -- what a hostile review of issue 14 found ---------------------------------------------------------------------
+
+NOWHERE = "http://127.0.0.1:9"
+OK = head(headers=[("Content-Length", "2")]) + b"ok"
+
+
+def imported_count(output: str) -> int:
+    found = re.search(r"imported ([0-9]+) entries", output)
+    assert found, output
+    return int(found.group(1))
+
+
+def test_an_archived_fetch_ms_cannot_break_metrics_or_count_twice(apps, tmp_path) -> None:
+    (tmp_path / "x.warc").write_bytes(exchange(f"{NOWHERE}/x", OK, extra=(("WARC-Buddy-Fetch-Ms", "1e20"),)))
+    app = apps(NOWHERE)
+    assert "imported 1 entries" in run(app, "import", str(tmp_path / "x.warc")).output
+    client, buddy = app.test_client(), app.extensions["buddy"]
+    metrics = buddy.service.metrics
+    for _ in range(3):
+        assert client.get("/up/x").headers["X-Cache"] == "HIT"
+        metrics.flush()
+    assert buddy.redis.hget("buddy:stats:{up}", "hits") == b"3"  # not 6: a failed flush re-added them
+    assert int(buddy.redis.hget("buddy:stats:{up}", "ms_saved")) <= 3 * 120_000  # at most the total_timeout each
+    assert client.get("/admin/health").status_code == 200
+    metrics.count_many("up", {"ms_saved": 10**20, "hits": 1})  # whatever counts it, an increment is clamped
+    metrics.flush()
+    assert buddy.redis.hget("buddy:stats:{up}", "hits") == b"4"
+    assert client.get("/admin/health").status_code == 200
+    # One command of the flush refused (a key of another type): the others are counted once, never re-added.
+    buddy.redis.set(metrics.keys.minute_counts("up", int(time.time() // 60)), "not a hash")
+    metrics.count("up", "hits")
+    metrics.flush()
+    metrics.flush()
+    assert buddy.redis.hget("buddy:stats:{up}", "hits") == b"5"
+
+
+def test_a_gzip_member_whose_warc_header_line_never_ends_keeps_memory_bounded(apps, tmp_path) -> None:
+    import resource
+
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    path = tmp_path / "bomb.warc.gz"
+    with open(path, "wb") as out:  # about 0.5 MB on disk, 512 MB decoded
+        out.write(compressor.compress(b"WARC/1.0\r\nWARC-Type: response\r\nX: "))
+        for _ in range(512):
+            out.write(compressor.compress(b"A" * (1 << 20)))
+        out.write(compressor.flush())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = run(apps(NOWHERE), "import", str(path))
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert result.exit_code == 1
+    assert grown_mb < 200, f"import of a {path.stat().st_size}-byte file grew RSS by {grown_mb:.0f} MB"
+
+
+@pytest.mark.parametrize("noise", ["gzip magic", "WARC lines", "WARC lines, gzipped whole"])
+def test_noise_that_looks_like_records_costs_time_in_proportion_to_its_size(apps, tmp_path, noise) -> None:
+    after = exchange(f"{NOWHERE}/after", OK, gzipped=noise == "gzip magic")
+    data = {"gzip magic": b"\x1f\x8b" + b"\x1f\x8b\x08\x00" * 100_000 + after,  # 400 kB
+            "WARC lines": b"\nWARC/1.0" * 100_000 + after,
+            "WARC lines, gzipped whole": gzip.compress(b"\nWARC/1.0\r\nX: y" * 50_000 + after)}[noise]
+    (tmp_path / "noise.warc.gz").write_bytes(data)
+    started = time.monotonic()
+    result = run(apps(NOWHERE), "import", str(tmp_path / "noise.warc.gz"))
+    assert time.monotonic() - started < 5  # (was quadratic: ~144 s for 400 kB of gzip magic)
+    assert result.exit_code == 1 and "imported 1 entries" in result.output, result.output  # the record after it
+
+
+@pytest.mark.parametrize("damage", ["trailing garbage", "truncated", "none: two records a member"])
+def test_a_damaged_whole_gzip_file_is_reported_and_the_other_files_still_import(apps, tmp_path, damage) -> None:
+    records = [exchange(f"{NOWHERE}/item/{i}", OK) for i in range(40)]
+    whole = gzip.compress(b"".join(records))
+    data = {"trailing garbage": whole + b"garbage", "truncated": whole[: len(whole) * 2 // 3],
+            "none: two records a member": b"".join(gzip.compress(pair) for pair in records)}[damage]
+    (tmp_path / "a.warc.gz").write_bytes(data)
+    (tmp_path / "b.warc").write_bytes(exchange(f"{NOWHERE}/other", OK))
+    result = run(apps(NOWHERE), "import", str(tmp_path / "a.warc.gz"), str(tmp_path / "b.warc"))
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)  # (was a
+    # BadGzipFile or EOFError traceback)
+    assert "from 2 files" in result.output, result.output
+    if damage == "trailing garbage":
+        assert result.exit_code == 1 and "imported 41 entries" in result.output
+        assert "1 corrupt data (error)" in result.output
+    elif damage == "truncated":
+        assert result.exit_code == 1 and "the file ends inside a record" in result.output
+        assert imported_count(result.output) >= 20
+    else:
+        assert result.exit_code == 0 and "imported 41 entries" in result.output
+
+
+def test_vary_on_a_credential_keeps_the_variants_apart_across_an_export(apps, tmp_path) -> None:
+    def answer(request: Any, count: int) -> list[bytes]:
+        body = b"for alice" if "alice" in request.headers.get("authorization", "") else b"anonymous"
+        return [head(headers=[("Vary", "Authorization"), ("Content-Length", str(len(body)))]) + body]
+
+    raw = RawUpstream({"/acct": answer})
+    shared = {"share_across_credentials": True}
+    try:
+        source = apps(raw.url, domain=shared)
+        alice = {"Authorization": "Bearer alice-token"}
+        assert source.test_client().get("/up/acct", headers=alice).data == b"for alice"
+        assert source.test_client().get("/up/acct").headers["X-Cache"] == "MISS"  # live: another variant
+        plain = run(source, "export", "-o", str(tmp_path / "plain.warc"))
+        assert "2 keyed on credentials (see --include-credentialed)" in plain.output, plain.output
+        copy = apps(raw.url, domain=shared)
+        run(copy, "import", str(tmp_path / "plain.warc"))
+        calls = len(raw.log)
+        anonymous = copy.test_client().get("/up/acct")
+        assert anonymous.headers["X-Cache"] == "MISS" and anonymous.data == b"anonymous"  # was HIT b"for alice"
+        assert len(raw.log) == calls + 1
+        # With --include-credentialed each variant goes with its key as a digest, never the value it was keyed on.
+        out = tmp_path / "full.warc"
+        assert "exported 2 entries" in run(source, "export", "-o", str(out), "--include-credentialed").output
+        assert b"alice-token" not in out.read_bytes()
+        full, calls = apps(raw.url, domain=shared), len(raw.log)
+        assert "imported 2 entries" in run(full, "import", str(out)).output
+        client = full.test_client()
+        assert client.get("/up/acct", headers=alice).data == b"for alice"
+        assert client.get("/up/acct").data == b"anonymous" and len(raw.log) == calls
+        assert client.get("/up/acct", headers={"Authorization": "Bearer bob"}).headers["X-Cache"] == "MISS"
+        elsewhere = run(apps(raw.url, domain=shared), "import", "--namespace", "other", str(out))
+        assert "imported 0 entries" in elsewhere.output and "holds as a digest only" in elsewhere.output
+    finally:
+        raw.stop()
+
+
+def test_an_older_unvarying_answer_does_not_replace_fresher_variants_without_overwrite(apps, tmp_path) -> None:
+    raw = RawUpstream({"/doc": lambda r, n: [head(headers=[("Vary", "X-Tenant"), ("Content-Length", "5")]) + b"fresh"]})
+    try:
+        app = apps(raw.url)
+        client = app.test_client()
+        assert client.get("/up/doc", headers={"X-Tenant": "acme"}).headers["X-Cache"] == "MISS"
+        hour_ago = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 3600))
+        (tmp_path / "x.warc").write_bytes(exchange(f"{raw.url}/doc", head(headers=[("Content-Length", "5")]) + b"stale",
+                                                   date=hour_ago))
+        result = run(app, "import", str(tmp_path / "x.warc"))
+        assert "1 already cached as answers that vary on other headers (see --overwrite)" in result.output
+        assert client.get("/up/doc", headers={"X-Tenant": "acme"}).data == b"fresh"  # was b"stale", Age 3600
+        assert "imported 1 entries" in run(app, "import", "--overwrite", str(tmp_path / "x.warc")).output
+        assert client.get("/up/doc", headers={"X-Tenant": "acme"}).data == b"stale"
+    finally:
+        raw.stop()
+
+
+def test_a_buddy_header_does_not_switch_off_the_private_check(apps, tmp_path) -> None:
+    answer = head(headers=[("Cache-Control", "private"), ("Connection", "Cache-Control"), ("Content-Length", "5")],
+                  close=False) + b"alice"
+    (tmp_path / "x.warc").write_bytes(exchange(f"{NOWHERE}/me", answer,
+                                               extra=(("WARC-Buddy-Stored-At", str(time.time())),)))
+    result = run(apps(NOWHERE), "import", str(tmp_path / "x.warc"))
+    assert "imported 0 entries" in result.output, result.output  # (a plain record is refused too)
+    assert "1 answers marked private or no-store" in result.output
+
+
+def test_a_redirect_imported_under_another_mapping_points_at_that_mapping(apps, tmp_path) -> None:
+    raw = RawUpstream({"/case": lambda r, n: [head("201 Created", [("Location", "/case/t"), ("Content-Length", "0")])]})
+    try:
+        source = apps(raw.url, "up")
+        assert source.test_client().get("/up/case/x").headers["Location"] == "/up/case/t"
+        run(source, "export", "-o", str(tmp_path / "x.warc"))
+        assert f"Location: {raw.url}/case/t".encode() in (tmp_path / "x.warc").read_bytes()  # as the upstream sent it
+        for name in ("api", "up"):
+            copy = apps(raw.url, name)
+            assert "imported 1 entries" in run(copy, "import", str(tmp_path / "x.warc")).output
+            hit = copy.test_client().get(f"/{name}/case/x")
+            assert hit.headers["X-Cache"] == "HIT" and hit.headers["Location"] == f"/{name}/case/t"  # was /up/...
+        # An older export wrote the Location as its proxy served it: put back the same way.
+        older = head("201 Created", [("Location", "/up/case/t?x=1"), ("Content-Length", "0")])
+        (tmp_path / "old.warc").write_bytes(exchange(f"{raw.url}/case/y", older, extra=(("WARC-Buddy-Mapping", "up"),)))
+        copy = apps(raw.url, "api")
+        assert "imported 1 entries" in run(copy, "import", str(tmp_path / "old.warc")).output
+        assert copy.test_client().get("/api/case/y").headers["Location"] == "/api/case/t?x=1"
+    finally:
+        raw.stop()
+
+
+def test_an_encoding_the_proxy_never_asks_for_is_not_served_from_an_import(apps, tmp_path) -> None:
+    brotli = head(headers=[("Content-Encoding", "br"), ("Content-Length", "4")]) + b"\x8b\x02\x80x"
+    asked = {"Accept-Encoding": "gzip, deflate, br"}
+    (tmp_path / "x.warc").write_bytes(exchange(f"{NOWHERE}/doc", brotli, headers=asked))
+    app = apps(NOWHERE)
+    result = run(app, "import", str(tmp_path / "x.warc"))
+    assert "1 answers in a coding the proxy never asks for (br" in result.output, result.output
+    hit = app.test_client().get("/up/doc", headers={"Accept-Encoding": "identity"})
+    assert hit.headers.get("Content-Encoding") != "br"  # was a HIT, Content-Encoding: br
+    # An upstream that answers br to the proxy's own `gzip, deflate` is stored live so: an export carries it over.
+    raw = RawUpstream({"/doc": lambda r, n: [brotli]})
+    try:
+        live, copy = apps(raw.url), apps(raw.url)
+        assert live.test_client().get("/up/doc").headers["Content-Encoding"] == "br"
+        run(live, "export", "-o", str(tmp_path / "live.warc"))
+        assert "imported 1 entries" in run(copy, "import", str(tmp_path / "live.warc")).output
+        hit = copy.test_client().get("/up/doc")
+        assert hit.headers["X-Cache"] == "HIT" and hit.headers["Content-Encoding"] == "br"
+    finally:
+        raw.stop()
+
+
+def test_a_request_body_cut_short_is_an_error(apps, tmp_path) -> None:
+    request = b"POST /s HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n{\"q\": 1"
+    (tmp_path / "x.warc").write_bytes(warc("response", f"{NOWHERE}/s", OK, record_id="<urn:r>")
+                                      + warc("request", f"{NOWHERE}/s", request, links=("<urn:r>",)))
+    result = run(apps(NOWHERE), "import", str(tmp_path / "x.warc"))
+    assert result.exit_code == 1 and "1 a request body cut short" in result.output, result.output  # was exit 0
+
+
+def test_a_status_line_http_client_refuses_is_not_stored(apps, tmp_path) -> None:
+    (tmp_path / "x.warc").write_bytes(exchange(f"{NOWHERE}/x", b"HTTP/1.1 200 " + b"A" * 200_000 + b"\r\n\r\n"))
+    result = run(apps(NOWHERE), "import", str(tmp_path / "x.warc"))
+    assert "imported 0 entries" in result.output and "a status line over 64 KiB" in result.output  # was imported
+
+
+def test_naming_a_mapping_twice_exports_it_once(apps, tmp_path) -> None:
+    app = apps(NOWHERE)
+    store(app, "/a")
+    assert "exported 1 entries" in run(app, "export", "up", "up", "-o", str(tmp_path / "x.warc")).output  # was 2
+
+
+def test_a_session_cookie_named_by_vary_is_exported_as_a_digest_only(apps, tmp_path) -> None:
+    raw = RawUpstream({"/ck": lambda r, n: [head(headers=[("Vary", "Cookie"), ("Content-Length", "2")]) + b"hi"]})
+    session = {"Cookie": "session=SESSION-SECRET-1"}
+    try:
+        app = apps(raw.url)
+        app.test_client(use_cookies=False).get("/up/ck", headers=session)
+        plain = run(app, "export", "-o", str(tmp_path / "x.warc"))
+        assert "exported 0 entries" in plain.output and "1 keyed on credentials" in plain.output
+        run(app, "export", "-o", str(tmp_path / "x.warc"), "--include-credentialed")
+        assert b"SESSION-SECRET-1" not in (tmp_path / "x.warc").read_bytes()  # was in the request record
+        copy = apps(raw.url)
+        assert "imported 1 entries" in run(copy, "import", str(tmp_path / "x.warc")).output
+        client = copy.test_client(use_cookies=False)
+        assert client.get("/up/ck", headers=session).headers["X-Cache"] == "HIT"
+        assert client.get("/up/ck", headers={"Cookie": "session=other"}).headers["X-Cache"] == "MISS"
+        assert client.get("/up/ck").headers["X-Cache"] == "MISS"
+    finally:
+        raw.stop()

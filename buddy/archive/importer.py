@@ -1,0 +1,407 @@
+"""`buddy import`: request/response pairs of WARC files into the cache, stored as the proxy would have stored them
+after fetching them live."""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, cast
+from urllib.parse import urlsplit
+
+import click
+from flask import current_app
+from flask.cli import with_appcontext
+from warcio.timeutils import iso_date_to_datetime
+
+from buddy import policy
+from buddy.archive.common import (
+    ASKED_ENCODINGS,
+    Duration,
+    Tally,
+    first_line,
+    namespace_option,
+    redis_down,
+    upstream_location,
+)
+from buddy.archive.records import STATUS_LINE, Part, pairs
+from buddy.archive.warcfile import Reader
+from buddy.codec import VaryPointer
+from buddy.content import DECODABLE
+from buddy.errors import BadProxyRequest, StoreUnavailable
+from buddy.messages import ProxyRequest, ProxyResult
+from buddy.redis_keys import EntryId
+from buddy.settings import DomainSettings
+from buddy.upstream import (
+    build_url,
+    client_response_headers,
+    forwardable_request_headers,
+    location_for_client,
+    safe_path,
+    safe_query,
+    storable_headers,
+    upstream_path,
+)
+from buddy.views import NAMESPACE
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class HostMap:
+    """`--map OLD=NAME`: records of OLD (`host`, `host:port`, or `scheme://host[:port][/base]`) belong to NAME."""
+
+    name: str
+    host: str
+    scheme: str | None = None
+    port: int | None = None
+    base: str | None = None  # given: the recorded path below it goes below the mapping's base path
+
+    @classmethod
+    def parse(cls, text: str) -> HostMap:
+        old, sep, name = text.rpartition("=")
+        if not sep or not old or not name:
+            raise ValueError(f"{text!r}: expected OLD-HOST=NAME")
+        parts = urlsplit(old if "://" in old else f"//{old}")
+        if not parts.hostname:
+            raise ValueError(f"{text!r}: no host in {old!r}")
+        base = parts.path.rstrip("/") if "://" in old else None
+        port = parts.port if parts.port or "://" not in old else (443 if parts.scheme == "https" else 80)
+        return cls(name, parts.hostname.lower(), parts.scheme or None, port, base)
+
+    def matches(self, scheme: str, host: str, port: int, path: str) -> bool:
+        return (host == self.host and (self.scheme is None or scheme == self.scheme)
+                and (self.port is None or port == self.port)
+                and (self.base is None or _below(path, self.base) is not False))
+
+
+def _origin(url: str) -> tuple[str, str, int, str, str]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or (443 if scheme == "https" else 80)
+    return scheme, (parts.hostname or "").lower(), port, parts.path or "/", parts.query
+
+
+def _below(path: str, base: str) -> str | None | bool:
+    """The part of `path` below `base` as views.py would split it (None: the base itself), or False: not below."""
+    if base and path == base:
+        return None
+    if path.startswith(base + "/"):
+        return path[len(base) + 1:]
+    return False
+
+
+def resolve(domains: dict[str, DomainSettings], url: str, recorded: str,
+            maps: Iterable[HostMap]) -> tuple[DomainSettings, str | None] | None:
+    """The mapping a recorded URL belongs to, and its path below the mapping's base path as a client would write
+    it after `/<name>/` (None: the base itself); None when no mapping holds it. `--map` first, then the mapping
+    named in the record (our exports), then the one whose upstream holds the URL (the longest base path)."""
+    scheme, host, port, path, _ = _origin(url)
+    for rule in maps:
+        if rule.matches(scheme, host, port, path):
+            domain = domains[rule.name]
+            rest = _below(path, domain.base_path if rule.base is None else rule.base)
+            return None if rest is False else (domain, cast("str | None", rest))
+    candidates = sorted(domains.values(), key=lambda d: (d.name != recorded, -len(d.base_path)))
+    for domain in candidates:
+        up_scheme, up_host, up_port, _, _ = _origin(domain.upstream_id)
+        rest = _below(path, domain.base_path)
+        if (scheme, host, port) == (up_scheme, up_host, up_port) and rest is not False:
+            return domain, cast("str | None", rest)
+    return None
+
+
+@dataclass
+class ImportOptions:
+    maps: tuple[HostMap, ...] = ()
+    ttl: int | None = None
+    overwrite: bool = False
+    namespace: str | None = None
+
+
+class Importer:
+    """Stores (request, response) pairs as the proxy would have stored them after fetching them live."""
+
+    def __init__(self, buddy: Any, options: ImportOptions, tally: Tally,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = buddy.settings
+        self.cache = buddy.service.cache
+        self.options = options
+        self.tally = tally
+        self.clock = clock
+        self.now = clock()
+
+    @property
+    def limits(self) -> tuple[int, int]:
+        return self.settings.server["max_request_body"], self.settings.cache["max_cache_response_size"]
+
+    def store(self, request: Part, response: Part) -> None:
+        where = f"{response.where} ({response.uri or request.uri})"
+        self.now = self.clock()  # an import may take minutes: each entry's freshness is reckoned when it is stored
+        try:
+            reason = self._store(request, response)
+        except _Refused as refused:
+            self.tally.skip(refused.reason, where, error=refused.error)
+            return
+        except (ValueError, UnicodeError) as exc:  # what a damaged record can still hold: a URL with no valid port...
+            self.tally.skip("records that cannot be read", f"{where}: {first_line(exc)}", error=True)
+            return
+        if reason is None:
+            self.tally.done += 1
+        else:
+            self.tally.skip(reason, where)
+
+    def _store(self, recorded: Part, answer: Part) -> str | None:
+        """None once stored, else why not (raises _Refused for what counts as an error)."""
+        sent, got = recorded.message, answer.message
+        assert sent is not None and got is not None
+        url = (recorded.uri or answer.uri).split("#", 1)[0]
+        if urlsplit(url).scheme.lower() not in ("http", "https") or not urlsplit(url).hostname:
+            raise _Refused("a WARC-Target-URI that is not an http(s) URL", error=True)
+        found = resolve(self.settings.domains, url, answer.own.get("warc-buddy-mapping", ""), self.options.maps)
+        if found is None:
+            scheme, host, port, _, _ = _origin(url)
+            raise _Refused(f"no mapping for {scheme}://{host}:{port} (see --map HOST=NAME)", error=True)
+        domain, rest_text = found
+        method = sent.first_line.split(" ", 1)[0].upper()
+        if method == "HEAD":
+            return "HEAD requests (no body was recorded)"
+        if method not in policy.CACHEABLE_METHODS:
+            return f"{method} requests (never cached)"
+        if sent.short:
+            raise _Refused("a request body cut short (shorter than its Content-Length, or chunks missing)", error=True)
+        if sent.body is None:
+            return "request bodies over server.max_request_body"
+        try:
+            rest = None if rest_text is None else safe_path(rest_text.encode("utf-8"))
+            query = safe_query(_origin(url)[4].encode("utf-8"))
+            upstream_url = build_url(domain, upstream_path(domain, rest), query)
+        except BadProxyRequest as exc:
+            raise _Refused(f"a URL the proxy would refuse ({exc})", error=True) from None
+        namespace = self.options.namespace
+        if namespace is None:
+            namespace = answer.own.get("warc-buddy-namespace", "")
+        if namespace and not NAMESPACE.fullmatch(namespace):
+            raise _Refused("a WARC-Buddy-Namespace the proxy would refuse", error=True)
+        request = ProxyRequest(
+            domain=domain, method=method, path=upstream_path(domain, rest), query=query, headers=sent.headers,
+            body=sent.body, forwarded=forwardable_request_headers(sent.headers), namespace=namespace,
+        )
+        if not policy.cacheable_request(request):
+            return "conditional or range requests (never cached)"
+        result = self._result(domain, upstream_url, answer)
+        if isinstance(result, str):
+            return result
+        unasked = _unasked_codings(result.header("Content-Encoding"), sent.headers)
+        if unasked:
+            return (f"answers in a coding the proxy never asks for ({', '.join(unasked)}; it sends Accept-Encoding: "
+                    f"{ASKED_ENCODINGS})")
+        storage = policy.storage(domain, result)
+        if storage.ttl is None:
+            return ("answers marked private or no-store, or with Vary: *" if not storage.shareable
+                    else f"status {result.status} (never stored)")
+        withheld = {name.strip().lower() for name in answer.own.get("warc-buddy-withheld", "").split(",")}
+        if withheld & set(domain.vary_headers):
+            return "keyed on a credential or cookie value that the archive does not hold"
+        credentials = self._credentials(request, answer)
+        primary = policy.entry_for(request, credentials)
+        target = primary
+        if withheld & set(storage.vary):  # the variant's values are not in the file: its recorded key is
+            variant = self._recorded_variant(primary, answer)
+            if variant is None:
+                return ("keyed on a credential or cookie value that the archive holds as a digest only, for "
+                        "another key (another mapping, namespace or configuration)")
+            target = variant
+        elif storage.vary:
+            target = EntryId(domain.name, policy.variant_digest(primary.digest, storage.vary, request.forwarded))
+        fresh_for = self._fresh_for(answer, result.stored_at, storage.ttl)
+        left = result.stored_at + fresh_for - self.now
+        if left <= 0:
+            return "expired (give them new freshness with --ttl)"
+        if not self.options.overwrite:
+            why = self._kept(primary, target, storage.vary, result.stored_at + fresh_for)
+            if why is not None:
+                return why
+        stored_request = policy.stored_request(request, upstream_url, storage.vary)
+        if credentials is not None:
+            stored_request = replace(stored_request, credentials=credentials)
+        kept = ProxyResult(
+            result.status, result.reason, storable_headers(result.headers, storage.drop), result.body,
+            fetch_ms=result.fetch_ms, stored_at=result.stored_at, vary=storage.vary,
+            variant=target.digest if storage.vary else "", fresh_for=fresh_for, request=stored_request,
+        )
+        pointer = None
+        if storage.vary:
+            lifetime = max(domain.ttl_seconds, domain.negative_ttl_seconds)
+            pointer = (primary, VaryPointer(storage.vary), policy.kept_for(domain, lifetime))
+        self.cache.put(target, kept, policy.kept_for(domain, math.ceil(left)), pointer)
+        return None
+
+    def _result(self, domain: DomainSettings, url: str, answer: Part) -> ProxyResult | str:
+        """The answer as the proxy would hold it after reading it from the upstream (before policy)."""
+        got = answer.message
+        assert got is not None
+        if got.body is None:
+            return "bodies over cache.max_cache_response_size (never stored)"
+        if got.short:
+            raise _Refused("a body cut short (shorter than its Content-Length, or chunks missing)", error=True)
+        found = STATUS_LINE.fullmatch(got.first_line)
+        assert found is not None
+        status, reason = int(found.group(1)), (found.group(2) or "").strip()
+        if not 200 <= status <= 599 or _CONTROL.search(reason):
+            return "malformed status lines (never stored)"
+        # Whoever wrote the file, the answer is read as the upstream's: a WARC-Buddy-* header switches no check off.
+        # Our export writes a redirect as the upstream sent it; one of an older export (`/<name>/...`, as its proxy
+        # served it) is first put back the same way.
+        recorded = answer.own.get("warc-buddy-mapping", "")
+        headers = client_response_headers(got.headers, got.decoded)
+        headers = [(n, v) for n, v in (
+            (n, location_for_client(domain, url, upstream_location(domain, recorded, v) if recorded else v)
+             if n.lower() == "location" else v) for n, v in headers) if v is not None]
+        stored_at = _number(answer.own.get("warc-buddy-stored-at"))
+        if stored_at is None:
+            try:
+                stored_at = iso_date_to_datetime(answer.date, tz_aware=True).timestamp()
+            except (ValueError, TypeError, OverflowError):
+                raise _Refused(f"a WARC-Date that is not a date ({answer.date!r})", error=True) from None
+        # What a hit saves, counted in Redis's 64-bit counters: never more than a live fetch may take.
+        fetch_ms = min(int(_number(answer.own.get("warc-buddy-fetch-ms")) or 0), math.ceil(domain.total_timeout * 1000))
+        return ProxyResult(status, reason, headers, got.body, fetch_ms=fetch_ms, stored_at=min(stored_at, self.now),
+                           upstream_headers=got.headers)
+
+    def _credentials(self, request: ProxyRequest, answer: Part) -> str | None:
+        """The credential digest recorded by our export (whose request never carries the values); None: compute
+        it from the recorded headers, as the proxy does."""
+        digest = answer.own.get("warc-buddy-credentials", "")
+        domain = request.domain
+        if not digest or domain.share_across_credentials:
+            return None
+        if any(name.lower() in domain.credential_headers for name in request.forwarded):
+            return None
+        return digest
+
+    def _fresh_for(self, answer: Part, stored_at: float, ttl: int) -> int:
+        if self.options.ttl is not None:
+            return math.ceil(self.now - stored_at) + self.options.ttl
+        recorded = _number(answer.own.get("warc-buddy-fresh-for"))
+        return ttl if recorded is None else min(int(recorded), ttl)
+
+    def _recorded_variant(self, primary: EntryId, answer: Part) -> EntryId | None:
+        """The variant entry our export recorded for an entry keyed on withheld values, when this import rebuilt
+        the same primary entry (else the recorded variant is no key any request here would look up)."""
+        recorded, variant = answer.own.get("warc-buddy-primary", ""), answer.own.get("warc-buddy-variant", "")
+        head, sep, digest = variant.rpartition(":")
+        if recorded != primary.digest or head + sep != primary.digest.rpartition(":")[0] + sep or not _HEX64.fullmatch(
+                digest):
+            return None
+        return EntryId(primary.domain, variant)
+
+    def _kept(self, primary: EntryId, target: EntryId, vary: tuple[str, ...], until: float) -> str | None:
+        """Why what the cache holds where this would go stays (without --overwrite), or None."""
+        held = self.cache.get(primary)
+        if isinstance(held, VaryPointer) and set(held.names) != set(vary):
+            # Answers that vary on other headers: this one would replace their pointer and hide them all.
+            return "already cached as answers that vary on other headers (see --overwrite)"
+        for found in (held, self.cache.get(target) if target != primary else None):
+            if isinstance(found, ProxyResult):
+                held_until = math.inf if found.fresh_for is None else found.stored_at + found.fresh_for
+                if held_until >= until:
+                    return "already cached, as fresh or fresher (see --overwrite)"
+        return None
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, error: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.error = error
+
+
+def _unasked_codings(value: str, sent: list[tuple[str, str]]) -> list[str]:
+    """The content codings of an answer (besides gzip and deflate, which the proxy decodes) that its recorded request
+    asked for: an upstream sends them to a client that accepts them, never to the proxy (ASKED_ENCODINGS). One
+    the request did not accept the upstream sends anyway, and so to the proxy too."""
+    codings = [c.strip().lower() for c in value.split(",") if c.strip()]
+    asked = [v for n, v in sent if n.lower() == "accept-encoding"]
+    accepted = _accepted_codings(", ".join(asked)) if asked else None  # none sent: any coding is acceptable
+    return [c for c in codings if c not in DECODABLE and c != "identity" and (
+        accepted is None or accepted.get(c, accepted.get("*", 0.0)) > 0)]
+
+
+def _accepted_codings(value: str) -> dict[str, float]:
+    """Accept-Encoding as {coding: q}; a q that is not a number counts as 1 (accepted)."""
+    out: dict[str, float] = {}
+    for item in value.split(","):
+        name, *params = (part.strip() for part in item.split(";"))
+        weight = 1.0
+        for param in params:
+            key, _, number = param.partition("=")
+            if key.strip().lower() == "q":
+                with contextlib.suppress(ValueError):
+                    weight = float(number.strip())
+        if name:
+            out[name.lower()] = weight
+    return out
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        value = float(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) and value >= 0 else None
+
+
+def import_files(buddy: Any, paths: Iterable[Path], options: ImportOptions, tally: Tally,
+                 progress: Callable[[int], None] = lambda n: None) -> None:
+    importer = Importer(buddy, options, tally)
+    for path in paths:
+        reader = Reader(path, tally, importer.limits, progress)
+        for request, response in pairs(reader.parts(), tally):
+            importer.store(request, response)
+
+
+@click.command("import")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--map", "maps", multiple=True, metavar="OLD-HOST=NAME",
+              help="Records of OLD-HOST (host, host:port, or scheme://host[:port]/base) go to mapping NAME.")
+@click.option("--ttl", type=Duration(), help="Fresh for this long from now, whatever was recorded (also "
+              "revives expired entries).")
+@click.option("--overwrite", is_flag=True, help="Replace entries the cache holds even when they are fresher.")
+@click.option("--namespace", callback=lambda ctx, param, value: namespace_option(value),
+              help="Store every entry under this X-Buddy-Namespace instead of the recorded one.")
+@with_appcontext
+def import_command(files: tuple[str, ...], maps: tuple[str, ...], ttl: int | None, overwrite: bool,
+                   namespace: str | None) -> None:
+    """Load the request/response pairs of WARC FILEs into the cache, keyed as the proxy keys the same requests:
+    ours from `export`, or recorded by another tool (warcio's capture_http, a crawler). Exits 1 when a record
+    could not be imported for an error (a corrupt file, no mapping for its host, a response with no request)."""
+    buddy = current_app.extensions["buddy"]
+    try:
+        rules = tuple(HostMap.parse(text) for text in maps)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--map") from None
+    for rule in rules:
+        if rule.name not in buddy.settings.domains:
+            raise click.BadParameter(f"{rule.name}: not configured; choose from "
+                                     f"{', '.join(sorted(buddy.settings.domains))}", param_hint="--map")
+    tally = Tally(lambda line: click.echo(line, err=True))
+    paths = [Path(f) for f in files]
+    options = ImportOptions(rules, ttl, overwrite, namespace)
+    total = sum(p.stat().st_size for p in paths)
+    try:
+        with click.progressbar(length=total, label="importing", file=sys.stderr) as bar:
+            import_files(buddy, paths, options, tally, bar.update)
+    except StoreUnavailable as exc:
+        raise redis_down(exc) from exc
+    skipped = sum(tally.skipped.values()) + sum(tally.errors.values())
+    click.echo(f"imported {tally.done} entries from {len(paths)} file{'s' if len(paths) != 1 else ''}"
+               + (f"; skipped {skipped}:" if skipped else ""))
+    for line in tally.lines():
+        click.echo(line)
+    if tally.errors:
+        sys.exit(1)
