@@ -1,4 +1,6 @@
-"""Coalescing across real gunicorn workers and instances, counted from the upstream stub's own log."""
+"""Coalescing across real gunicorn workers and instances, counted from the upstream stub's own log.
+
+Most tests share one proxy of four workers (`proxy`), on an emptied Redis with an emptied upstream log."""
 from __future__ import annotations
 
 import os
@@ -6,16 +8,51 @@ import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
 
 import psutil
+import pytest
 import requests
 
+from tests.support.processes import Gunicorn, RedisServer, SharedProxy
 from tests.support.upstream_stub import UpstreamStub
 
 
 def config_for(upstream: UpstreamStub, **extra) -> dict:
     domain = {"upstream": upstream.url, "connect_timeout": 1, "read_timeout": 3}
     return {"domain_mappings": {"up": domain}, **extra}
+
+
+SHARED = {"cache": {"max_cache_response_size": 65536}}  # bodies over 64 KB are relayed to followers, not stored
+
+
+# Under pytest-xdist the module runs on one worker, so that its shared proxy starts once.
+pytestmark = pytest.mark.xdist_group("coalescing-proxy")
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[UpstreamStub]:
+    stub = UpstreamStub()
+    yield stub
+    stub.stop()
+
+
+@pytest.fixture(scope="module")
+def shared(module_gunicorn, redis_server: RedisServer, stub: UpstreamStub) -> Gunicorn:
+    return module_gunicorn(config_for(stub, **SHARED), env={"REDIS_URL": redis_server.url}, workers=4)
+
+
+@pytest.fixture
+def upstream(stub: UpstreamStub) -> UpstreamStub:
+    """This module's stub, shared by its tests (and the upstream of the shared proxy), log emptied."""
+    stub.clear()
+    return stub
+
+
+@pytest.fixture
+def proxy(shared, redis_url: str, upstream: UpstreamStub) -> SharedProxy:
+    """The shared proxy for one test: Redis emptied (`redis_url` flushes it), upstream log emptied."""
+    return SharedProxy(shared)
 
 
 def fire(urls: list[str], method: str = "GET", body: bytes | None = None) -> list[requests.Response]:
@@ -27,8 +64,7 @@ def fire(urls: list[str], method: str = "GET", body: bytes | None = None) -> lis
         return list(pool.map(one, urls))
 
 
-def test_forty_identical_gets_over_four_workers_make_one_upstream_call(gunicorn, redis_url, upstream) -> None:
-    proxy = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url}, workers=4)
+def test_forty_identical_gets_over_four_workers_make_one_upstream_call(proxy, upstream) -> None:
     responses = fire([f"{proxy.url}/up/c/en/dog?sleep=600"] * 40)
     assert upstream.count() == 1
     assert [r.status_code for r in responses] == [200] * 40
@@ -37,8 +73,7 @@ def test_forty_identical_gets_over_four_workers_make_one_upstream_call(gunicorn,
     assert states.count("MISS") == 1 and set(states) <= {"MISS", "COALESCED", "HIT"}
 
 
-def test_identical_posts_coalesce_and_different_bodies_do_not(gunicorn, redis_url, upstream) -> None:
-    proxy = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url}, workers=4)
+def test_identical_posts_coalesce_and_different_bodies_do_not(proxy, upstream) -> None:
     same = fire([f"{proxy.url}/up/sparql?sleep=500"] * 20, "POST", b"SELECT ?x WHERE {}")
     assert upstream.count() == 1 and len({r.content for r in same}) == 1
     with ThreadPoolExecutor(max_workers=10) as pool:
@@ -47,17 +82,16 @@ def test_identical_posts_coalesce_and_different_bodies_do_not(gunicorn, redis_ur
     assert sorted(seen.body for seen in upstream.log[1:]) == [b"q0", b"q1", b"q2", b"q3", b"q4"]
 
 
-def test_two_instances_sharing_redis_make_one_upstream_call(gunicorn, redis_url, upstream) -> None:
-    first = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url})
-    second = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url})
+def test_two_instances_sharing_redis_make_one_upstream_call(proxy, gunicorn, redis_url, upstream) -> None:
+    first = proxy
+    second = gunicorn(config_for(upstream, **SHARED), env={"REDIS_URL": redis_url})
     urls = [f"{(first if i % 2 else second).url}/up/shared?sleep=600" for i in range(30)]
     responses = fire(urls)
     assert upstream.count() == 1
     assert len({r.content for r in responses}) == 1
 
 
-def test_an_uncacheable_503_is_shared_with_followers_but_not_kept(gunicorn, redis_url, upstream) -> None:
-    proxy = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url}, workers=4)
+def test_an_uncacheable_503_is_shared_with_followers_but_not_kept(proxy, upstream) -> None:
     responses = fire([f"{proxy.url}/up/status/503?sleep=500"] * 20)
     assert [r.status_code for r in responses] == [503] * 20
     assert len({r.content for r in responses}) == 1
@@ -67,9 +101,7 @@ def test_an_uncacheable_503_is_shared_with_followers_but_not_kept(gunicorn, redi
     assert upstream.count() == 2
 
 
-def test_an_oversize_body_is_relayed_to_followers(gunicorn, redis_url, upstream) -> None:
-    proxy = gunicorn(config_for(upstream, cache={"max_cache_response_size": 65536}),
-                     env={"REDIS_URL": redis_url}, workers=4)
+def test_an_oversize_body_is_relayed_to_followers(proxy, upstream) -> None:
     size = 600_000
     responses = fire([f"{proxy.url}/up/big/{size}?sleep=500"] * 12)
     assert upstream.count() == 1
@@ -101,20 +133,16 @@ def test_a_killed_leader_does_not_wedge_its_waiters(gunicorn, redis_url, upstrea
     assert elapsed < lock_ttl + latency + poll + 2
 
 
-def test_an_oversize_body_with_nobody_waiting_is_not_copied_into_redis(
-    gunicorn, redis_server, redis_url, upstream
-) -> None:
-    proxy = gunicorn(config_for(upstream, cache={"max_cache_response_size": 65536}), env={"REDIS_URL": redis_url})
+def test_an_oversize_body_with_nobody_waiting_is_not_copied_into_redis(proxy, redis_server, upstream) -> None:
+    client = redis_server.client()
+    before = client.info("memory")["used_memory"]  # an empty Redis, and the shared proxy's connections
     response = requests.get(f"{proxy.url}/up/big/2000000", timeout=30)
     assert len(response.content) == 2_000_000
-    client = redis_server.client()
     assert client.keys("buddy:relay:*") == [] and client.keys("buddy:lock:*") == []
-    assert client.info("memory")["used_memory"] < 1_500_000
+    assert client.info("memory")["used_memory"] - before < 500_000
 
 
-def test_followers_get_the_whole_body_when_the_leaders_client_hangs_up(gunicorn, redis_url, upstream) -> None:
-    proxy = gunicorn(config_for(upstream, cache={"max_cache_response_size": 65536}),
-                     env={"REDIS_URL": redis_url}, workers=2)
+def test_followers_get_the_whole_body_when_the_leaders_client_hangs_up(proxy, upstream) -> None:
     size, url = 1_500_000, "/up/big/1500000?sleep=800"
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as leader:
         leader.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n".encode())  # same key as requests
@@ -131,9 +159,7 @@ def test_followers_get_the_whole_body_when_the_leaders_client_hangs_up(gunicorn,
     assert upstream.count() == 1
 
 
-def test_a_head_leader_still_relays_the_body_to_get_followers(gunicorn, redis_url, upstream) -> None:
-    proxy = gunicorn(config_for(upstream, cache={"max_cache_response_size": 65536}),
-                     env={"REDIS_URL": redis_url}, workers=2)
+def test_a_head_leader_still_relays_the_body_to_get_followers(proxy, upstream) -> None:
     url = "/up/big/300000?sleep=600"
     with ThreadPoolExecutor(max_workers=4) as pool:
         head = pool.submit(requests.head, proxy.url + url, timeout=30)

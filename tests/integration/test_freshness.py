@@ -17,6 +17,8 @@ import requests
 from tests.support.processes import ROOT, Gunicorn, RedisServer
 from tests.support.upstream_stub import Seen, UpstreamStub, _Handler
 
+pytestmark = pytest.mark.xdist_group("freshness")  # one proxy for the module, on one xdist worker
+
 
 class Flaky(UpstreamStub):
     """The counting stub, which a test can make fail (`failing`: "503" or "drop") or hold its answers until

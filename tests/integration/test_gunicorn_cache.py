@@ -1,4 +1,7 @@
-"""The cache across real gunicorn workers and instances, measured from the upstream stub's own log."""
+"""The cache across real gunicorn workers and instances, measured from the upstream stub's own log.
+
+Tests on a real redis-server that need no settings of their own share one proxy of three workers (`proxy`):
+`/up/` with the default TTL and `/short/` with a 1 s one, on an emptied Redis with an emptied upstream log."""
 from __future__ import annotations
 
 import os
@@ -8,12 +11,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
+import pytest
 import requests
 
 from buddy.embedded import EmbeddedRedis
 from tests.integration.test_embedded_redis import embedded_processes, wait_until
-from tests.support.processes import ROOT, RedisServer
+from tests.support.processes import ROOT, Gunicorn, RedisServer, SharedProxy
 from tests.support.upstream_stub import UpstreamStub
 
 
@@ -21,35 +26,64 @@ def config_for(upstream: UpstreamStub, **domain: object) -> dict:
     return {"domain_mappings": {"up": {"upstream": upstream.url, **domain}}}
 
 
+# Under pytest-xdist the module runs on one worker, so that its shared proxy starts once.
+pytestmark = pytest.mark.xdist_group("gunicorn-cache-proxy")
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[UpstreamStub]:
+    stub = UpstreamStub()
+    yield stub
+    stub.stop()
+
+
+@pytest.fixture(scope="module")
+def shared(module_gunicorn, redis_server: RedisServer, stub: UpstreamStub) -> Gunicorn:
+    config = {"domain_mappings": {"up": {"upstream": stub.url}, "short": {"upstream": stub.url, "ttl_seconds": 1}}}
+    return module_gunicorn(config, env={"REDIS_URL": redis_server.url}, workers=3)
+
+
+@pytest.fixture
+def upstream(stub: UpstreamStub) -> UpstreamStub:
+    """This module's stub, shared by its tests (and the upstream of the shared proxy), log emptied."""
+    stub.clear()
+    return stub
+
+
+@pytest.fixture
+def proxy(shared, redis_url: str, upstream: UpstreamStub) -> SharedProxy:
+    """The shared proxy for one test: Redis emptied (`redis_url` flushes it), upstream log emptied."""
+    return SharedProxy(shared)
+
+
 def get(url: str, **kwargs) -> requests.Response:
     # A new connection per call, so that calls spread over the workers.
     return requests.get(url, timeout=10, headers={"Connection": "close", **kwargs.pop("headers", {})}, **kwargs)
 
 
-def test_miss_then_hits_across_workers_reach_upstream_once(gunicorn, redis_url, upstream) -> None:
-    proxy = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url}, workers=3)
+def test_miss_then_hits_across_workers_reach_upstream_once(proxy, upstream) -> None:
     responses = [get(f"{proxy.url}/up/c/en/dog?limit=2") for _ in range(12)]
     assert [r.headers["X-Cache"] for r in responses] == ["MISS"] + ["HIT"] * 11
     assert len({r.content for r in responses}) == 1
     assert upstream.paths() == ["/c/en/dog?limit=2"]
 
 
-def test_two_instances_on_one_redis_are_one_cache(gunicorn, redis_url, upstream) -> None:
-    first = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url})
+def test_two_instances_on_one_redis_are_one_cache(proxy, gunicorn, redis_url, upstream) -> None:
+    first = proxy
     second = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url})
     assert get(f"{first.url}/up/shared").headers["X-Cache"] == "MISS"
     assert get(f"{second.url}/up/shared").headers["X-Cache"] == "HIT"
     assert upstream.count() == 1
 
 
-def test_entries_expire_with_redis_native_ttls(gunicorn, redis_url, upstream) -> None:
-    # POST bodies, uncached errors and cookies are tested once, on the Flask app (tests/unit/test_proxy_flow.py);
-    # what needs a real redis-server is that an entry's TTL is Redis's own.
-    proxy = gunicorn(config_for(upstream, ttl_seconds=1), env={"REDIS_URL": redis_url})
-    get(f"{proxy.url}/up/expiring")
-    assert get(f"{proxy.url}/up/expiring").headers["X-Cache"] == "HIT"
+def test_an_entry_past_its_ttl_is_fetched_again(proxy, upstream) -> None:
+    # POST bodies, uncached errors and cookies are tested once, on the Flask app (tests/unit/test_proxy_flow.py).
+    # Redis keeps an expired entry for the stale grace (tests/integration/test_freshness.py); a request after the
+    # TTL goes upstream again.
+    get(f"{proxy.url}/short/expiring")
+    assert get(f"{proxy.url}/short/expiring").headers["X-Cache"] == "HIT"
     time.sleep(1.3)
-    assert get(f"{proxy.url}/up/expiring").headers["X-Cache"] == "MISS"
+    assert get(f"{proxy.url}/short/expiring").headers["X-Cache"] == "MISS"
     assert upstream.count() == 2
 
 
@@ -95,10 +129,9 @@ def test_a_redis_left_behind_by_a_killed_master_is_adopted_and_stopped(gunicorn,
     assert wait_until(lambda: not embedded_processes(tmp_path / "orphan"), timeout=5)
 
 
-def test_crafted_targets_never_reach_another_local_server(gunicorn, redis_url, upstream) -> None:
+def test_crafted_targets_never_reach_another_local_server(proxy, upstream) -> None:
     bystander = UpstreamStub()
     try:
-        proxy = gunicorn(config_for(upstream), env={"REDIS_URL": redis_url})
         host = f"127.0.0.1:{bystander.port}"
         targets = [
             f"/up//{host}/x", f"/up/@{host}/x", f"/up/%2f%2f{host}/x", f"/up/..%2f..%2f{host}",

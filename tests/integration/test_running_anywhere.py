@@ -19,6 +19,9 @@ from tests.support.ports import free_port, wait_for_port
 from tests.support.processes import ROOT, stop_group
 from tests.support.upstream_stub import UpstreamStub
 
+# One venv for the module (`venv_bin`): under pytest-xdist its tests all go to one worker, which builds it once.
+pytestmark = pytest.mark.xdist_group("installed-venv")
+
 NOT_THE_SOURCE = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis",
                                         ".buddy-data", ".venv*", "venv")
 

@@ -6,7 +6,7 @@ returns the steps of the answer, played in order on the connection:
   float / int           a pause of that many seconds
   RESET                 the connection is aborted with a TCP reset instead of a clean close
 After the last step the connection is closed (one request per connection). A request that matches no
-route gets a small 404. Every request is logged (`.log`, `.count(prefix)`) before its answer starts.
+route gets a small 404. Every request is logged (`.log`, `.count(prefix)`, `.clear()`) before its answer starts.
 """
 from __future__ import annotations
 
@@ -83,6 +83,11 @@ class RawUpstream:
 
     def count(self, prefix: str = "") -> int:
         return sum(1 for seen in self.log if seen.target.startswith(prefix))
+
+    def clear(self) -> None:
+        """Forget the requests seen so far (one upstream shared by several tests); counts start again at 1."""
+        with self._lock:
+            self._log.clear()
 
     def stop(self) -> None:
         self._stopping.set()
