@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from flask import Flask
 from gunicorn.app.base import BaseApplication
+from gunicorn.config import KNOWN_SETTINGS
 
 from buddy import __version__
 from buddy.access import exposure_warning
@@ -27,6 +28,10 @@ DEFAULT_WORKERS = 4  # WEB_CONCURRENCY overrides
 DEFAULT_THREADS = 64  # BUDDY_THREADS overrides
 CONFIG_EXIT = 2  # the master stops on a bad config; the systemd unit does not restart on it
 BOOT_EXIT = 3  # gunicorn's "worker failed to boot": the master stops instead of respawning
+# gunicorn 25.1+ opens a control socket at one path per user ($XDG_RUNTIME_DIR or ~/.gunicorn/gunicorn.ctl), so
+# two proxies on one host (a team's shared box) would take each other's: `gunicornc` could act on the wrong one.
+CONTROL_SOCKET = {"control_socket_disable": True} if any(
+    setting.name == "control_socket_disable" for setting in KNOWN_SETTINGS) else {}
 
 
 def settings_or_exit(overrides: Mapping[str, Any] | None = None) -> Settings:
@@ -51,6 +56,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "threads": int(os.environ.get("BUDDY_THREADS", str(DEFAULT_THREADS))),
         "graceful_timeout": 10,
         "timeout": 60,
+        **CONTROL_SOCKET,
         "on_starting": hooks.on_starting,
         "when_ready": hooks.when_ready,
         "on_exit": hooks.on_exit,
