@@ -59,6 +59,14 @@ def upstream() -> Iterator[UpstreamStub]:
     stub.stop()
 
 
+@pytest.fixture(scope="module")
+def stub() -> Iterator[UpstreamStub]:
+    """An upstream stub that a module's tests share (with a proxy they share); `upstream` is one per test."""
+    shared = UpstreamStub()
+    yield shared
+    shared.stop()
+
+
 @pytest.fixture
 def redis_server_fake() -> fakeredis.FakeServer:
     return fakeredis.FakeServer()

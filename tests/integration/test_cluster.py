@@ -46,13 +46,6 @@ def mapping_config(stub: UpstreamStub) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def stub() -> Iterator[UpstreamStub]:
-    server = UpstreamStub()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     started = LocalCluster(tmp_path_factory.mktemp("cluster"), primaries=3, replicas=1, node_timeout_ms=1000)
     yield started

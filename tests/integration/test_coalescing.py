@@ -8,7 +8,6 @@ import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 import psutil
 import pytest
@@ -28,13 +27,6 @@ SHARED = {"cache": {"max_cache_response_size": 65536}}  # bodies over 64 KB are 
 
 # Under pytest-xdist the module runs on one worker, so that its shared proxy starts once.
 pytestmark = pytest.mark.xdist_group("coalescing-proxy")
-
-
-@pytest.fixture(scope="module")
-def stub() -> Iterator[UpstreamStub]:
-    stub = UpstreamStub()
-    yield stub
-    stub.stop()
 
 
 @pytest.fixture(scope="module")

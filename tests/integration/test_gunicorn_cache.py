@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import requests
@@ -28,13 +27,6 @@ def config_for(upstream: UpstreamStub, **domain: object) -> dict:
 
 # Under pytest-xdist the module runs on one worker, so that its shared proxy starts once.
 pytestmark = pytest.mark.xdist_group("gunicorn-cache-proxy")
-
-
-@pytest.fixture(scope="module")
-def stub() -> Iterator[UpstreamStub]:
-    stub = UpstreamStub()
-    yield stub
-    stub.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import redis
 
 from buddy.embedded import redis_server_binary
 from tests.support.ports import free_port
+from tests.support.processes import stop_groups
 
 ATTEMPTS = 3  # ports tried per node: another process may take a free port before the node binds it
 
@@ -48,25 +49,6 @@ def cluster_port() -> int:
         if port + BUS_OFFSET <= 65535 and _bindable(port + BUS_OFFSET):
             return port
     raise RuntimeError("no free port pair for a cluster node")
-
-
-def stop_all(processes: list[subprocess.Popen], timeout: float = 5.0) -> None:
-    """SIGTERM every process group, then SIGKILL the ones still there after `timeout`."""
-    for process in processes:
-        if process.poll() is None:
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    for process in processes:
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait()
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, every: float = 0.05) -> float:
@@ -118,7 +100,7 @@ class Node:
             pass
         if process.poll() is None and self._answers_as(process.pid):
             return True
-        stop_all([process])
+        stop_groups([process])
         if must:
             log_text = (self.workdir / "redis.log").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"redis-server did not start on port {self.port}:\n{log_text}")
@@ -149,7 +131,7 @@ class Node:
 
     def stop(self) -> None:
         if self.process is not None:
-            stop_all([self.process])
+            stop_groups([self.process])
 
 
 class LocalCluster:
@@ -280,7 +262,7 @@ class LocalCluster:
         node.start()
 
     def stop(self) -> None:
-        stop_all([n.process for n in self.nodes if n.process is not None])
+        stop_groups([n.process for n in self.nodes if n.process is not None])
 
 
 class LocalSentinel:
@@ -350,4 +332,4 @@ class LocalSentinel:
         return next(n for n in self.nodes if n.port == port)
 
     def stop(self) -> None:
-        stop_all([n.process for n in [*self.sentinels, *self.nodes] if n.process is not None])
+        stop_groups([n.process for n in [*self.sentinels, *self.nodes] if n.process is not None])
