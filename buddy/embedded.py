@@ -71,6 +71,21 @@ def send(socket_path: Path, command: bytes, timeout: float = 2.0) -> str:
     return READY if reply.startswith(b"+") else BUSY
 
 
+def _last_to_leave(users: IO[str], patience: float = 1.0) -> bool:
+    """Is this process the folder's last user? An exclusive lock on `redis.users` is granted only then; asked a
+    few times over `patience` seconds, because a keeper checks for users by taking that lock for an instant
+    (and a worker that is exiting still holds its shared one for a moment)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
 def held_by_others(path: Path) -> bool:
     """True while some process holds a lock on `path` (even a shared one)."""
     try:
@@ -178,9 +193,7 @@ class EmbeddedRedis:
         if users is None:
             return False
         try:
-            try:
-                fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)  # granted only if nobody else uses it
-            except BlockingIOError:
+            if not _last_to_leave(users):
                 return False
             self._shutdown(process, timeout)
             return True

@@ -163,6 +163,7 @@ def test_start_up_and_shutdown_say_what_an_operator_needs_and_nothing_secret(gun
     config = {"domain_mappings": {"up": {"upstream": upstream.url}},
               "security": {"require_secure_key": True, "secure_key": "k" * 32}}
     proxy = gunicorn(config, env={"BUDDY_DATA_DIR": str(tmp_path / "data")}, workers=2)
+    proxy.wait_until_serving("/admin/health")  # a normal shutdown, not one of workers still booting
     proxy.stop()
     log = proxy.log()
     assert "2 workers x 64 threads (DeadlineWorker)" in log
