@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import ipaddress
 import re
+import secrets
 import time
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -26,6 +27,7 @@ ACTION_HEADER = "X-Buddy-Action"  # a cross-origin form or no-cors fetch cannot 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 OFFLINE_STATES = ("on", "off", "reset")
 _EXPIRY = re.compile(r"[0-9]{1,12}")  # ASCII digits only: "²".isdigit() is True, int("²") is not
+_SESSION = re.compile(r"[A-Za-z0-9_-]{24}")  # secrets.token_urlsafe(18)
 
 
 @bp.record_once
@@ -36,26 +38,58 @@ def _with_dashboard(state: BlueprintSetupState) -> None:
     state.app.register_blueprint(dashboard.bp)
 
 
-def session_token(key: str, expires: int) -> str:
-    """What the dashboard cookie holds: an expiry and an HMAC of it under the access key, never the key."""
-    label = f"reference-api-buddy dashboard session until {expires}".encode()
-    return f"{expires}.{hmac.new(key.encode('utf-8', 'surrogateescape'), label, hashlib.sha256).hexdigest()}"
+def session_token(key: str, expires: int, session: str) -> str:
+    """What the dashboard cookie holds: an expiry, a session id, and an HMAC of both under the access key (never
+    the key). The session also lives in Redis until it expires or its browser signs out."""
+    label = f"reference-api-buddy dashboard session {session} until {expires}".encode()
+    digest = hmac.new(key.encode("utf-8", "surrogateescape"), label, hashlib.sha256).hexdigest()
+    return f"{expires}.{session}.{digest}"
 
 
-def session_valid(value: str, key: str, now: float) -> bool:
-    """Is this cookie value a session the current key signed, not yet expired? (Compared in constant time.)"""
-    expires, dot, _ = value.partition(".")
-    if not dot or not _EXPIRY.fullmatch(expires) or not now < int(expires) <= now + SESSION_SECONDS:
+def session_valid(value: str, key: str, now: float) -> str | None:
+    """The session id of a cookie value the current key signed, not yet expired (compared in constant time);
+    None otherwise. Whether the session is still open is Redis's to say (see `session_open`)."""
+    expires, _, rest = value.partition(".")
+    session = rest.partition(".")[0]
+    if not _EXPIRY.fullmatch(expires) or not _SESSION.fullmatch(session):
+        return None
+    if not now < int(expires) <= now + SESSION_SECONDS:
+        return None
+    signed = session_token(key, int(expires), session)
+    return session if hmac.compare_digest(signed.encode(), value.encode("utf-8", "surrogateescape")) else None
+
+
+def session_open(session: str) -> bool:
+    """Has this session not been closed (signed out, or expired in Redis)? No when Redis cannot say."""
+    buddy = current_app.extensions["buddy"]
+    key = buddy.service.keys.session(session)
+    try:
+        return bool(buddy.service.cache.guard.run(lambda: buddy.redis.exists(key)))
+    except StoreUnavailable:
         return False
-    return hmac.compare_digest(session_token(key, int(expires)).encode(), value.encode("utf-8", "surrogateescape"))
 
 
 def start_session(response: BaseResponse, key: str) -> BaseResponse:
-    """Sign the browser in: an HttpOnly, SameSite=Strict cookie for the admin routes only."""
-    expires = int(time.time()) + SESSION_SECONDS
-    response.set_cookie(SESSION_COOKIE, session_token(key, expires), max_age=SESSION_SECONDS, path="/admin",
-                        secure=request.is_secure, httponly=True, samesite="Strict")
+    """Sign the browser in: a session in Redis, and an HttpOnly, SameSite=Strict cookie for the admin routes."""
+    buddy = current_app.extensions["buddy"]
+    expires, session = int(time.time()) + SESSION_SECONDS, secrets.token_urlsafe(18)
+    name = buddy.service.keys.session(session)
+    buddy.service.cache.guard.run(lambda: buddy.redis.set(name, b"1", ex=SESSION_SECONDS))
+    response.set_cookie(SESSION_COOKIE, session_token(key, expires, session), max_age=SESSION_SECONDS,
+                        path="/admin", secure=request.is_secure, httponly=True, samesite="Strict")
     return response
+
+
+def end_session() -> None:
+    """Sign out: the session is closed in Redis, so its cookie opens nothing even if it is replayed."""
+    buddy = current_app.extensions["buddy"]
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if not cookie or not buddy.access.required:
+        return
+    session = session_valid(cookie, buddy.access.key(), time.time())
+    if session is not None:
+        name = buddy.service.keys.session(session)
+        buddy.service.cache.guard.run(lambda: buddy.redis.delete(name))
 
 
 def authorize() -> str:
@@ -64,7 +98,8 @@ def authorize() -> str:
     buddy = current_app.extensions["buddy"]
     if buddy.access.required:
         cookie = request.cookies.get(SESSION_COOKIE)
-        if cookie and session_valid(cookie, buddy.access.key(), time.time()):
+        session = session_valid(cookie, buddy.access.key(), time.time()) if cookie else None
+        if session is not None and session_open(session):
             return "cookie"
     target = Target("admin", None, request.environ.get("QUERY_STRING", ""), list(request.headers.items()))
     buddy.access.admit(target, set(), request.remote_addr or "unknown")

@@ -78,6 +78,10 @@ def login() -> BaseResponse:
 @bp.post("/admin/logout")
 def logout() -> Response:
     admin.deliberate("cookie")
+    try:
+        admin.end_session()
+    except StoreUnavailable:
+        pass  # the session ends with its TTL; the cookie goes now
     response = make_response("", 204)
     response.delete_cookie(admin.SESSION_COOKIE, path="/admin", httponly=True, samesite="Strict")
     return response

@@ -36,6 +36,7 @@ KEY_KINDS = (
     KeyKind("rate", True, "the mapping's reserved upstream start times (sorted set); its longest window"),
     KeyKind("penalty", True, "the mapping's backoff after an upstream 429/503: until, level, last"),
     KeyKind("bug", True, "the latest error reply any worker got from Redis (a bug, not an outage), for health; 60 s"),
+    KeyKind("session", True, "a dashboard session (its id, from a login); 12 h, deleted at sign-out"),
     KeyKind("health", True, "written by each /admin/health check (a full Redis refuses it); 10 s"),
     KeyKind("minutes", True, "one mapping's hits, misses and upstream calls in one minute (hash of at most 3 "
             "fields), for the dashboard's chart; expires 62 minutes after its minute ended"),
@@ -130,6 +131,10 @@ class RedisKeys:
     def secure_key(self) -> str:
         """The generated access key (no TTL: it must survive restarts and never be evicted)."""
         return f"{self.prefix}secure_key"
+
+    def session(self, session: str) -> str:
+        """A dashboard session, open until it expires or its browser signs out."""
+        return f"{self.prefix}session:{session}"
 
     @property
     def offline(self) -> str:

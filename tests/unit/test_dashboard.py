@@ -203,7 +203,7 @@ def test_the_login_sets_a_strict_http_only_cookie_derived_from_the_key(keyed: Fl
     assert f"{SESSION_COOKIE}=" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
     assert "Path=/admin" in cookie and KEY not in cookie
     value = cookie.split(";")[0].split("=", 1)[1]
-    assert re.fullmatch(r"\d+\.[0-9a-f]{64}", value)
+    assert re.fullmatch(r"\d+\.[A-Za-z0-9_-]{24}\.[0-9a-f]{64}", value)
     for path in ("/admin/", "/admin/panel", "/admin/metrics", "/admin/health"):
         response = client.get(path)
         assert response.status_code == 200, path
@@ -220,13 +220,20 @@ def test_a_key_in_the_address_becomes_a_session_and_leaves_the_address(keyed: Fl
     assert keyed.test_client().get("/admin/?key=wrong-wrong-wrong-wrong").status_code == 401
 
 
-def test_a_forged_expired_or_foreign_cookie_opens_nothing(keyed: Flask) -> None:
+def test_a_forged_expired_foreign_or_signed_out_cookie_opens_nothing(keyed: Flask) -> None:
     now = int(time.time())
-    good = session_token(KEY, now + 60)
+    signed_in = keyed.test_client()
+    signed_in.post("/admin/login", data={"key": KEY})
+    good = signed_in.get_cookie(SESSION_COOKIE, path="/admin").value
+    session = good.split(".")[1]
+    assert signed_in.get("/admin/panel").status_code == 200
     tampered = good[:-1] + ("1" if good.endswith("0") else "0")
-    for value in (session_token("another-key-of-16-chars", now + 60), session_token(KEY, now - 1), tampered,
-                  f"{now + 60}.", KEY, "",
-                  session_token(KEY, now + 10 * 86400)):  # signed, but longer than any session lasts
+    signed_in.post("/admin/logout", headers=ACTION)
+    for value in (session_token("another-key-of-16-chars", now + 60, session), session_token(KEY, now - 1, session),
+                  tampered, f"{now + 60}.", KEY, "",
+                  good,  # signed out: closed in Redis, however often the browser (or a thief) sends it again
+                  session_token(KEY, now + 60, "a" * 24),  # signed, but no such session was ever opened
+                  session_token(KEY, now + 10 * 86400, session)):  # signed, but longer than any session lasts
         client = keyed.test_client()
         client.set_cookie(SESSION_COOKIE, value, path="/admin")
         assert client.get("/admin/panel").status_code == 401, value
@@ -345,7 +352,7 @@ def test_the_session_cookie_survives_no_tampering_and_the_key_never_stays_in_the
     for forged in ("\u00b2.abc", "9" * 4400 + ".abc", ".", "12.", "-5.x"):
         client.set_cookie(SESSION_COOKIE, forged, path="/admin")
         assert client.get("/admin/health").status_code == 401
-    client.set_cookie(SESSION_COOKIE, session_token("k" * 32, int(time.time()) + 60), path="/admin")
+    client.post("/admin/login", data={"key": "k" * 32})
     signed_in = client.get("/admin/?key=" + "k" * 32)
     assert signed_in.status_code == 303 and "key" not in signed_in.headers["Location"]
 
