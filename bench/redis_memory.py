@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
-import random
 import sys
 import tempfile
 import time
@@ -42,8 +40,8 @@ from buddy.store.fill_lock import FillLock  # noqa: E402
 from buddy.store.guard import StoreGuard  # noqa: E402
 from buddy.store.response_cache import ResponseCache  # noqa: E402
 from tests.support.processes import RedisServer  # noqa: E402
+from tests.support.upstream_stub import conceptnet_json  # noqa: E402
 
-WORDS = "dog cat animal pet mammal wolf bark tail fur loyal house garden run play food bone puppy leash".split()
 TTL = 86_400
 DOMAIN = "conceptnet"
 HOT = 100
@@ -80,13 +78,7 @@ return #gone
 
 def answer(i: int) -> ProxyResult:
     """About 2 KB of ConceptNet-shaped JSON, different for every i."""
-    rng = random.Random(i)
-    edges = [{"@id": f"/a/[/r/{rel}/,/c/en/{a}/,/c/en/{b}/]", "rel": {"@id": f"/r/{rel}", "label": rel},
-              "start": {"@id": f"/c/en/{a}", "label": a}, "end": {"@id": f"/c/en/{b}", "label": b},
-              "weight": round(rng.uniform(0.1, 12), 3), "surfaceText": f"[[{a}]] is related to [[{b}]]"}
-             for a, b, rel in ((rng.choice(WORDS), rng.choice(WORDS), rng.choice(["IsA", "HasA", "UsedFor"]))
-                               for _ in range(9))]
-    body = json.dumps({"@id": f"/c/en/term{i}", "edges": edges, "seed": rng.getrandbits(64)}).encode()
+    body = conceptnet_json(i, f"/c/en/term{i}")
     return ProxyResult(200, "OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))], body)
 
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import pytest
 
-from tests.support.processes import Gunicorn, stop_groups
+from tests.support.processes import Gunicorn, SharedProxy, stop_groups
 
 StartGunicorn = Callable[..., Gunicorn]
 
@@ -50,3 +50,10 @@ def module_gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartG
     started: list[Gunicorn] = []
     yield _starter(lambda: tmp_path_factory.mktemp("gunicorn"), started)
     _stop(started)
+
+
+@pytest.fixture
+def proxy(shared: Gunicorn, redis_url: str, upstream: Any) -> SharedProxy:
+    """The module's `shared` proxy for one test: Redis emptied (`redis_url` flushes it), and the upstream log too
+    (the module's `upstream` is its shared stub, cleared for each test)."""
+    return SharedProxy(shared)

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import requests
 
-from tests.support.processes import Gunicorn, RedisServer, SharedProxy
+from tests.support.processes import Gunicorn, RedisServer
 from tests.support.upstream_stub import UpstreamStub
 
 
@@ -39,12 +39,6 @@ def upstream(stub: UpstreamStub) -> UpstreamStub:
     """This module's stub, shared by its tests (and the upstream of the shared proxy), log emptied."""
     stub.clear()
     return stub
-
-
-@pytest.fixture
-def proxy(shared, redis_url: str, upstream: UpstreamStub) -> SharedProxy:
-    """The shared proxy for one test: Redis emptied (`redis_url` flushes it), upstream log emptied."""
-    return SharedProxy(shared)
 
 
 def fire(urls: list[str], method: str = "GET", body: bytes | None = None) -> list[requests.Response]:

@@ -3,8 +3,6 @@ old entries must make room for new ones, hits keep hitting, identical misses sti
 counts match what Redis holds, and health says why when Redis refuses writes."""
 from __future__ import annotations
 
-import json
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,23 +15,11 @@ import requests
 
 from buddy.embedded import EmbeddedRedis
 from tests.support.processes import Gunicorn, RedisServer
-from tests.support.upstream_stub import UpstreamStub
+from tests.support.upstream_stub import UpstreamStub, conceptnet_json
 
-WORDS = "dog cat animal pet mammal wolf bark tail fur loyal house garden run play food bone puppy leash".split()
 HOT = [f"/up/c/en/hot{i}" for i in range(20)]
 UNLIMITED = {"default_requests_per_hour": 10_000_000}
 COLD_BATCH = 100
-
-
-def reference_json(path: str) -> bytes:
-    """About 2 KB of ConceptNet-shaped JSON, the same for the same path."""
-    rng = random.Random(path)
-    edges = [{"@id": f"/a/[/r/{rel}/,/c/en/{a}/,/c/en/{b}/]", "rel": {"@id": f"/r/{rel}", "label": rel},
-              "start": {"@id": f"/c/en/{a}", "label": a}, "end": {"@id": f"/c/en/{b}", "label": b},
-              "weight": round(rng.uniform(0.1, 12), 3), "surfaceText": f"[[{a}]] is related to [[{b}]]"}
-             for a, b, rel in ((rng.choice(WORDS), rng.choice(WORDS), rng.choice(["IsA", "HasA", "UsedFor"]))
-                               for _ in range(9))]
-    return json.dumps({"@id": path, "edges": edges, "seed": rng.getrandbits(64)}).encode()
 
 
 class JsonUpstream(UpstreamStub):
@@ -42,7 +28,7 @@ class JsonUpstream(UpstreamStub):
     def respond(self, handler, seen, count) -> None:  # type: ignore[override]
         if seen.path.startswith("/slow/"):
             time.sleep(1.0)
-        body = reference_json(seen.path)
+        body = conceptnet_json(seen.path, seen.path)
         handler.send_response(200)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(body)))

@@ -17,7 +17,7 @@ import requests
 
 from buddy.embedded import EmbeddedRedis
 from tests.integration.test_embedded_redis import embedded_processes, wait_until
-from tests.support.processes import ROOT, Gunicorn, RedisServer, SharedProxy
+from tests.support.processes import ROOT, Gunicorn, RedisServer
 from tests.support.upstream_stub import UpstreamStub
 
 
@@ -40,12 +40,6 @@ def upstream(stub: UpstreamStub) -> UpstreamStub:
     """This module's stub, shared by its tests (and the upstream of the shared proxy), log emptied."""
     stub.clear()
     return stub
-
-
-@pytest.fixture
-def proxy(shared, redis_url: str, upstream: UpstreamStub) -> SharedProxy:
-    """The shared proxy for one test: Redis emptied (`redis_url` flushes it), upstream log emptied."""
-    return SharedProxy(shared)
 
 
 def get(url: str, **kwargs) -> requests.Response:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import sys
 import threading
 import time
@@ -29,6 +30,19 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
+
+WORDS = "dog cat animal pet mammal wolf bark tail fur loyal house garden run play food bone puppy leash".split()
+
+
+def conceptnet_json(seed: int | str, node_id: str) -> bytes:
+    """About 2 KB of ConceptNet-shaped JSON, the same for the same seed (benches and memory tests)."""
+    rng = random.Random(seed)
+    edges = [{"@id": f"/a/[/r/{rel}/,/c/en/{a}/,/c/en/{b}/]", "rel": {"@id": f"/r/{rel}", "label": rel},
+              "start": {"@id": f"/c/en/{a}", "label": a}, "end": {"@id": f"/c/en/{b}", "label": b},
+              "weight": round(rng.uniform(0.1, 12), 3), "surfaceText": f"[[{a}]] is related to [[{b}]]"}
+             for a, b, rel in ((rng.choice(WORDS), rng.choice(WORDS), rng.choice(["IsA", "HasA", "UsedFor"]))
+                               for _ in range(9))]
+    return json.dumps({"@id": node_id, "edges": edges, "seed": rng.getrandbits(64)}).encode()
 
 
 @dataclass
