@@ -22,6 +22,7 @@ from buddy.errors import ConfigError
 from buddy.logs import configure_logging, gunicorn_logconfig
 from buddy.monitoring import redacted_url
 from buddy.settings import Settings, load_settings
+from buddy.store import metrics
 
 WORKER_CLASS = "buddy.worker.DeadlineWorker"  # gthread whose main loop reads request heads (slow clients)
 DEFAULT_WORKERS = 4  # WEB_CONCURRENCY overrides
@@ -60,6 +61,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "on_starting": hooks.on_starting,
         "when_ready": hooks.when_ready,
         "on_exit": hooks.on_exit,
+        "post_fork": hooks.post_fork,
     }
 
 
@@ -88,6 +90,11 @@ class ServerHooks:
         # each lets at most threads/2 requests wait on one mapping (`--threads` included).
         os.environ["BUDDY_WORKERS"] = str(server.cfg.workers)
         os.environ["BUDDY_THREADS"] = str(server.cfg.threads)
+
+    def post_fork(self, server: Any, worker: Any) -> None:
+        """In each worker, before it loads the app: it serves, so it reports itself as a worker from the start
+        (an idle worker is still one of the proxy's; a `flask buddy` command never is)."""
+        metrics.IN_WORKER = True
 
     def when_ready(self, server: Any) -> None:
         """In the master, listening, before any worker forks: start (or join) the embedded Redis and supervise it.

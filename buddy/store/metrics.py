@@ -26,6 +26,7 @@ from buddy.store.guard import StoreGuard
 log = logging.getLogger("buddy.metrics")
 RECENT_ERRORS = 50
 WORKER_SEEN_SECONDS = 15
+IN_WORKER = False  # set in a gunicorn worker right after the fork (buddy.serve); `flask buddy` commands are none
 MINUTE_FIELDS = ("hits", "misses", "upstream_requests")  # also counted per minute, in `minutes:{<name>}:<minute>`
 TIMELINE_MINUTES = 60  # how many minutes the dashboard shows; a per-minute key outlives its minute by a bit more
 MINUTE_KEEP_SECONDS = (TIMELINE_MINUTES + 2) * 60
@@ -61,7 +62,7 @@ class MetricsRecorder:
         self._lock = threading.Lock()
         self.thread = ProcessThread("buddy-metrics", self._run, fresh=self._fresh)  # a child tallies anew
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self.serving = False  # set by the first request this process counts
+        self.serving = IN_WORKER  # else set by the first request this process counts
 
     def count(self, domain: str, field: str, n: int = 1) -> None:
         self.count_many(domain, {field: n})
