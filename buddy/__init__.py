@@ -23,6 +23,7 @@ from buddy.service import ProxyService
 from buddy.settings import Settings, load_settings
 from buddy.store.connect import connect
 from buddy.store.guard import BUG_TTL_SECONDS, StoreGuard
+from buddy.store.memory_cache import MemoryCache
 from buddy.store.metrics import MetricsRecorder
 from buddy.store.offline import OfflineSwitch
 from buddy.store.rate_limiter import LocalLimiter, RateLimiter, WaitingRoom
@@ -115,7 +116,9 @@ def create_app(
     )
     metrics = MetricsRecorder(redis_client, guard, keys)
     hub = WakeupHub(redis_client, keys.fill_channel)
-    cache = ResponseCache(redis_client, guard, keys, {name: d.grace for name, d in settings.domains.items()})
+    memory = MemoryCache(settings.cache["l1_max_bytes"], hub)  # used while the hub's subscription holds
+    cache = ResponseCache(redis_client, guard, keys, {name: d.grace for name, d in settings.domains.items()}, memory)
+    hub.listeners.append(cache.heard)  # a write or removal anywhere drops this worker's copy
     max_delay = settings.throttling["progressive_max_delay"]
     waiting = WaitingRoom(int(os.environ.get("BUDDY_THREADS", "64")))  # sleepers and followers alike
     service = ProxyService(
@@ -151,6 +154,9 @@ def create_app(
     register_error_handlers(app)
     app.register_blueprint(admin.bp)
     app.register_blueprint(views.bp)
+    from buddy.fastpath import HitPath
+
+    app.wsgi_app = HitPath(app, app.wsgi_app)  # type: ignore[method-assign]  # fresh hits skip Flask's request handling
     app.cli.add_command(cli.group)
     return app
 

@@ -11,7 +11,7 @@ import ipaddress
 import logging
 import re
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Collection, overload
 from urllib.parse import unquote, unquote_plus
 
 from buddy.errors import BadProxyRequest
@@ -53,7 +53,7 @@ def spelled(raw: str, key: str) -> bool:
     return any([same(raw, form) for form in spellings(key)])  # a list: compare against every form, always
 
 
-def strip_key(target: Target, key: str, domains: frozenset[str] | set[str]) -> tuple[Target, bool]:
+def strip_key(target: Target, key: str, domains: Collection[str]) -> tuple[Target, bool]:
     """Remove every occurrence of the proxy key; True if at least one was found."""
     found = False
     if target.first not in domains and target.rest is not None and spelled(target.raw_first or target.first, key):
@@ -99,7 +99,13 @@ class AccessControl:
         self.key = key
         self.log_events = log_events
 
-    def admit(self, target: Target, domains: frozenset[str] | set[str], client: str) -> Target:
+    @overload
+    def admit(self, target: Target, domains: Collection[str], client: str) -> Target: ...
+    @overload
+    def admit(self, target: Target, domains: Collection[str], client: str, quiet: bool) -> Target | None: ...
+
+    def admit(self, target: Target, domains: Collection[str], client: str, quiet: bool = False) -> Target | None:
+        """The target with the key taken out; Unauthorized without a valid key (`quiet`: None, and no log line)."""
         if not self.required:
             if not any(n.lower() == KEY_HEADER for n, _ in target.headers):
                 return target
@@ -107,6 +113,8 @@ class AccessControl:
         key = self.key()
         stripped, found = strip_key(target, key, domains)
         if not found:
+            if quiet:
+                return None
             if self.log_events:
                 log.warning("refused a request from %s: missing or wrong access key", client)
             raise Unauthorized()

@@ -2,6 +2,7 @@
 headers, credentials."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -69,7 +70,15 @@ def vary_values(headers: Iterable[tuple[str, str]], names: Iterable[str]) -> tup
 
 
 def fingerprint(shape: RequestShape) -> str:
-    """The hex SHA-256 digest that names a response in the cache."""
+    """The hex SHA-256 digest that names a response in the cache (remembered for recent small requests: a
+    hot request's key is a dictionary look-up, not JSON and two hashes)."""
+    return _remembered(shape) if len(shape.body) <= REMEMBERED_BODY else _fingerprint(shape)
+
+
+REMEMBERED_BODY = 4096  # larger bodies are hashed every time, never kept in memory for this
+
+
+def _fingerprint(shape: RequestShape) -> str:
     material = [
         KEY_VERSION,
         normalize_method(shape.method),
@@ -83,3 +92,6 @@ def fingerprint(shape: RequestShape) -> str:
         shape.credentials,
     ]
     return hashlib.sha256(json.dumps(material, separators=(",", ":")).encode()).hexdigest()
+
+
+_remembered = functools.lru_cache(maxsize=4096)(_fingerprint)

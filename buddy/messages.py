@@ -32,12 +32,13 @@ class ProxyRequest:
     client_gone: Callable[[], bool] = field(default=lambda: False, compare=False)
 
     @cached_property
-    def _by_name(self) -> dict[str, str]:
+    def by_name(self) -> dict[str, str]:
+        """What the upstream is sent, by lower-case header name (the first of repeated ones)."""
         return {name.lower(): value for name, value in reversed(self.forwarded.items())}
 
     def header(self, name: str) -> str:
         """The value of a header as the upstream gets it, '' when absent (names compare case-insensitively)."""
-        return self._by_name.get(name.lower(), "")
+        return self.by_name.get(name.lower(), "")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,13 @@ class ProxyResult:
     upstream_headers: list[tuple[str, str]] | None = None  # as the upstream sent them; read by policy only
     fresh_for: int | None = None  # a stored entry's freshness lifetime (s) from stored_at; None: fresh while kept
     request: StoredRequest | None = None  # a stored entry's request
+
+    def copy(self) -> ProxyResult:
+        """A twin to hand out (a kept entry stays as it is): its own header lists, the same body."""
+        twin = object.__new__(ProxyResult)
+        twin.__dict__.update(self.__dict__)
+        twin.headers, twin.extra = list(self.headers), list(self.extra)
+        return twin
 
     def all_headers(self) -> list[tuple[str, str]]:
         return [*self.headers, ("X-Cache", self.cache), *self.extra]

@@ -42,7 +42,10 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 def cacheable_request(request: ProxyRequest) -> bool:
     """May this request be answered from (and stored in) the cache, and coalesced with identical ones?"""
-    return request.method in CACHEABLE_METHODS and not any(request.header(h) for h in UNSHAREABLE_HEADERS)
+    if request.method not in CACHEABLE_METHODS:
+        return False
+    sent = request.by_name
+    return not any(sent.get(name) for name in UNSHAREABLE_HEADERS)
 
 
 def entry_for(request: ProxyRequest, credentials: str | None = None) -> EntryId:

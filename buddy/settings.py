@@ -158,6 +158,8 @@ class CacheSchema(_Section):
     # How long an expired entry is kept: served when the upstream fails, or while one background refresh runs.
     stale_if_error_seconds = _non_negative_int(load_default=7 * 86400)
     stale_while_revalidate_seconds = _non_negative_int(load_default=0)
+    # Each worker keeps its hottest fresh entries in memory too (L1), up to this many bytes; 0 turns it off.
+    l1_max_bytes = _non_negative_int(load_default=32 * 1024 * 1024)
     offline = _boolean(load_default=False)  # nothing reaches any upstream (also BUDDY_OFFLINE=1, `buddy offline on`)
     # Accepted so that seed configurations keep loading; the cache now lives in Redis.
     database_path = _string(load_default=None, allow_none=True)

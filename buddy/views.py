@@ -12,8 +12,9 @@ from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
 from buddy.access import Target
 from buddy.errors import BadProxyRequest
-from buddy.messages import ProxyRequest
+from buddy.messages import ProxyRequest, ProxyResult
 from buddy.service import ProxyService
+from buddy.settings import DomainSettings
 from buddy.upstream import forwardable_request_headers, safe_path, safe_query, upstream_path
 
 bp = Blueprint("proxy", __name__)
@@ -68,9 +69,9 @@ ACTIVE_CONTENT = frozenset({"text/html", "application/xhtml+xml", "image/svg+xml
 NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-def namespace_of(req: Request) -> str:
+def namespace_of(header: str | None) -> str:
     """The cache partition the client names in X-Buddy-Namespace ('' for none); a bad name is a 400."""
-    value = req.headers.get("X-Buddy-Namespace", "").strip()
+    value = (header or "").strip()
     if value and not NAMESPACE.fullmatch(value):
         raise BadProxyRequest(
             "X-Buddy-Namespace must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -106,16 +107,9 @@ def proxy(_: str) -> Response:
     environ = req.environ
     if req.method in ("GET", "HEAD") and raw_target(environ) == b"/":  # no mapping named: the dashboard
         return Response(status=302, headers={"Location": url_for("dashboard.page")})
-    first, slash, rest = raw_target(environ)[1:].partition(b"/")
-    raw_first = first.decode("latin-1")
-    target = Target(
-        first=unquote(raw_first),
-        raw_first=raw_first,
-        rest=rest if slash else None,
-        query=environ.get("QUERY_STRING", ""),
-        headers=list(req.headers.items()),
+    target = buddy.access.admit(
+        route(environ, list(req.headers.items())), service.settings.domains.keys(), req.remote_addr or "unknown"
     )
-    target = buddy.access.admit(target, service.settings.domains.keys(), req.remote_addr or "unknown")
     domain = service.settings.domains.get(target.first)
     if domain is None:
         # With access keys on, the name is not echoed: it may be a key typed twice or mistyped.
@@ -128,28 +122,58 @@ def proxy(_: str) -> Response:
         )
         response.status_code = 404
         return response
-    proxy_request = ProxyRequest(
-        domain=domain,
-        method=req.method,
-        path=upstream_path(domain, None if target.rest is None else safe_path(target.rest)),
-        query=safe_query(target.query.encode("latin-1")),
-        headers=target.headers,
-        body=read_body(req, service.settings.server),
-        forwarded=forwardable_request_headers(target.headers),
-        key_prefix=target.key_prefix,
-        key_param=target.key_param,
-        namespace=namespace_of(req),
+    proxy_request = mapped_request(
+        domain, req.method, target, read_body(req, service.settings.server), req.headers.get("X-Buddy-Namespace"),
         client_gone=hung_up(environ.get("gunicorn.socket") or environ.get("werkzeug.socket")),
     )
     result = service.handle(proxy_request)
     body = result.stream if result.stream is not None else result.body
     status = f"{result.status} {result.reason}" if result.reason else result.status
-    response = Response(body, status=status, headers=result.all_headers(), direct_passthrough=True)
-    types = [value.split(";", 1)[0].strip().lower() for name, value in result.headers if name.lower() == "content-type"]
-    if not types:
+    response = Response(body, status=status, headers=response_headers(result), direct_passthrough=True)
+    if not any(name.lower() == "content-type" for name, _ in result.headers):
         del response.headers["Content-Type"]  # never invent a type the upstream did not send
+    return response
+
+
+def route(environ: dict[str, Any], headers: list[tuple[str, str]]) -> Target:
+    """The request's routing parts: the first path segment (a mapping, or a key), the rest, query and headers."""
+    first, slash, rest = raw_target(environ)[1:].partition(b"/")
+    raw_first = first.decode("latin-1")
+    return Target(
+        first=unquote(raw_first),
+        raw_first=raw_first,
+        rest=rest if slash else None,
+        query=environ.get("QUERY_STRING", ""),
+        headers=headers,
+    )
+
+
+def mapped_request(
+    domain: DomainSettings, method: str, target: Target, body: bytes, namespace: str | None,
+    client_gone: Callable[[], bool] = lambda: False,
+) -> ProxyRequest:
+    """The request as the service sees it: a safe upstream path and query, what is forwarded, the namespace."""
+    return ProxyRequest(
+        domain=domain,
+        method=method,
+        path=upstream_path(domain, None if target.rest is None else safe_path(target.rest)),
+        query=safe_query(target.query.encode("latin-1")),
+        headers=target.headers,
+        body=body,
+        forwarded=forwardable_request_headers(target.headers),
+        key_prefix=target.key_prefix,
+        key_param=target.key_param,
+        namespace=namespace_of(namespace),
+        client_gone=client_gone,
+    )
+
+
+def response_headers(result: ProxyResult) -> list[tuple[str, str]]:
+    """The answer's headers as the client gets them (X-Cache, Age...), sandboxed when it is active content."""
+    headers = result.all_headers()
+    types = [value.split(";", 1)[0].strip().lower() for name, value in result.headers if name.lower() == "content-type"]
     if not types or ACTIVE_CONTENT.intersection(types):
         # A page an upstream serves through the proxy shares the dashboard's origin: sandboxed, its scripts
         # run in an origin of their own and cannot use the admin routes (API clients never look at this).
-        response.headers.add("Content-Security-Policy", "sandbox")
-    return response
+        headers.append(("Content-Security-Policy", "sandbox"))
+    return headers

@@ -16,6 +16,8 @@ from buddy.redis_keys import EntryId, RedisKeys
 from buddy.store.connect import is_cluster, primaries, scan_batches
 from buddy.store.fill_lock import load_script
 from buddy.store.guard import StoreGuard
+from buddy.store.memory_cache import EVERYTHING, MemoryCache
+from buddy.store.wakeup import entry_message as wake_message
 
 log = logging.getLogger("buddy.cache")
 BATCH = 1000  # keys per round trip when counting or clearing: Redis is never blocked for long
@@ -57,11 +59,17 @@ class ResponseCache:
     """
 
     def __init__(
-        self, client: redis.Redis, guard: StoreGuard, keys: RedisKeys, grace: Mapping[str, int] | None = None
+        self,
+        client: redis.Redis,
+        guard: StoreGuard,
+        keys: RedisKeys,
+        grace: Mapping[str, int] | None = None,
+        memory: MemoryCache | None = None,
     ) -> None:
         self.client = client
         self.guard = guard
         self.keys = keys
+        self.memory = memory if memory is not None and memory.enabled else None  # this worker's L1 copies
         self.grace = dict(grace or {})  # domain -> seconds an entry is kept past its TTL
         self._store = client.register_script(load_script("store_entry"))
         self._measure = client.register_script(load_script("measure_entries"))
@@ -72,15 +80,47 @@ class ResponseCache:
         self.cluster = is_cluster(client)
 
     def get(self, entry: EntryId) -> ProxyResult | VaryPointer | None:
-        """The stored response, or the vary pointer that says which variant to read; None on a miss."""
-        blob = self.guard.run(lambda: self.client.get(self.keys.cache(entry.domain, entry.digest)))
+        """The stored response, or the vary pointer that says which variant to read; None on a miss.
+        A hot entry comes from this worker's memory (L1) while it is fresh there."""
+        key = self.keys.cache(entry.domain, entry.digest)
+        memory = self.memory
+        ticket = None
+        if memory is not None:
+            copy = memory.get(key)
+            if copy is not None:
+                return copy
+            ticket = memory.ticket(key, entry.domain)
+        blob = self.guard.run(lambda: self.client.get(key))
         if blob is None:
             return None
         try:
-            return codec.decode(blob)
+            value = codec.decode(blob)
         except codec.CodecError as exc:
             log.info("unreadable cache entry treated as a miss: %s", exc)
             return None
+        if ticket is not None:
+            memory.admit(ticket, value)  # type: ignore[union-attr]  # a ticket comes from memory
+        return value
+
+    def heard(self, message: str) -> None:
+        """A message on the wake-up channel: drop this worker's copy of whatever it names (L1); after a clear,
+        its census too (the next count reads the keyspace again)."""
+        domain, _, digest = message.partition("\n")
+        if EVERYTHING in (message, digest):
+            self._census = None
+        if self.memory is None:
+            return
+        if message == EVERYTHING:
+            self.memory.clear()
+        elif digest == EVERYTHING:
+            self.memory.invalidate(EVERYTHING, domain)
+        elif digest:
+            self.memory.invalidate(self.keys.cache(domain, digest))
+
+    def _announce(self, message: str) -> None:
+        """Tell every worker (this one at once) that what `message` names changed."""
+        self.heard(message)
+        self.guard.run(lambda: self.client.publish(self.keys.fill_channel, message))
 
     def put(
         self,
@@ -89,34 +129,33 @@ class ResponseCache:
         ttl_seconds: int,
         pointer: tuple[EntryId, VaryPointer, int] | None = None,
     ) -> None:
-        """Store the entry (and, for a varying answer, the pointer at its primary entry: where, what, TTL) in one
-        pipeline. The first store of a domain in this process also drops the index an older version may have
-        left (it has no TTL, and would keep a full Redis full)."""
+        """Store the entry (and, for a varying answer, the pointer at its primary entry: where, what, TTL), and tell
+        every worker to drop its copies of them, in one script call (EVALSHA: one round trip, on a cluster to the
+        node of the domain's slot). The first store of a domain in this process also drops the index an older
+        version may have left (it has no TTL, and would keep a full Redis full)."""
         blob = codec.encode(response)
         d = entry.domain
-        legacy = d not in self._legacy_dropped
-
-        def store() -> None:
-            # redis-py's cluster pipeline refuses scripts: on a cluster the (one or two, rarely three) calls go
-            # one by one, each to the node of its slot (every key here has the domain's hash tag).
-            pipe = self.client if self.cluster else self.client.pipeline(transaction=False)
-            if legacy:
-                self._drop_legacy(keys=self._legacy_keys(d), client=pipe)
-            if pointer is not None:
-                at, names, pointer_ttl = pointer
-                pipe.set(self.keys.cache(at.domain, at.digest), codec.encode_pointer(names), ex=pointer_ttl)
-            self._store(keys=[self.keys.cache(d, entry.digest), self.keys.stats(d)], args=[blob, ttl_seconds * 1000],
-                        client=pipe)
-            if pipe is not self.client:
-                pipe.execute()
-
-        self.guard.run(store, what=self.keys.cache(d, entry.digest))
-        if legacy:
+        key = self.keys.cache(d, entry.digest)
+        messages = [wake_message(entry)]
+        keys, args = [key, self.keys.stats(d)], [blob, ttl_seconds * 1000, self.keys.fill_channel, messages[0]]
+        if pointer is not None:
+            at, names, pointer_ttl = pointer
+            messages.append(wake_message(at))
+            keys.append(self.keys.cache(at.domain, at.digest))
+            args += [codec.encode_pointer(names), pointer_ttl * 1000, messages[1]]
+        if d not in self._legacy_dropped:
+            self.guard.run(lambda: self._drop_legacy(keys=self._legacy_keys(d)), what="prune_index.lua")
             self._legacy_dropped.add(d)
+        try:
+            self.guard.run(lambda: self._store(keys=keys, args=args), what=key)
+        finally:
+            for written in messages:  # this worker at once (a copy admitted meanwhile may be the old value); the
+                self.heard(written)  # others when they hear the script's PUBLISH
 
     def forget(self, entry: EntryId) -> None:
-        """Remove one entry (a vary pointer's variants stay, each with its own TTL)."""
+        """Remove one entry (a vary pointer's variants stay, each with its own TTL), from every worker's memory too."""
         self.guard.run(lambda: self.client.unlink(self.keys.cache(entry.domain, entry.digest)))
+        self._announce(wake_message(entry))
 
     def census(self, max_age: float = CENSUS_MAX_AGE) -> Census:
         """Count every domain's entries, bytes and TTLs by reading the keyspace itself: all of it when Redis holds
@@ -216,6 +255,7 @@ class ResponseCache:
             removed += int(self.guard.run(lambda: self.client.unlink(*found)))
             progress(len(found))
         self._census = None
+        self._announce(f"{domain}\n{EVERYTHING}")  # every worker drops its copies of the mapping's entries
         return removed
 
     def _legacy_keys(self, domain: str) -> list[str]:

@@ -5,7 +5,7 @@ import logging
 import random
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import redis
 from redis.exceptions import RedisClusterException
@@ -16,6 +16,11 @@ from buddy.store.connect import cluster_of, refresh_topology
 
 log = logging.getLogger("buddy.coalesce")
 HEARTBEAT_SECONDS = 10.0  # a subscription quiet for this long is PINGed
+
+
+def entry_message(entry: EntryId) -> str:
+    """What the channel carries about one entry: its waiters wake, and every worker drops its copy (L1)."""
+    return f"{entry.domain}\n{entry.digest}"
 
 
 class Waiter:
@@ -52,12 +57,18 @@ class WakeupHub:
         self._waiters: dict[str, set[Waiter]] = {}
         self._lock = threading.Lock()
         self._listening = threading.Event()
+        self.epoch = 0  # counts confirmed subscriptions: a message may have been missed between two of them
+        self.listeners: list[Callable[[str], None]] = []  # told every message (the L1 cache drops what it names)
         self.thread = ProcessThread("buddy-wakeup", self._run, fresh=self._listening.clear)
 
     @property
     def listening(self) -> bool:
         """True while the subscription is confirmed by Redis: only then may a waiter rely on being woken."""
         return self._listening.is_set() and self.thread.running
+
+    def current(self) -> int | None:
+        """The subscription now confirmed (a number that changes on every new one), None while not listening."""
+        return self.epoch if self.listening else None
 
     def start(self, wait: float = 0.0) -> bool:
         """Start this process's subscriber (if needed) and wait up to `wait` seconds for Redis to confirm it."""
@@ -89,7 +100,7 @@ class WakeupHub:
 
     @staticmethod
     def _name(entry: EntryId) -> str:
-        return f"{entry.domain}\n{entry.digest}"
+        return entry_message(entry)
 
     def _wake(self, name: str | None) -> None:
         with self._lock:
@@ -144,6 +155,7 @@ class WakeupHub:
                     if message.get("type") == "subscribe":
                         # Redis has processed SUBSCRIBE: every publish from now on reaches us.
                         self._node_failed = False
+                        self.epoch += 1
                         self._listening.set()
                         if failures:
                             log.warning("wake-up subscription restored")
@@ -151,7 +163,13 @@ class WakeupHub:
                         failures = 0
                     elif message.get("type") == "message":
                         data = message["data"]
-                        self._wake(data.decode() if isinstance(data, bytes) else str(data))
+                        name = data.decode() if isinstance(data, bytes) else str(data)
+                        for listener in self.listeners:
+                            try:
+                                listener(name)
+                            except Exception:  # a listener's bug must not cost the waiters their wake-ups
+                                log.exception("a wake-up listener failed on %r", name[:200])
+                        self._wake(name)
             except (redis.RedisError, RedisClusterException, OSError, ValueError) as exc:
                 self._listening.clear()
                 self._node_failed = True

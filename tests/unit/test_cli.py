@@ -67,7 +67,7 @@ def test_gunicorn_wsgi_app_and_api_buddy_run_with_the_same_gunicorn_settings(mon
     clone = WSGIApplication("%(prog)s [OPTIONS] [APP_MODULE]", prog="gunicorn").cfg
     installed = ProxyApplication({}, {}).cfg
     differ = {name for name, setting in clone.settings.items() if setting.value != installed.settings[name].value}
-    assert differ == {"config", "default_proc_name", "on_starting", "when_ready", "on_exit"}
+    assert differ == {"config", "default_proc_name", "on_starting", "when_ready", "on_exit", "post_fork"}
     for hook in ("on_starting", "when_ready", "on_exit"):  # the same hooks, bound to settings loaded alike
         assert clone.settings[hook].value.__func__ is installed.settings[hook].value.__func__
     assert installed.worker_class_str == "buddy.worker.DeadlineWorker" and installed.threads == 64

@@ -1,0 +1,83 @@
+"""The hit path: a thin WSGI layer in front of the Flask app that answers fresh cache hits itself.
+
+A plain GET or HEAD (no body) for a mapping goes through the same steps as in the proxy view, with the same
+functions: the access check, the mapping, the cache key, the lookup (L1, then Redis) and the client's
+Cache-Control. When the answer is a fresh hit, it is sent from here, with exactly the headers the view would
+send (`views.response_headers`). Anything else, a miss, a stale entry, an unknown mapping, a wrong key, a bad
+path, Redis unreachable, is handed to the Flask app unchanged, which answers it in full (and says why, when it
+refuses). Skipping Flask's request context, routing and Response objects is most of what a hit costs.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Iterable
+
+from flask import Flask
+from werkzeug.datastructures import EnvironHeaders
+from werkzeug.http import HTTP_STATUS_CODES
+
+from buddy import policy
+from buddy.service import from_cache
+from buddy.upstream import keep_access_key
+from buddy.views import mapped_request, raw_target, response_headers, route
+
+log = logging.getLogger("buddy.fastpath")
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict, StartResponse], Iterable[bytes]]
+
+
+class HitPath:
+    """`app.wsgi_app = HitPath(app, app.wsgi_app)`: fresh hits answered here, everything else by `app`."""
+
+    def __init__(self, app: Flask, wrapped: WSGIApp) -> None:
+        self.app = app
+        self.wrapped = wrapped
+
+    def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD")
+        if (method == "GET" or method == "HEAD") and environ.get("CONTENT_LENGTH", "0") in ("", "0") \
+                and "HTTP_TRANSFER_ENCODING" not in environ:
+            try:
+                answer = self.hit(environ, method)
+            except Exception:  # whatever went wrong, the app answers this request in full (and says why)
+                log.debug("the hit path handed a request on after an error", exc_info=True)
+                answer = None
+            if answer is not None:
+                status, headers, body = answer
+                start_response(status, headers)
+                return [body]
+        return self.wrapped(environ, start_response)
+
+    def hit(self, environ: dict, method: str) -> tuple[str, list[tuple[str, str]], bytes] | None:
+        """(status, headers, body) of a fresh hit, or None to let the app answer."""
+        buddy = self.app.extensions["buddy"]
+        service = buddy.service
+        domains = service.settings.domains
+        if raw_target(environ) == b"/":
+            return None  # the dashboard's redirect
+        target = buddy.access.admit(route(environ, list(EnvironHeaders(environ).items())), domains.keys(),
+                                    environ.get("REMOTE_ADDR") or "unknown", quiet=True)
+        if target is None:
+            return None  # refused: the app refuses it again, and logs it once
+        domain = domains.get(target.first)
+        if domain is None:
+            return None
+        request = mapped_request(domain, method, target, b"", environ.get("HTTP_X_BUDDY_NAMESPACE"))
+        if not policy.cacheable_request(request):
+            return None
+        found = service.lookup(request, policy.entry_for(request))
+        if found.hit is None:
+            return None
+        control = policy.request_control(request.header("Cache-Control"), request.header("Pragma"))
+        if policy.satisfies(domain, found.hit, control, time.time()) != "HIT":
+            return None  # stale, or not what the client accepts: the full flow decides
+        result = from_cache(found.hit, "HIT")
+        service._tally(domain.name, result)  # counted as the view's hits are
+        if request.key_prefix or request.key_param:
+            result.headers = keep_access_key(result.headers, domain, request.key_prefix, request.key_param)
+        body = result.body or b""
+        headers = response_headers(result)
+        headers.append(("Content-Length", str(len(body))))
+        status = f"{result.status} {result.reason or HTTP_STATUS_CODES.get(result.status, 'UNKNOWN').upper()}"
+        return status, headers, b"" if method == "HEAD" else body

@@ -1,0 +1,166 @@
+"""The hit path (buddy.fastpath) answers exactly as the proxy view would, and only fresh hits; the L1 copies it
+serves from never outlive a store, a clear or a refresh, in this worker or another one on the same Redis."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Iterator
+
+import fakeredis
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.test import Client
+
+from buddy import create_app
+from tests.support.upstream_stub import UpstreamStub
+
+
+class Counted:
+    """The Flask app behind the hit path, counting what reaches it."""
+
+    def __init__(self, app: Flask) -> None:
+        self.wrapped = app.wsgi_app.wrapped  # type: ignore[attr-defined]
+        self.calls = 0
+        app.wsgi_app.wrapped = self  # type: ignore[attr-defined]
+
+    def __call__(self, environ: dict, start_response: Any) -> Any:
+        self.calls += 1
+        return self.wrapped(environ, start_response)
+
+
+def without_age(headers: Any) -> list[tuple[str, str]]:
+    return sorted((name, value) for name, value in headers.items() if name != "Age")
+
+
+def n_of(response: Any) -> int:
+    return json.loads(response.data)["n"]
+
+
+@pytest.mark.parametrize("path, headers", [
+    ("/up/item?x=1", {}),
+    ("/up/negotiate", {"Accept": "text/html"}),  # active content: sandboxed by both
+    ("/up/item?h=X-Thing:%20a%2C%20b", {"Accept-Language": "de"}),
+])
+def test_a_hit_answered_by_the_hit_path_is_the_view_s_answer(app: Flask, client: FlaskClient, path: str,
+                                                             headers: dict[str, str]) -> None:
+    counted = Counted(app)
+    assert client.get(path, headers=headers).headers["X-Cache"] == "MISS"
+    view = Client(counted.wrapped).get(path, headers=headers)  # the view alone, as before the hit path
+    before = counted.calls
+    fast = client.get(path, headers=headers)
+    assert counted.calls == before, "the hit did not come from the hit path"
+    assert (fast.status, without_age(fast.headers), fast.data) == (view.status, without_age(view.headers), view.data)
+    assert fast.headers["X-Cache"] == "HIT" and "Age" in fast.headers
+    head = client.head(path, headers=headers)
+    assert head.data == b"" and head.headers["Content-Length"] == str(len(fast.data))
+    assert without_age(head.headers) == without_age(fast.headers)
+
+
+def test_anything_but_a_fresh_hit_goes_the_whole_way(app: Flask, client: FlaskClient,
+                                                     upstream: UpstreamStub) -> None:
+    counted = Counted(app)
+    client.get("/up/a")
+    client.get("/up/a")
+    calls = counted.calls
+    assert client.get("/up/a", headers={"Cache-Control": "no-cache"}).headers["X-Cache"] == "MISS"
+    assert client.get("/up/a", headers={"Cache-Control": "max-age=0"}).headers["X-Cache"] == "MISS"
+    assert client.get("/nowhere/a").status_code == 404
+    assert client.get("/up/a", headers={"Range": "bytes=0-1"}).headers["X-Cache"] == "MISS"
+    assert counted.calls == calls + 4
+    assert upstream.count("/a") == 4
+
+
+@pytest.fixture
+def keyed_app(buddy_config: dict[str, Any], fake_redis: fakeredis.FakeRedis) -> Iterator[Flask]:
+    config = {**buddy_config, "security": {"require_secure_key": True, "secure_key": "k" * 24}}
+    app = create_app(config, redis_client=fake_redis, environ={})
+    yield app
+    app.extensions["buddy"].shutdown()
+
+
+def test_with_a_key_required_a_hit_needs_it_and_a_refusal_is_logged_once(
+    keyed_app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, counted = keyed_app.test_client(), Counted(keyed_app)
+    key = "k" * 24
+    assert client.get(f"/{key}/up/item").headers["X-Cache"] == "MISS"
+    calls = counted.calls
+    assert client.get(f"/{key}/up/item").headers["X-Cache"] == "HIT"
+    assert client.get("/up/item", headers={"Authorization": f"Bearer {key}"}).headers["X-Cache"] == "HIT"
+    assert client.get(f"/up/item?key={key}").headers["X-Cache"] == "HIT"
+    assert counted.calls == calls  # all three from the hit path
+    with caplog.at_level(logging.WARNING, logger="buddy.security"):
+        refused = client.get("/up/item", headers={"X-API-Buddy-Key": "wrong" * 5})
+    assert refused.status_code == 401 and refused.is_json
+    assert len([r for r in caplog.records if "refused a request" in r.getMessage()]) == 1
+
+
+def test_namespaces_stay_apart_on_the_hit_path(client: FlaskClient, upstream: UpstreamStub) -> None:
+    for _ in range(3):
+        client.get("/up/a", headers={"X-Buddy-Namespace": "run-1"})
+    other = client.get("/up/a", headers={"X-Buddy-Namespace": "run-2"})
+    assert other.headers["X-Cache"] == "MISS" and upstream.count("/a") == 2
+    assert client.get("/up/a", headers={"X-Buddy-Namespace": "bad name!"}).status_code == 400
+
+
+def test_a_hot_entry_is_served_from_memory_until_the_proxy_itself_changes_it(
+    app: Flask, client: FlaskClient, fake_redis: fakeredis.FakeRedis
+) -> None:
+    for _ in range(3):
+        first = client.get("/up/a")
+    assert first.headers["X-Cache"] == "HIT"
+    for key in fake_redis.scan_iter(match="buddy:cache:*"):
+        fake_redis.delete(key)  # behind the proxy's back: nobody tells the workers
+    remembered = client.get("/up/a")
+    assert remembered.headers["X-Cache"] == "HIT" and remembered.data == first.data  # from this worker's L1
+    app.extensions["buddy"].service.cache.clear("up")  # the proxy's own clear drops every worker's copies
+    assert client.get("/up/a").headers["X-Cache"] == "MISS"
+
+
+def wait_for(check: Any, timeout: float = 3.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := check()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return result
+
+
+def test_a_store_or_clear_in_one_worker_drops_the_copies_of_another(buddy_config: dict[str, Any],
+                                                                     upstream: UpstreamStub) -> None:
+    server = fakeredis.FakeServer()
+    one = create_app(buddy_config, redis_client=fakeredis.FakeRedis(server=server), environ={})
+    two = create_app(buddy_config, redis_client=fakeredis.FakeRedis(server=server), environ={})
+    try:
+        a, b = one.test_client(), two.test_client()
+        for hub in (one, two):
+            assert hub.extensions["buddy"].service.coalescer.hub.start(wait=3)
+        assert n_of(a.get("/up/item")) == 1
+        for _ in range(3):
+            assert n_of(b.get("/up/item")) == 1  # now in two's memory
+        assert n_of(a.get("/up/item", headers={"Cache-Control": "no-cache"})) == 2  # a refresh, in worker one
+        assert wait_for(lambda: n_of(b.get("/up/item")) == 2), "worker two kept serving its old copy"
+        for _ in range(3):
+            b.get("/up/item")
+        assert a.delete("/admin/cache/up").status_code == 200
+        assert wait_for(lambda: b.get("/up/item").headers["X-Cache"] == "MISS")
+        assert upstream.count("/item") == 3
+    finally:
+        one.extensions["buddy"].shutdown()
+        two.extensions["buddy"].shutdown()
+
+
+def test_an_entry_past_its_ttl_is_no_hit_from_memory(upstream: UpstreamStub, fake_redis: fakeredis.FakeRedis,
+                                                     buddy_config: dict[str, Any]) -> None:
+    config = json.loads(json.dumps(buddy_config))
+    config["domain_mappings"]["up"]["ttl_seconds"] = 1
+    app = create_app(config, redis_client=fake_redis, environ={})
+    try:
+        client = app.test_client()
+        for _ in range(3):
+            assert client.get("/up/short").status_code == 200
+        time.sleep(1.1)
+        assert client.get("/up/short").headers["X-Cache"] == "MISS"
+        assert upstream.count("/short") == 2
+    finally:
+        app.extensions["buddy"].shutdown()
