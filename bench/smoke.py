@@ -24,6 +24,8 @@ RUNS = {
     "stalls.py": ["--smoke"],
     "soak.py": ["--smoke"],
     "warc.py": ["--sizes", "2", "--body-kb", "4"],
+    "misses.py": ["--seconds", "0.5", "--rounds", "1", "--workers", "1", "--threads", "4", "--clients", "2",
+                  "--procs", "1", "--single", "20"],
 }
 
 

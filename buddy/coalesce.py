@@ -11,7 +11,7 @@ from buddy import codec
 from buddy.errors import BrokenBody, CoalesceTimeout, StoreUnavailable
 from buddy.messages import ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
-from buddy.store.fill_lock import FillLock, LockKeeper
+from buddy.store.fill_lock import FillLock, LeadPlan, LockKeeper
 from buddy.store.guard import StoreGuard
 from buddy.store.rate_limiter import WaitingRoom
 from buddy.store.relay import RelayWriter, follow_chunks, read_meta
@@ -71,11 +71,15 @@ class Coalescer:
         lock_ttl_ms: int,
         idle_timeout: float,
         timeout: float,
-        lead: Callable[[str], ProxyResult],
+        lead: Callable[..., ProxyResult],
         accept: Accept = lambda result: True,
         usable: Accept = lambda entry: True,
+        plan: LeadPlan | None = None,
     ) -> ProxyResult:
         """Lead, or wait up to `timeout` for the leader's answer and return it if `accept` says it is ours.
+
+        With a `plan`, taking the lock also reads the entry again and reserves the upstream start in the same
+        round trip (FillLock.lead), and `lead` is called with what that found: `lead(token, ahead)`.
 
         A follower also takes the entry from the cache once it is there, if `usable` says it may (an expired
         entry kept for stale-if-error is no answer to wait for). StoreUnavailable before anything was fetched
@@ -87,10 +91,13 @@ class Coalescer:
         token = secrets.token_hex(12)
         vanished = ""
         while True:
-            won, holder = self.lock.acquire(entry, token, lock_ttl_ms, vanished)
+            if plan is None:
+                won, holder = self.lock.acquire(entry, token, lock_ttl_ms, vanished)
+            else:
+                won, holder, ahead = self.lock.lead(entry, token, lock_ttl_ms, plan, vanished)
             if won:
                 self.keeper.hold(entry, token, lock_ttl_ms, timeout)
-                return lead(token)
+                return lead(token) if plan is None else lead(token, ahead)
             if holder:
                 if self.waiting is not None and not self.waiting.enter(entry.domain, per_mapping=False):
                     raise WaitingFull(entry.domain)
@@ -182,12 +189,16 @@ class Coalescer:
                 return ProxyResult(status, reason, headers, stream=chunks, cache="COALESCED"), lock_holder
         return None, lock_holder
 
-    def hand_off(self, entry: EntryId, token: str, shared: ProxyResult | None, private: bool = False) -> None:
+    def hand_off(
+        self, entry: EntryId, token: str, shared: ProxyResult | None, private: bool = False, stored: bool = False
+    ) -> None:
         """The leader is done. Its followers read the cache entry, else `shared` (a copy of its answer with
-        nothing private in it), else nothing (they fetch for themselves); `private`: tell them so at once."""
+        nothing private in it), else nothing (they fetch for themselves); `private`: tell them so at once.
+        `stored`: the answer was just stored at `entry`, and the store woke the followers (ResponseCache.put
+        publishes on the fill channel): no second wake-up, which every worker would have to read."""
         self.keeper.drop(entry, token)
         blob = codec.NOT_SHARED if private else codec.encode(shared) if shared is not None else b""
-        self.lock.release(entry, token, blob, SHARED_RESULT_TTL_MS)
+        self.lock.release(entry, token, blob, SHARED_RESULT_TTL_MS, wake=not stored or private or bool(blob))
 
     def relay(
         self, entry: EntryId, token: str, result: ProxyResult, drop: frozenset[str] = frozenset()

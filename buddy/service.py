@@ -9,14 +9,14 @@ import time
 from dataclasses import replace
 from typing import NamedTuple
 
-from buddy import policy
+from buddy import codec, policy
 from buddy.coalesce import Coalescer, NotShared, WaitingFull
 from buddy.codec import VaryPointer
 from buddy.errors import ClientGone, CoalesceTimeout, StoreUnavailable, UpstreamError
 from buddy.messages import ProxyRequest, ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
 from buddy.settings import DomainSettings, Settings
-from buddy.store.fill_lock import LOCK_TTL_MS
+from buddy.store.fill_lock import LOCK_TTL_MS, Ahead, LeadPlan, load_script
 from buddy.store.metrics import MetricsRecorder
 from buddy.store.offline import OfflineSwitch
 from buddy.store.rate_limiter import Decision, LocalLimiter, RateLimiter, WaitingRoom
@@ -28,6 +28,9 @@ LOCK_MARGIN_SECONDS = 2.0
 WAITING_RETRY_AFTER = 2  # seconds: by then the request it would have waited on has often been answered
 SLOT_CHECK_SECONDS = 0.5  # how often a request sleeping for its rate-limit slot checks that its client is there
 REFRESHES_PER_PROCESS = 8  # background refreshes (stale-while-revalidate) one worker runs at once at most
+# Does storing an entry announce it on the fill channel (store_entry.lua)? Then a leader that stored its answer
+# lets go of the lock without a second wake-up, which every worker would have to read.
+STORE_WAKES = "PUBLISH" in load_script("store_entry")
 
 
 def json_result(status: int, reason: str, **body: object) -> ProxyResult:
@@ -128,12 +131,17 @@ class ProxyService:
                 return from_cache(stale, "STALE") if stale is not None else offline_miss(domain)
             if control.only_if_cached:
                 return not_cached(domain)
+            # Taking the lock also looks at the entry again and, if it is still missing, reserves the upstream
+            # start: one round trip (lead.lua), where lock, look-up and throttle were three.
+            throttle_keys, throttle_args = self.limiter.plan(domain)
+            plan = LeadPlan(self.keys.cache(primary.domain, primary.digest), throttle_keys, throttle_args)
             try:
                 result = self.coalescer.run(
                     found.entry, LOCK_TTL_MS, domain.read_timeout + LOCK_MARGIN_SECONDS, domain.coalesce_timeout,
-                    lambda token: self._lead(request, found, token, control, asked),
+                    lambda token, ahead: self._lead(request, found, token, control, asked, ahead, throttle_args),
                     lambda result: policy.follower_may_take(result, primary.digest, request.forwarded),
                     lambda entry: usable(domain, entry, control, asked),
+                    plan,
                 )
             except NotShared as exc:
                 if exc.reason == "private":
@@ -232,19 +240,35 @@ class ProxyService:
             self.metrics.count(domain, "misses")
 
     def _lead(
-        self, request: ProxyRequest, found: Lookup, token: str, control: policy.RequestControl, asked: float
+        self,
+        request: ProxyRequest,
+        found: Lookup,
+        token: str,
+        control: policy.RequestControl,
+        asked: float,
+        ahead: Ahead | None = None,
+        throttle_args: list[int | str] | None = None,
     ) -> ProxyResult:
-        """Fetch as the one leader; whatever happens, followers are handed a result or the lock is let go."""
+        """Fetch as the one leader; whatever happens, followers are handed a result or the lock is let go.
+
+        `ahead`: what taking the lock found (FillLock.lead, run with `throttle_args`): the entry as it is now,
+        and the upstream start already reserved when there was none."""
         domain, entry = request.domain, found.entry
         handed_off = False
         result: ProxyResult | None = None
         try:
             # The previous leader may have stored the entry between our miss and our lock.
-            again = self.lookup(request, found.primary)
-            if again.hit is not None and usable(domain, again.hit, control, asked):
-                return from_cache(again.hit, policy.satisfies(domain, again.hit, control, time.time()) or "HIT")
+            if ahead is None:
+                hit = self.lookup(request, found.primary).hit
+            else:
+                hit = self._decode_again(request, found.primary, ahead.blob)
+            if hit is not None and usable(domain, hit, control, asked):
+                return from_cache(hit, policy.satisfies(domain, hit, control, time.time()) or "HIT")
+            reserved = None
+            if ahead is not None and ahead.verdict is not None and throttle_args is not None:
+                reserved = self.limiter.decision(ahead.verdict, throttle_args)
             try:
-                result = self._call_upstream(request)
+                result = self._call_upstream(request, reserved)
                 handed_off = self._settle(request, found, token, result, store=not control.no_store)
                 return result
             except StoreUnavailable:
@@ -267,6 +291,21 @@ class ProxyService:
         finally:
             if not handed_off:
                 self._let_go(entry, token, None)
+
+    def _decode_again(self, request: ProxyRequest, primary: EntryId, blob: bytes | None) -> ProxyResult | None:
+        """The response a blob read at the primary entry stands for, as `lookup` would find it (following a
+        vary pointer to this request's variant); None when there is none or it does not decode."""
+        if blob is None:
+            return None
+        try:
+            found: ProxyResult | VaryPointer | None = codec.decode(blob)
+        except codec.CodecError as exc:
+            log.info("unreadable cache entry treated as a miss: %s", exc)
+            return None
+        if isinstance(found, VaryPointer):
+            variant = EntryId(primary.domain, policy.variant_digest(primary.digest, found.names, request.forwarded))
+            found = self.cache.get(variant)
+        return found if isinstance(found, ProxyResult) else None
 
     def _settle(self, request: ProxyRequest, found: Lookup, token: str, result: ProxyResult, store: bool) -> bool:
         """Store the leader's answer as policy (and the client's no-store) allows and hand it to the followers;
@@ -298,7 +337,8 @@ class ProxyService:
         stored = storage.ttl is not None and self._store(domain, found.primary, target, kept, storage)
         # Followers of this entry read it from the cache when it is stored there, else a copy of it.
         shared = None if stored and target == entry else kept
-        self.coalescer.hand_off(entry, token, shared, private=not storage.shareable)
+        self.coalescer.hand_off(entry, token, shared, private=not storage.shareable,
+                                stored=shared is None and STORE_WAKES)
         if storage.ttl is not None and not stored:
             result.cache = "BYPASS"
         return True
@@ -329,10 +369,14 @@ class ProxyService:
         result.cache = "BYPASS"
         return result
 
-    def _call_upstream(self, request: ProxyRequest) -> ProxyResult:
-        """Throttle, then fetch: wait for the reserved slot, or answer 429 at once when it is too far off."""
+    def _call_upstream(self, request: ProxyRequest, reserved: Decision | None = None) -> ProxyResult:
+        """Throttle, then fetch: wait for the reserved slot, or answer 429 at once when it is too far off.
+        `reserved`: the shared limiter's verdict, already made (with the fill lock, lead.lua)."""
         domain = request.domain
-        decision, limiter = self._throttle(domain)
+        if reserved is None:
+            decision, limiter = self._throttle(domain)
+        else:
+            decision, limiter = reserved, self.limiter
         if not decision.accepted:
             self.metrics.count(domain.name, "throttle_refused")
             return refused(domain, decision)

@@ -5,6 +5,7 @@ import logging
 import threading
 import time
 from importlib import resources
+from typing import NamedTuple
 
 import redis
 
@@ -18,9 +19,36 @@ LOCK_TTL_MS = 3_000  # short: a killed leader's waiters get a successor within s
 log = logging.getLogger("buddy.coalesce")
 
 
+LIBRARY_END = "-- main:"  # in a script whose functions another script reuses, where its own main part begins
+
+
 def load_script(name: str) -> str:
     """A Lua script shipped in the package (buddy/store/lua/<name>.lua)."""
     return resources.files("buddy.store").joinpath("lua").joinpath(f"{name}.lua").read_text()
+
+
+def library(name: str) -> str:
+    """The functions of a shipped script, without its main part: prepended to another script that calls them."""
+    text = load_script(name)
+    assert LIBRARY_END in text, f"{name}.lua has no '{LIBRARY_END}' line"
+    return text.split(LIBRARY_END, 1)[0]
+
+
+class LeadPlan(NamedTuple):
+    """What a request that takes the lock does in the same call (lead.lua): read `cache_key` again and, if
+    it is empty, run the throttle with these keys and ARGV (RateLimiter.plan)."""
+
+    cache_key: str
+    throttle_keys: list[str]
+    throttle_args: list[int | str]
+
+
+class Ahead(NamedTuple):
+    """What lead.lua found for the new leader: the value at the plan's cache key (None: nothing there), and,
+    only when there was nothing, the throttle's verdict as throttle.lua returns it."""
+
+    blob: bytes | None
+    verdict: list | None
 
 
 class FillLock:
@@ -33,6 +61,7 @@ class FillLock:
         self._acquire = client.register_script(load_script("acquire_lock"))
         self._extend = client.register_script(load_script("extend_lock"))
         self._release = client.register_script(load_script("release_lock"))
+        self._lead = client.register_script(library("throttle") + load_script("lead"))
 
     def acquire(self, entry: EntryId, token: str, ttl_ms: int, vanished: str = "") -> tuple[bool, str]:
         """(True, token) if this token now leads the fill, else (False, the token of the leader to follow).
@@ -45,13 +74,30 @@ class FillLock:
         won, holder = self.guard.run(lambda: self._acquire(keys=keys, args=args), keys[0])
         return bool(won), holder.decode() if isinstance(holder, bytes) else str(holder)
 
+    def lead(
+        self, entry: EntryId, token: str, ttl_ms: int, plan: LeadPlan, vanished: str = ""
+    ) -> tuple[bool, str, Ahead | None]:
+        """`acquire`, and as the new leader, in the same round trip, what the plan says (see LeadPlan): (True,
+        token, what was found) or (False, the token of the leader to follow, None)."""
+        keys = [self.keys.lock(entry), self.keys.successor(entry, vanished), plan.cache_key, *plan.throttle_keys]
+        args = [token, ttl_ms, vanished, ttl_ms + SUCCESSOR_GRACE_MS, *plan.throttle_args]
+        found = self.guard.run(lambda: self._lead(keys=keys, args=args), keys[0])
+        holder = found[1].decode() if isinstance(found[1], bytes) else str(found[1])
+        if not found[0]:
+            return False, holder, None
+        blob = found[2] if len(found) > 2 else None
+        return True, holder, Ahead(blob or None, found[3] if len(found) > 3 else None)
+
     def extend(self, entry: EntryId, token: str, ttl_ms: int) -> bool:
         return bool(self.guard.run(lambda: self._extend(keys=[self.keys.lock(entry)], args=[token, ttl_ms])))
 
-    def release(self, entry: EntryId, token: str, shared: bytes = b"", shared_ttl_ms: int = 30_000) -> None:
-        """Leave `shared` for this leader's followers (if given), drop the lock if still ours, wake everyone."""
+    def release(
+        self, entry: EntryId, token: str, shared: bytes = b"", shared_ttl_ms: int = 30_000, wake: bool = True
+    ) -> None:
+        """Leave `shared` for this leader's followers (if given), drop the lock if still ours, wake everyone
+        (unless `wake` is False: the entry's store announced it on the same channel already)."""
         keys = [self.keys.lock(entry), self.keys.shared_result(entry, token)]
-        args = [token, self.keys.fill_channel, self.wake_message(entry), shared, shared_ttl_ms]
+        args = [token, self.keys.fill_channel, self.wake_message(entry) if wake else "", shared, shared_ttl_ms]
         self.guard.run(lambda: self._release(keys=keys, args=args))
 
     def announce(self, entry: EntryId) -> None:

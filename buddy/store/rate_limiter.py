@@ -52,14 +52,24 @@ class RateLimiter:
         self._penalize = client.register_script(load_script("penalize"))
         self._reset = client.register_script(load_script("reset_penalty"))
 
-    def acquire(self, domain: DomainSettings) -> Decision:
-        keys = [self.keys.rate_starts(domain.name), self.keys.rate_penalty(domain.name)]
-        slot = secrets.token_hex(8)
-        args: list[int | str] = [slot, self.max_delay_ms, GUARD_MS, QUIET_MS]
+    def plan(self, domain: DomainSettings) -> tuple[list[str], list[int | str]]:
+        """The KEYS and ARGV of one throttle call for `domain` (throttle.lua; lead.lua runs it too), with a
+        fresh slot name as the first argument."""
+        args: list[int | str] = [secrets.token_hex(8), self.max_delay_ms, GUARD_MS, QUIET_MS]
         for window_ms, limit in windows(domain):
             args += [window_ms, limit]
-        accepted, delay, limit, window, level = self.guard.run(lambda: self._throttle(keys=keys, args=args), keys[0])
-        return Decision(bool(accepted), int(delay) / 1000, int(limit), int(window) / 1000, int(level), slot)
+        return [self.keys.rate_starts(domain.name), self.keys.rate_penalty(domain.name)], args
+
+    @staticmethod
+    def decision(verdict: list, args: list[int | str]) -> Decision:
+        """The Decision for what throttle.lua returned when called with `args` (from `plan`)."""
+        accepted, delay, limit, window, level = verdict
+        return Decision(bool(accepted), int(delay) / 1000, int(limit), int(window) / 1000, int(level), str(args[0]))
+
+    def acquire(self, domain: DomainSettings) -> Decision:
+        keys, args = self.plan(domain)
+        verdict = self.guard.run(lambda: self._throttle(keys=keys, args=args), keys[0])
+        return self.decision(verdict, args)
 
     def release(self, domain: DomainSettings, decision: Decision) -> None:
         """Give a reserved start back (its request was refused after all, or its client left)."""

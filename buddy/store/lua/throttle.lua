@@ -9,53 +9,61 @@
 -- Returns {accepted 1|0, delay ms, binding limit, binding window ms, penalty level}.
 -- Time comes from Redis, so every worker and host agrees on it. A refused request reserves nothing,
 -- and raises the penalty (exponential, capped at the longest delay) like an upstream 429 would.
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local max_delay = tonumber(ARGV[2])
-local guard = tonumber(ARGV[3])
+-- The work is one function, `throttle(starts key, penalty key, args, first)`, reading the ARGV above from
+-- args[first], args[first + 1], ...: lead.lua runs the same function after taking the fill lock.
+local function throttle(starts, penalty_key, args, first)
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  local member = args[first]
+  local max_delay = tonumber(args[first + 1])
+  local guard = tonumber(args[first + 2])
+  local quiet = tonumber(args[first + 3])
 
-local penalty = redis.call('HMGET', KEYS[2], 'until', 'level', 'last')
-local penalty_until = tonumber(penalty[1]) or 0
-local level = tonumber(penalty[2]) or 0
-local last_event = tonumber(penalty[3]) or 0
-if level > 0 and now - last_event > tonumber(ARGV[4]) then
-  level = 0
-  redis.call('HSET', KEYS[2], 'level', 0)
-end
-
-local t = math.max(now, penalty_until)
-local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-if newest[2] and tonumber(newest[2]) > t then
-  t = tonumber(newest[2])  -- starts are handed out in order, so only windows ending at t matter
-end
-
-local binding_limit, binding_window, longest = 0, 0, 0
-for _ = 1, 8 do
-  local moved = false
-  for i = 5, #ARGV, 2 do
-    local span = tonumber(ARGV[i]) + guard
-    local limit = tonumber(ARGV[i + 1])
-    if span > longest then longest = span end
-    local inside = redis.call('ZCOUNT', KEYS[1], '(' .. (t - span), '+inf')
-    if inside >= limit then
-      local oldest = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. (t - span), '+inf', 'WITHSCORES', 'LIMIT', inside - limit, 1)
-      t = tonumber(oldest[2]) + span
-      binding_limit, binding_window, moved = limit, tonumber(ARGV[i]), true
-    end
+  local penalty = redis.call('HMGET', penalty_key, 'until', 'level', 'last')
+  local penalty_until = tonumber(penalty[1]) or 0
+  local level = tonumber(penalty[2]) or 0
+  local last_event = tonumber(penalty[3]) or 0
+  if level > 0 and now - last_event > quiet then
+    level = 0
+    redis.call('HSET', penalty_key, 'level', 0)
   end
-  if not moved then break end
-end
 
-local delay = t - now
-if delay > max_delay then
-  level = level + 1
-  local pause = math.min(1000 * 2 ^ (level - 1), max_delay)
-  redis.call('HSET', KEYS[2], 'until', math.max(penalty_until, now + pause), 'level', level, 'last', now)
-  redis.call('PEXPIRE', KEYS[2], math.max(penalty_until, now + pause) - now + tonumber(ARGV[4]))
-  return {0, delay, binding_limit, binding_window, level}
-end
+  local t = math.max(now, penalty_until)
+  local newest = redis.call('ZRANGE', starts, -1, -1, 'WITHSCORES')
+  if newest[2] and tonumber(newest[2]) > t then
+    t = tonumber(newest[2])  -- starts are handed out in order, so only windows ending at t matter
+  end
 
-redis.call('ZADD', KEYS[1], t, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - longest)
-redis.call('PEXPIRE', KEYS[1], delay + longest)
-return {1, delay, binding_limit, binding_window, level}
+  local binding_limit, binding_window, longest = 0, 0, 0
+  for _ = 1, 8 do
+    local moved = false
+    for i = first + 4, #args, 2 do
+      local span = tonumber(args[i]) + guard
+      local limit = tonumber(args[i + 1])
+      if span > longest then longest = span end
+      local inside = redis.call('ZCOUNT', starts, '(' .. (t - span), '+inf')
+      if inside >= limit then
+        local oldest = redis.call('ZRANGEBYSCORE', starts, '(' .. (t - span), '+inf', 'WITHSCORES', 'LIMIT', inside - limit, 1)
+        t = tonumber(oldest[2]) + span
+        binding_limit, binding_window, moved = limit, tonumber(args[i]), true
+      end
+    end
+    if not moved then break end
+  end
+
+  local delay = t - now
+  if delay > max_delay then
+    level = level + 1
+    local pause = math.min(1000 * 2 ^ (level - 1), max_delay)
+    redis.call('HSET', penalty_key, 'until', math.max(penalty_until, now + pause), 'level', level, 'last', now)
+    redis.call('PEXPIRE', penalty_key, math.max(penalty_until, now + pause) - now + quiet)
+    return {0, delay, binding_limit, binding_window, level}
+  end
+
+  redis.call('ZADD', starts, t, member)
+  redis.call('ZREMRANGEBYSCORE', starts, '-inf', now - longest)
+  redis.call('PEXPIRE', starts, delay + longest)
+  return {1, delay, binding_limit, binding_window, level}
+end
+-- main: the standalone script (lead.lua reuses everything above this line)
+return throttle(KEYS[1], KEYS[2], ARGV, 1)

