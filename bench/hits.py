@@ -58,10 +58,15 @@ def reference_body(path: str) -> bytes:
 class BenchStub(UpstreamStub):
     """The test stub, answering every path with its reference body, and how often it was asked for it."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: Counter[str] = Counter()
+
     def respond(self, handler, seen, count) -> None:  # type: ignore[override]
         body = reference_body(seen.path)
+        self.asked[seen.path] += 1  # not atomic; two calls for one path never overlap in these benches
         handler.send_response(200)
-        handler.send_header("X-Generation", str(self.paths().count(seen.path)))
+        handler.send_header("X-Generation", str(self.asked[seen.path]))
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()

@@ -30,6 +30,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
@@ -156,6 +158,18 @@ def monitor_one(redis_port: int, proxy_port: int, path: str) -> list[str]:
     return out
 
 
+def cpu_seconds(process: psutil.Process, children: bool = True) -> float:
+    """User + system CPU seconds of this process (and its children), so far."""
+    total = 0.0
+    for one in [process, *(process.children(recursive=True) if children else [])]:
+        try:
+            times = one.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run")
@@ -194,11 +208,19 @@ def main() -> None:
             rows: list[str] = []
             runs: dict[str, list] = {"proxy misses": [], "direct": [], "ceiling hits": []}
             before = len(stub.log)
+            # The stub serves from threads of this process; the client processes and the servers are its children.
+            parts = {"proxy workers": lambda: cpu_seconds(psutil.Process(proxy.process.pid)),
+                     "Redis": lambda: cpu_seconds(psutil.Process(redis_server.process.pid)),
+                     "upstream stub": lambda: cpu_seconds(psutil.Process(), children=False)}
+            spent = dict.fromkeys(parts, 0.0)
             for r in range(args.rounds):
                 order = ["proxy misses", "direct", "ceiling hits"]
                 for name in (order if r % 2 == 0 else order[::-1]):
                     if name == "proxy misses":
+                        before_cpu = {part: measure() for part, measure in parts.items()}
                         got = run_misses(proxy.port, f"/bench/m/r{r}", args.clients, args.procs, args, MISS)
+                        for part, measure in parts.items():
+                            spent[part] += measure() - before_cpu[part]
                     elif name == "direct":
                         got = run_misses(stub.port, f"/d/r{r}", args.clients, args.procs, args, b"")
                     else:
@@ -235,6 +257,9 @@ def main() -> None:
             print(f"proxy misses / direct (req/s)       = {rates['proxy misses'] / max(rates['direct'], 1e-9):.2f}")
             print(f"one client: miss p50 {proxy_p50:.2f} ms, direct p50 {direct_p50:.2f} ms, "
                   f"over direct {proxy_p50 - direct_p50:.2f} ms   (goal <= 2.00)")
+            sent = proxy_misses + sum(e for _, e, _ in runs["proxy misses"])
+            print(f"CPU per miss at {args.clients} clients (warm-up and cut-off requests included): "
+                  + ", ".join(f"{part} {seconds / max(sent, 1) * 1000:.2f} ms" for part, seconds in spent.items()))
             print(f"sanity: {proxy_misses} timed proxy misses (X-Cache: MISS, 200); the upstream saw {len(asked)} "
                   f"distinct miss URLs (warm-up and cut-off requests included), {twice} of them more than once")
             total = sum(stats.values())

@@ -189,16 +189,13 @@ class Coalescer:
                 return ProxyResult(status, reason, headers, stream=chunks, cache="COALESCED"), lock_holder
         return None, lock_holder
 
-    def hand_off(
-        self, entry: EntryId, token: str, shared: ProxyResult | None, private: bool = False, stored: bool = False
-    ) -> None:
+    def hand_off(self, entry: EntryId, token: str, shared: ProxyResult | None, private: bool = False) -> None:
         """The leader is done. Its followers read the cache entry, else `shared` (a copy of its answer with
         nothing private in it), else nothing (they fetch for themselves); `private`: tell them so at once.
-        `stored`: the answer was just stored at `entry`, and the store woke the followers (ResponseCache.put
-        publishes on the fill channel): no second wake-up, which every worker would have to read."""
+        (A leader that stored its answer at `entry` lets go in the store's own call: ResponseCache.put.)"""
         self.keeper.drop(entry, token)
         blob = codec.NOT_SHARED if private else codec.encode(shared) if shared is not None else b""
-        self.lock.release(entry, token, blob, SHARED_RESULT_TTL_MS, wake=not stored or private or bool(blob))
+        self.lock.release(entry, token, blob, SHARED_RESULT_TTL_MS)
 
     def relay(
         self, entry: EntryId, token: str, result: ProxyResult, drop: frozenset[str] = frozenset()

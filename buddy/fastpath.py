@@ -10,19 +10,16 @@ refuses). Skipping Flask's request context, routing and Response objects is most
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Callable, Iterable
 
 from flask import Flask
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.http import HTTP_STATUS_CODES
 
-from buddy import policy
-from buddy.service import from_cache
-from buddy.upstream import keep_access_key
-from buddy.views import mapped_request, raw_target, response_headers, route
+from buddy.views import MAPPED, mapped_request, raw_target, response_headers, route
 
 log = logging.getLogger("buddy.fastpath")
+REWRITTEN = frozenset({"location", "content-location"})  # werkzeug turns IRIs in these into URIs
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict, StartResponse], Iterable[bytes]]
 
@@ -64,18 +61,13 @@ class HitPath:
         if domain is None:
             return None
         request = mapped_request(domain, method, target, b"", environ.get("HTTP_X_BUDDY_NAMESPACE"))
-        if not policy.cacheable_request(request):
+        result, looked = service.fresh_hit(request)
+        if result is None:
+            environ[MAPPED] = (request, looked)  # the view goes on from here: no second look-up
             return None
-        found = service.lookup(request, policy.entry_for(request))
-        if found.hit is None:
-            return None
-        control = policy.request_control(request.header("Cache-Control"), request.header("Pragma"))
-        if policy.satisfies(domain, found.hit, control, time.time()) != "HIT":
-            return None  # stale, or not what the client accepts: the full flow decides
-        result = from_cache(found.hit, "HIT")
-        service._tally(domain.name, result)  # counted as the view's hits are
-        if request.key_prefix or request.key_param:
-            result.headers = keep_access_key(result.headers, domain, request.key_prefix, request.key_param)
+        if result.status < 200 or result.status in (204, 304) or any(
+                name.lower() in REWRITTEN for name, _ in result.headers):
+            return None  # werkzeug reshapes these headers (no Content-Length, IRIs as URIs): the view sends them
         body = result.body or b""
         headers = response_headers(result)
         headers.append(("Content-Length", str(len(body))))

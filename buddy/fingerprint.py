@@ -72,10 +72,7 @@ def vary_values(headers: Iterable[tuple[str, str]], names: Iterable[str]) -> tup
 def fingerprint(shape: RequestShape) -> str:
     """The hex SHA-256 digest that names a response in the cache (remembered for recent small requests: a
     hot request's key is a dictionary look-up, not JSON and two hashes)."""
-    return _remembered(shape) if len(shape.body) <= REMEMBERED_BODY else _fingerprint(shape)
-
-
-REMEMBERED_BODY = 4096  # larger bodies are hashed every time, never kept in memory for this
+    return _fingerprint(shape) if shape.body else _remembered(shape)  # a body is hashed anyway, and kept by none
 
 
 def _fingerprint(shape: RequestShape) -> str:

@@ -16,7 +16,7 @@ from buddy.errors import ClientGone, CoalesceTimeout, StoreUnavailable, Upstream
 from buddy.messages import ProxyRequest, ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
 from buddy.settings import DomainSettings, Settings
-from buddy.store.fill_lock import LOCK_TTL_MS, Ahead, LeadPlan, load_script
+from buddy.store.fill_lock import LOCK_TTL_MS, Ahead, LeadPlan
 from buddy.store.metrics import MetricsRecorder
 from buddy.store.offline import OfflineSwitch
 from buddy.store.rate_limiter import Decision, LocalLimiter, RateLimiter, WaitingRoom
@@ -28,9 +28,6 @@ LOCK_MARGIN_SECONDS = 2.0
 WAITING_RETRY_AFTER = 2  # seconds: by then the request it would have waited on has often been answered
 SLOT_CHECK_SECONDS = 0.5  # how often a request sleeping for its rate-limit slot checks that its client is there
 REFRESHES_PER_PROCESS = 8  # background refreshes (stale-while-revalidate) one worker runs at once at most
-# Does storing an entry announce it on the fill channel (store_entry.lua)? Then a leader that stored its answer
-# lets go of the lock without a second wake-up, which every worker would have to read.
-STORE_WAKES = "PUBLISH" in load_script("store_entry")
 
 
 def json_result(status: int, reason: str, **body: object) -> ProxyResult:
@@ -45,6 +42,13 @@ class Lookup(NamedTuple):
     primary: EntryId
     entry: EntryId
     hit: ProxyResult | None
+
+
+class Looked(NamedTuple):
+    """A lookup made for a request before it reached the view (the hit path): what it found, when it asked."""
+
+    found: Lookup
+    asked: float
 
 
 class ProxyService:
@@ -75,8 +79,25 @@ class ProxyService:
         self.offline = offline
         self._refreshes = threading.BoundedSemaphore(REFRESHES_PER_PROCESS)
 
-    def handle(self, request: ProxyRequest) -> ProxyResult:
-        result = self._answer(request)
+    def fresh_hit(self, request: ProxyRequest) -> tuple[ProxyResult | None, Looked | None]:
+        """A fresh entry this request accepts, answered as `handle` would answer it; else None, and the lookup
+        made (None if none was), for `handle` to go on from. Reads the cache only: no lock, no upstream."""
+        if not policy.cacheable_request(request):
+            return None, None
+        asked = time.time()
+        found = self.lookup(request, policy.entry_for(request))
+        if found.hit is not None:
+            control = policy.request_control(request.header("Cache-Control"), request.header("Pragma"))
+            if policy.satisfies(request.domain, found.hit, control, time.time()) == "HIT":
+                return self._finish(request, from_cache(found.hit, "HIT")), None
+        return None, Looked(found, asked)
+
+    def handle(self, request: ProxyRequest, looked: Looked | None = None) -> ProxyResult:
+        """The answer to a request; `looked`: the lookup `fresh_hit` made for it a moment ago (not made again)."""
+        return self._finish(request, self._answer(request, looked))
+
+    def _finish(self, request: ProxyRequest, result: ProxyResult) -> ProxyResult:
+        """Count what the answer cost and saved, and shape it for this client (HEAD, the key it spelled)."""
         self._tally(request.domain.name, result)
         if request.method == "HEAD" and result.stream is not None:
             result.close_stream()  # a relay keeps reading for its followers; headers (Content-Length) stay
@@ -94,7 +115,7 @@ class ProxyService:
             return Lookup(primary, entry, found if isinstance(found, ProxyResult) else None)
         return Lookup(primary, primary, found)
 
-    def _answer(self, request: ProxyRequest) -> ProxyResult:
+    def _answer(self, request: ProxyRequest, looked: Looked | None = None) -> ProxyResult:
         domain = request.domain
         offline = self.offline.on()
         control = policy.request_control(request.header("Cache-Control"), request.header("Pragma"))
@@ -107,11 +128,11 @@ class ProxyService:
             result.cache = "PASS"  # shown to the client as MISS; counted apart from cache misses
             return result
         primary = policy.entry_for(request)
-        asked = time.time()
+        asked = time.time() if looked is None else looked.asked
         stale: ProxyResult | None = None  # an expired entry that may stand in for a failed fetch
-        for _ in range(2):  # a second look when the leader's answer turned out to vary on our headers
+        for attempt in range(2):  # a second look when the leader's answer turned out to vary on our headers
             try:
-                found = self.lookup(request, primary)
+                found = looked.found if looked is not None and attempt == 0 else self.lookup(request, primary)
             except StoreUnavailable:
                 if offline or control.only_if_cached:
                     return offline_miss(domain) if offline else not_cached(domain)
@@ -334,11 +355,13 @@ class ProxyService:
             fresh_for=storage.ttl,
             request=policy.stored_request(request, build_url(domain, request.path, request.query), storage.vary),
         )
-        stored = storage.ttl is not None and self._store(domain, found.primary, target, kept, storage)
-        # Followers of this entry read it from the cache when it is stored there, else a copy of it.
-        shared = None if stored and target == entry else kept
-        self.coalescer.hand_off(entry, token, shared, private=not storage.shareable,
-                                stored=shared is None and STORE_WAKES)
+        # Followers of this entry read it from the cache when it is stored there (and the store lets go of the
+        # lock and wakes them, in the same call), else a copy of it.
+        release = (entry, token) if target == entry and storage.shareable else None
+        stored = storage.ttl is not None and self._store(domain, found.primary, target, kept, storage, release)
+        if not (stored and release):
+            self.coalescer.hand_off(entry, token, None if stored and target == entry else kept,
+                                    private=not storage.shareable)
         if storage.ttl is not None and not stored:
             result.cache = "BYPASS"
         return True
@@ -350,16 +373,22 @@ class ProxyService:
             pass  # the lock expires by itself
 
     def _store(
-        self, domain: DomainSettings, primary: EntryId, target: EntryId, kept: ProxyResult, storage: policy.Storage
+        self, domain: DomainSettings, primary: EntryId, target: EntryId, kept: ProxyResult, storage: policy.Storage,
+        release: tuple[EntryId, str] | None = None,
     ) -> bool:
-        """Store `kept` under `target`; a varying answer also leaves a pointer to its variants at `primary`."""
+        """Store `kept` under `target`; a varying answer also leaves a pointer to its variants at `primary`.
+        `release`: the fill lock (entry, token) that the same call lets go of, once stored (not when it fails)."""
         assert storage.ttl is not None
         pointer = None
         if storage.vary:
             longest = policy.kept_for(domain, max(domain.ttl_seconds, domain.negative_ttl_seconds))
             pointer = (primary, VaryPointer(storage.vary), longest)
+        lock = None
+        if release is not None:
+            self.coalescer.keeper.drop(*release)  # nothing extends it from now on
+            lock = (self.keys.lock(release[0]), release[1])
         try:
-            self.cache.put(target, kept, policy.kept_for(domain, storage.ttl), pointer)
+            self.cache.put(target, kept, policy.kept_for(domain, storage.ttl), pointer, lock)
         except StoreUnavailable:
             return False
         return True

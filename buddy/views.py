@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import select
 import socket
+from dataclasses import replace
 from typing import Any, Callable, Mapping
 from urllib.parse import quote, unquote
 
@@ -13,7 +14,7 @@ from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 from buddy.access import Target
 from buddy.errors import BadProxyRequest
 from buddy.messages import ProxyRequest, ProxyResult
-from buddy.service import ProxyService
+from buddy.service import Looked, ProxyService
 from buddy.settings import DomainSettings
 from buddy.upstream import forwardable_request_headers, safe_path, safe_query, upstream_path
 
@@ -65,6 +66,7 @@ def read_body(req: Request, server: Mapping[str, Any]) -> bytes:
     return body
 
 
+MAPPED = "buddy.mapped"  # environ: (ProxyRequest, Looked | None) from the hit path, for a request it did not answer
 ACTIVE_CONTENT = frozenset({"text/html", "application/xhtml+xml", "image/svg+xml", "text/xml", "application/xml"})
 NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -105,6 +107,11 @@ def proxy(_: str) -> Response:
     service: ProxyService = buddy.service
     req: Request = request._get_current_object()  # type: ignore[attr-defined]  # one context lookup, not one per attribute
     environ = req.environ
+    client_gone = hung_up(environ.get("gunicorn.socket") or environ.get("werkzeug.socket"))
+    mapped = environ.get(MAPPED)
+    if mapped is not None:  # the hit path mapped it, and looked it up: not a fresh hit
+        proxy_request, looked = mapped
+        return answer(service, replace(proxy_request, client_gone=client_gone), looked)
     if req.method in ("GET", "HEAD") and raw_target(environ) == b"/":  # no mapping named: the dashboard
         return Response(status=302, headers={"Location": url_for("dashboard.page")})
     target = buddy.access.admit(
@@ -124,9 +131,13 @@ def proxy(_: str) -> Response:
         return response
     proxy_request = mapped_request(
         domain, req.method, target, read_body(req, service.settings.server), req.headers.get("X-Buddy-Namespace"),
-        client_gone=hung_up(environ.get("gunicorn.socket") or environ.get("werkzeug.socket")),
+        client_gone=client_gone,
     )
-    result = service.handle(proxy_request)
+    return answer(service, proxy_request)
+
+
+def answer(service: ProxyService, proxy_request: ProxyRequest, looked: Looked | None = None) -> Response:
+    result = service.handle(proxy_request, looked)
     body = result.stream if result.stream is not None else result.body
     status = f"{result.status} {result.reason}" if result.reason else result.status
     response = Response(body, status=status, headers=response_headers(result), direct_passthrough=True)

@@ -13,6 +13,7 @@ from buddy.background import ProcessThread
 from buddy.errors import StoreUnavailable
 from buddy.redis_keys import EntryId, RedisKeys
 from buddy.store.guard import StoreGuard
+from buddy.store.wakeup import entry_message
 
 SUCCESSOR_GRACE_MS = 30_000  # a successor is remembered this long after its lock would expire
 LOCK_TTL_MS = 3_000  # short: a killed leader's waiters get a successor within seconds; the keeper renews it
@@ -91,22 +92,15 @@ class FillLock:
     def extend(self, entry: EntryId, token: str, ttl_ms: int) -> bool:
         return bool(self.guard.run(lambda: self._extend(keys=[self.keys.lock(entry)], args=[token, ttl_ms])))
 
-    def release(
-        self, entry: EntryId, token: str, shared: bytes = b"", shared_ttl_ms: int = 30_000, wake: bool = True
-    ) -> None:
-        """Leave `shared` for this leader's followers (if given), drop the lock if still ours, wake everyone
-        (unless `wake` is False: the entry's store announced it on the same channel already)."""
+    def release(self, entry: EntryId, token: str, shared: bytes = b"", shared_ttl_ms: int = 30_000) -> None:
+        """Leave `shared` for this leader's followers (if given), drop the lock if still ours, wake everyone."""
         keys = [self.keys.lock(entry), self.keys.shared_result(entry, token)]
-        args = [token, self.keys.fill_channel, self.wake_message(entry) if wake else "", shared, shared_ttl_ms]
+        args = [token, self.keys.fill_channel, entry_message(entry), shared, shared_ttl_ms]
         self.guard.run(lambda: self._release(keys=keys, args=args))
 
     def announce(self, entry: EntryId) -> None:
         """Wake the followers without releasing (a relay has started)."""
-        self.guard.run(lambda: self.client.publish(self.keys.fill_channel, self.wake_message(entry)))
-
-    @staticmethod
-    def wake_message(entry: EntryId) -> str:
-        return f"{entry.domain}\n{entry.digest}"
+        self.guard.run(lambda: self.client.publish(self.keys.fill_channel, entry_message(entry)))
 
 
 class LockKeeper:

@@ -55,9 +55,14 @@ class EpochSource(Protocol):
 
 
 def size_of(value: ProxyResult | VaryPointer) -> int:
+    """About what a copy takes in memory: its body, headers, and the request it keeps (a POST's body too)."""
     if isinstance(value, VaryPointer):
         return 64 + sum(len(name) for name in value.names)
-    return 512 + len(value.body or b"") + sum(len(name) + len(text) for name, text in value.headers)
+    size = 512 + len(value.body or b"") + sum(len(name) + len(text) for name, text in value.headers)
+    if value.request is not None:
+        request = value.request
+        size += 256 + len(request.url) + len(request.body) + sum(len(n) + len(v) for n, v in request.headers)
+    return size
 
 
 class MemoryCache:
@@ -115,12 +120,11 @@ class MemoryCache:
         if ticket is None or value is None:
             return
         if isinstance(value, ProxyResult):
-            if value.fresh_for is None:
-                left = MAX_AGE_SECONDS
-            else:
-                left = min(MAX_AGE_SECONDS, value.stored_at + value.fresh_for - time.time())
-            if left <= 0 or value.body is None:
-                return  # expired or streamed: Redis and the freshness rules answer for it
+            if value.fresh_for is None or value.body is None:
+                return  # an entry of 0.3 (fresh while Redis keeps it: only Redis knows how long), or streamed
+            left = min(MAX_AGE_SECONDS, value.stored_at + value.fresh_for - time.time())
+            if left <= 0:
+                return  # expired: Redis and the freshness rules (stale-while-revalidate...) answer for it
         else:
             left = MAX_AGE_SECONDS
         size = size_of(value)

@@ -85,7 +85,7 @@ class ResponseCache:
         key = self.keys.cache(entry.domain, entry.digest)
         memory = self.memory
         ticket = None
-        if memory is not None:
+        if memory is not None and not self.guard.open:  # Redis down or hung: a store or clear may go unheard
             copy = memory.get(key)
             if copy is not None:
                 return copy
@@ -128,29 +128,39 @@ class ResponseCache:
         response: ProxyResult,
         ttl_seconds: int,
         pointer: tuple[EntryId, VaryPointer, int] | None = None,
-    ) -> None:
-        """Store the entry (and, for a varying answer, the pointer at its primary entry: where, what, TTL), and tell
-        every worker to drop its copies of them, in one script call (EVALSHA: one round trip, on a cluster to the
-        node of the domain's slot). The first store of a domain in this process also drops the index an older
-        version may have left (it has no TTL, and would keep a full Redis full)."""
+        release: tuple[str, str] | None = None,
+    ) -> bool:
+        """Store the entry (and, for a varying answer, the pointer at its primary entry: where, what, TTL), let go of
+        the fill lock `release` names (its key, the leader's token), and tell every worker to drop its copies and
+        wake the requests waiting on them, in one script call (EVALSHA: one round trip, on a cluster to the node
+        of the domain's slot). True if the lock was still the leader's and is gone. The first store of a domain
+        in this process also drops the index an older version may have left (it has no TTL, and would keep a
+        full Redis full)."""
         blob = codec.encode(response)
         d = entry.domain
         key = self.keys.cache(d, entry.digest)
         messages = [wake_message(entry)]
-        keys, args = [key, self.keys.stats(d)], [blob, ttl_seconds * 1000, self.keys.fill_channel, messages[0]]
+        keys = [key, self.keys.stats(d)]
+        also: list[bytes | int | str] = []  # what follows ARGV[5] (see store_entry.lua)
         if pointer is not None:
             at, names, pointer_ttl = pointer
             messages.append(wake_message(at))
             keys.append(self.keys.cache(at.domain, at.digest))
-            args += [codec.encode_pointer(names), pointer_ttl * 1000, messages[1]]
+            also += [codec.encode_pointer(names), pointer_ttl * 1000, messages[1]]
+        if release is not None:
+            keys.append(release[0])
+            also.append(release[1])
+        what = ("p" if pointer is not None else "") + ("l" if release is not None else "")
+        args = [blob, ttl_seconds * 1000, self.keys.fill_channel, messages[0], what, *also]
         if d not in self._legacy_dropped:
             self.guard.run(lambda: self._drop_legacy(keys=self._legacy_keys(d)), what="prune_index.lua")
             self._legacy_dropped.add(d)
         try:
-            self.guard.run(lambda: self._store(keys=keys, args=args), what=key)
+            _, released = self.guard.run(lambda: self._store(keys=keys, args=args), what=key)
         finally:
             for written in messages:  # this worker at once (a copy admitted meanwhile may be the old value); the
                 self.heard(written)  # others when they hear the script's PUBLISH
+        return bool(released)
 
     def forget(self, entry: EntryId) -> None:
         """Remove one entry (a vary pointer's variants stay, each with its own TTL), from every worker's memory too."""

@@ -15,7 +15,12 @@ from buddy.redis_keys import EntryId
 from buddy.store.connect import cluster_of, refresh_topology
 
 log = logging.getLogger("buddy.coalesce")
-HEARTBEAT_SECONDS = 10.0  # a subscription quiet for this long is PINGed
+# A subscription quiet for this long is PINGed (a hung Redis, a cut network, send nothing, not even an error);
+# after TRUSTED_SECONDS of silence, this worker's in-memory copies (L1) are not used, since a store or clear may
+# go unheard; after GIVE_UP_SECONDS, the subscription is made again.
+HEARTBEAT_SECONDS = 0.5
+TRUSTED_SECONDS = 1.5
+GIVE_UP_SECONDS = 5.0
 
 
 def entry_message(entry: EntryId) -> str:
@@ -58,6 +63,7 @@ class WakeupHub:
         self._lock = threading.Lock()
         self._listening = threading.Event()
         self.epoch = 0  # counts confirmed subscriptions: a message may have been missed between two of them
+        self.heard = 0.0  # monotonic: when Redis last sent anything on the subscription (a PONG counts)
         self.listeners: list[Callable[[str], None]] = []  # told every message (the L1 cache drops what it names)
         self.thread = ProcessThread("buddy-wakeup", self._run, fresh=self._listening.clear)
 
@@ -67,8 +73,11 @@ class WakeupHub:
         return self._listening.is_set() and self.thread.running
 
     def current(self) -> int | None:
-        """The subscription now confirmed (a number that changes on every new one), None while not listening."""
-        return self.epoch if self.listening else None
+        """The subscription now confirmed and heard from lately (a number that changes on every new one); None
+        while there is none, or it has been silent for TRUSTED_SECONDS, PINGs unanswered."""
+        if not self.listening or time.monotonic() - self.heard > TRUSTED_SECONDS:
+            return None
+        return self.epoch
 
     def start(self, wait: float = 0.0) -> bool:
         """Start this process's subscriber (if needed) and wait up to `wait` seconds for Redis to confirm it."""
@@ -127,14 +136,14 @@ class WakeupHub:
     @staticmethod
     def _check_alive(pubsub: Any, heard: float, pinged: bool) -> tuple[float, bool]:
         """A node that vanished without closing the connection (host down, network cut) sends nothing, not even an
-        error: after a quiet HEARTBEAT_SECONDS, PING it; with no answer within as long again, reconnect."""
+        error: after a quiet HEARTBEAT_SECONDS, PING it; with no answer by GIVE_UP_SECONDS, reconnect."""
         quiet = time.monotonic() - heard
         if quiet < HEARTBEAT_SECONDS:
             return heard, pinged
         if not pinged:
             pubsub.ping()
             return heard, True
-        if quiet >= 2 * HEARTBEAT_SECONDS:
+        if quiet >= GIVE_UP_SECONDS:
             raise redis.ConnectionError(f"no answer to PING on the wake-up subscription for {quiet:.0f} s")
         return heard, pinged
 
@@ -152,6 +161,7 @@ class WakeupHub:
                         heard, pinged = self._check_alive(pubsub, heard, pinged)
                         continue
                     heard, pinged = time.monotonic(), False
+                    self.heard = heard
                     if message.get("type") == "subscribe":
                         # Redis has processed SUBSCRIBE: every publish from now on reaches us.
                         self._node_failed = False

@@ -3,6 +3,8 @@ a `clear-cache` run from another process, or Redis going away is seen by all of 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -70,5 +72,29 @@ def test_with_redis_gone_no_worker_answers_from_its_memory(gunicorn, upstream: U
         own.stop()  # a store or clear could now go unheard: the copies must not be trusted
         time.sleep(0.5)
         assert {r.headers["X-Cache"] for r in spread(url)} == {"BYPASS"}
+    finally:
+        own.stop()
+
+
+def test_with_redis_hung_no_worker_answers_from_its_memory_for_long(gunicorn, upstream: UpstreamStub,
+                                                                    tmp_path) -> None:
+    own = RedisServer(tmp_path)  # SIGSTOPped: no connection ends, nothing is answered, not even the subscription
+    try:
+        proxy = gunicorn({"domain_mappings": {"up": {"upstream": upstream.url}}, "redis": {"socket_timeout": 0.5}},
+                         env={"REDIS_URL": own.url}, workers=WORKERS)
+        url = f"{proxy.url}/up/hot"
+        requests.get(url, timeout=10)
+        warm(url)
+        os.kill(own.process.pid, signal.SIGSTOP)
+        try:
+            time.sleep(2.0)  # wakeup.TRUSTED_SECONDS: a subscription silent for longer is not relied on
+            seen = {r.headers["X-Cache"] for r in spread(url)}
+        finally:
+            os.kill(own.process.pid, signal.SIGCONT)
+        assert seen == {"BYPASS"}
+        deadline = time.monotonic() + 15
+        while requests.get(url, timeout=10).headers["X-Cache"] != "HIT" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert requests.get(url, timeout=10).headers["X-Cache"] == "HIT"  # back by itself
     finally:
         own.stop()

@@ -154,3 +154,24 @@ def test_a_leader_that_finds_the_entry_stored_serves_it_without_a_reservation(li
     assert missed and again.status_code == 200 and again.headers["X-Cache"] == "HIT"
     assert upstream.count("/raced") == 1
     assert redis_client.zcard(RedisKeys().rate_starts("up")) == 1
+
+
+def test_the_store_lets_go_of_the_leader_s_lock_in_the_same_call_and_never_of_a_successor_s(any_redis) -> None:
+    from buddy.messages import ProxyResult
+    from buddy.store.response_cache import ResponseCache
+
+    cache = ResponseCache(any_redis, StoreGuard(), KEYS)
+    lock = FillLock(any_redis, StoreGuard(), KEYS)
+    pubsub = any_redis.pubsub()
+    pubsub.subscribe(KEYS.fill_channel)
+    entry = ProxyResult(200, "OK", [("Content-Type", "application/json")], b"{}", stored_at=1.0)
+    assert lock.acquire(ENTRY, "leader", 10_000) == (True, "leader")
+    assert cache.put(ENTRY, entry, 60, release=(KEYS.lock(ENTRY), "leader")) is True
+    assert any_redis.get(KEYS.lock(ENTRY)) is None and any_redis.get(KEYS.cache(ENTRY.domain, ENTRY.digest))
+    heard = [m for m in iter(lambda: pubsub.get_message(timeout=0.5), None) if m["type"] == "message"]
+    assert [m["data"] for m in heard] == [f"{ENTRY.domain}\n{ENTRY.digest}".encode()]  # one wake-up, not two
+
+    assert lock.acquire(ENTRY, "successor", 10_000) == (True, "successor")  # the first leader's lock expired
+    assert cache.put(ENTRY, entry, 60, release=(KEYS.lock(ENTRY), "leader")) is False
+    assert any_redis.get(KEYS.lock(ENTRY)) == b"successor"
+    pubsub.close()

@@ -4,7 +4,7 @@
 -- KEYS[2]  the shared-result key for this token
 -- ARGV[1]  the owner's token
 -- ARGV[2]  the wake-up channel
--- ARGV[3]  the message (the cache key), or '' when the followers were woken already (the leader's store did it)
+-- ARGV[3]  the message (the cache key)
 -- ARGV[4]  the shared result blob, or '' when followers read the cache or a relay instead
 -- ARGV[5]  the shared result's TTL in milliseconds
 if ARGV[4] ~= '' then
@@ -14,7 +14,5 @@ local owned = 0
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   owned = redis.call('DEL', KEYS[1])
 end
-if ARGV[3] ~= '' then
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
-end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
 return owned
