@@ -13,6 +13,15 @@ from typing import Callable
 
 log = logging.getLogger("buddy")
 RESTART_PAUSE_SECONDS = 1.0
+_pid = os.getpid()  # this process's, kept here: os.getpid() is a system call, and `running` is asked on every request
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class ProcessThread:
@@ -35,7 +44,7 @@ class ProcessThread:
     def running(self) -> bool:
         """True while this process's thread is alive."""
         thread = self._thread
-        return thread is not None and self._pid == os.getpid() and thread.is_alive()
+        return thread is not None and self._pid == _pid and thread.is_alive()
 
     def ensure(self) -> None:
         """Start the thread in this process, unless it runs already or was stopped."""

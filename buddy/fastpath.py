@@ -16,10 +16,17 @@ from flask import Flask
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.http import HTTP_STATUS_CODES
 
+from buddy import policy
+from buddy.messages import ProxyRequest
+from buddy.redis_keys import EntryId
 from buddy.views import MAPPED, mapped_request, raw_target, response_headers, route
 
 log = logging.getLogger("buddy.fastpath")
 REWRITTEN = frozenset({"location", "content-location"})  # werkzeug turns IRIs in these into URIs
+# What route() and read_body() read of a request besides its HTTP_* headers (the body: none, on this path).
+RAW = ("RAW_URI", "REQUEST_URI", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "CONTENT_TYPE", "CONTENT_LENGTH")
+MAPPED_LIMIT = 4096  # requests remembered per worker; then all forgotten at once (a flood of one-off requests)
+MAPPED_SIZE = 4096  # a request with more bytes of headers and target than this is mapped every time
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict, StartResponse], Iterable[bytes]]
 
@@ -30,6 +37,7 @@ class HitPath:
     def __init__(self, app: Flask, wrapped: WSGIApp) -> None:
         self.app = app
         self.wrapped = wrapped
+        self._mapped: dict[tuple, tuple[ProxyRequest, EntryId]] = {}  # a request's bytes -> what they map to
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD")
@@ -50,18 +58,22 @@ class HitPath:
         """(status, headers, body) of a fresh hit, or None to let the app answer."""
         buddy = self.app.extensions["buddy"]
         service = buddy.service
-        domains = service.settings.domains
-        if raw_target(environ) == b"/":
-            return None  # the dashboard's redirect
-        target = buddy.access.admit(route(environ, list(EnvironHeaders(environ).items())), domains.keys(),
-                                    environ.get("REMOTE_ADDR") or "unknown", quiet=True)
-        if target is None:
-            return None  # refused: the app refuses it again, and logs it once
-        domain = domains.get(target.first)
-        if domain is None:
-            return None
-        request = mapped_request(domain, method, target, b"", environ.get("HTTP_X_BUDDY_NAMESPACE"))
-        result, looked = service.fresh_hit(request)
+        # The same bytes (method, target, every header) map to the same request, and were admitted the same way
+        # (under the same access key): a hot request is mapped once per worker, then looked up by its bytes.
+        sent = [(k, v) for k, v in environ.items() if k[:5] == "HTTP_"]
+        seen = (method, *[environ.get(name) for name in RAW], *sent,
+                buddy.access.key() if buddy.access.required else None)
+        known = self._mapped.get(seen)
+        if known is None:
+            known = self.map(buddy, environ, method)
+            if known is None:
+                return None
+            if sum(len(v) for _, v in sent) + len(environ.get("RAW_URI") or "") <= MAPPED_SIZE:
+                if len(self._mapped) >= MAPPED_LIMIT:
+                    self._mapped.clear()
+                self._mapped[seen] = known
+        request, primary = known
+        result, looked = service.fresh_hit(request, primary)
         if result is None:
             environ[MAPPED] = (request, looked)  # the view goes on from here: no second look-up
             return None
@@ -73,3 +85,22 @@ class HitPath:
         headers.append(("Content-Length", str(len(body))))
         status = f"{result.status} {result.reason or HTTP_STATUS_CODES.get(result.status, 'UNKNOWN').upper()}"
         return status, headers, b"" if method == "HEAD" else body
+
+    @staticmethod
+    def map(buddy: Any, environ: dict, method: str) -> tuple[ProxyRequest, EntryId] | None:
+        """As the view maps a request (access key, mapping, safe path and query, namespace), and its cache entry;
+        None for anything the hit path leaves to the view (refused, unknown mapping, uncacheable)."""
+        domains = buddy.service.settings.domains
+        if raw_target(environ) == b"/":
+            return None  # the dashboard's redirect
+        target = buddy.access.admit(route(environ, list(EnvironHeaders(environ).items())), domains.keys(),
+                                    environ.get("REMOTE_ADDR") or "unknown", quiet=True)
+        if target is None:
+            return None  # refused: the app refuses it again, and logs it once
+        domain = domains.get(target.first)
+        if domain is None:
+            return None
+        request = mapped_request(domain, method, target, b"", environ.get("HTTP_X_BUDDY_NAMESPACE"))
+        if not policy.cacheable_request(request):
+            return None
+        return request, policy.entry_for(request)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
-from typing import Collection, Iterable
+from typing import Collection, Iterable, NamedTuple
 
 KEY_VERSION = "v2"  # v2: the upstream's origin and base path are part of the key
 _EMPTY_BODY = hashlib.sha256(b"").hexdigest()
@@ -20,9 +19,8 @@ CREDENTIAL_HEADERS = (
 )
 
 
-@dataclass(frozen=True)
-class RequestShape:
-    """What the cache key is made of, already normalized."""
+class RequestShape(NamedTuple):
+    """What the cache key is made of, already normalized (a tuple: cheap to make and to hash, on every request)."""
 
     method: str
     domain: str

@@ -79,13 +79,16 @@ class ProxyService:
         self.offline = offline
         self._refreshes = threading.BoundedSemaphore(REFRESHES_PER_PROCESS)
 
-    def fresh_hit(self, request: ProxyRequest) -> tuple[ProxyResult | None, Looked | None]:
+    def fresh_hit(
+        self, request: ProxyRequest, primary: EntryId | None = None
+    ) -> tuple[ProxyResult | None, Looked | None]:
         """A fresh entry this request accepts, answered as `handle` would answer it; else None, and the lookup
-        made (None if none was), for `handle` to go on from. Reads the cache only: no lock, no upstream."""
+        made (None if none was), for `handle` to go on from. Reads the cache only: no lock, no upstream.
+        `primary`: the request's entry (policy.entry_for), when the caller knows it already."""
         if not policy.cacheable_request(request):
             return None, None
         asked = time.time()
-        found = self.lookup(request, policy.entry_for(request))
+        found = self.lookup(request, primary or policy.entry_for(request))
         if found.hit is not None:
             control = policy.request_control(request.header("Cache-Control"), request.header("Pragma"))
             if policy.satisfies(request.domain, found.hit, control, time.time()) == "HIT":

@@ -17,6 +17,7 @@ from buddy.store.wakeup import entry_message
 
 SUCCESSOR_GRACE_MS = 30_000  # a successor is remembered this long after its lock would expire
 LOCK_TTL_MS = 3_000  # short: a killed leader's waiters get a successor within seconds; the keeper renews it
+KEEPER_NAP_SECONDS = 1.0  # the keeper looks at least this often; a lock due sooner wakes it
 log = logging.getLogger("buddy.coalesce")
 
 
@@ -126,7 +127,8 @@ class LockKeeper:
         self.thread.ensure()
         with self._mutex:
             self._held[(entry, token)] = (ttl_ms, now + ttl_ms / 3000, now + budget)
-        self._changed.set()
+        if ttl_ms / 3000 < KEEPER_NAP_SECONDS:
+            self._changed.set()  # due before the keeper's longest nap ends: wake it (else, one wake-up per miss)
 
     def stop(self) -> None:
         self.thread.stopping.set()
@@ -147,8 +149,8 @@ class LockKeeper:
 
     def _extend_due(self) -> None:
         with self._mutex:
-            due = min((when for _, when, _ in self._held.values()), default=time.monotonic() + 1.0)
-        self._changed.wait(max(0.0, min(1.0, due - time.monotonic())))
+            due = min((when for _, when, _ in self._held.values()), default=time.monotonic() + KEEPER_NAP_SECONDS)
+        self._changed.wait(max(0.0, min(KEEPER_NAP_SECONDS, due - time.monotonic())))
         self._changed.clear()
         now = time.monotonic()
         with self._mutex:

@@ -1,8 +1,6 @@
 """The cache key: what makes two requests the same entry, and what keeps them apart."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 from buddy.fingerprint import RequestShape, credentials_digest, fingerprint, sorted_query, vary_values
 from buddy.redis_keys import RedisKeys
 
@@ -14,7 +12,7 @@ BASE = RequestShape(
 
 
 def key(**changes) -> str:
-    return fingerprint(replace(BASE, **changes))
+    return fingerprint(BASE._replace(**changes))
 
 
 def test_key_format_is_pinned() -> None:

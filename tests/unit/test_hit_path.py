@@ -232,3 +232,17 @@ def test_an_entry_of_0_3_without_a_lifetime_is_never_kept_in_memory(app: Flask, 
         assert client.get("/up/legacy").headers["X-Cache"] == "HIT"
     time.sleep(1.3)
     assert client.get("/up/legacy").headers["X-Cache"] == "MISS"
+
+
+def test_a_request_is_admitted_by_its_own_bytes_not_by_a_remembered_one(keyed_app: Flask,
+                                                                        upstream: UpstreamStub) -> None:
+    client, key = keyed_app.test_client(), "k" * 24
+    for _ in range(3):  # now remembered by this worker, and a hit
+        assert client.get("/up/item", headers={"X-API-Buddy-Key": key}).headers["X-Cache"] in ("MISS", "HIT")
+    assert client.get("/up/item", headers={"X-API-Buddy-Key": key + "x"}).status_code == 401
+    assert client.get("/up/item", headers={"X-API-Buddy-Key": key, "X-Api-Buddy-Key-2": "x"}).headers["X-Cache"] \
+        == "HIT"
+    assert client.get("/up/item").status_code == 401
+    assert client.get("/up/item", headers={"X-API-Buddy-Key": key, "Authorization": "Bearer theirs"}).headers[
+        "X-Cache"] == "MISS"  # another credential: another entry
+    assert upstream.count("/item") == 2
