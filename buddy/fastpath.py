@@ -25,8 +25,9 @@ log = logging.getLogger("buddy.fastpath")
 REWRITTEN = frozenset({"location", "content-location"})  # werkzeug turns IRIs in these into URIs
 # What route() and read_body() read of a request besides its HTTP_* headers (the body: none, on this path).
 RAW = ("RAW_URI", "REQUEST_URI", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "CONTENT_TYPE", "CONTENT_LENGTH")
-MAPPED_LIMIT = 4096  # requests remembered per worker; then all forgotten at once (a flood of one-off requests)
-MAPPED_SIZE = 4096  # a request with more bytes of headers and target than this is mapped every time
+MAPPED_BUDGET = 8 * 1024 * 1024  # bytes of remembered requests per worker; then all forgotten at once (a flood)
+MAPPED_SIZE = 4096  # a request with more bytes of header names and values and target is mapped every time
+MAPPED_OVERHEAD = 2048  # what a remembered request takes beyond its bytes (measured: about 2 KB for a small GET)
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict, StartResponse], Iterable[bytes]]
 
@@ -38,6 +39,7 @@ class HitPath:
         self.app = app
         self.wrapped = wrapped
         self._mapped: dict[tuple, tuple[ProxyRequest, EntryId]] = {}  # a request's bytes -> what they map to
+        self._mapped_bytes = 0  # about what _mapped holds
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD")
@@ -61,17 +63,21 @@ class HitPath:
         # The same bytes (method, target, every header) map to the same request, and were admitted the same way
         # (under the same access key): a hot request is mapped once per worker, then looked up by its bytes.
         sent = [(k, v) for k, v in environ.items() if k[:5] == "HTTP_"]
-        seen = (method, *[environ.get(name) for name in RAW], *sent,
-                buddy.access.key() if buddy.access.required else None)
+        raw = [environ.get(name) for name in RAW]
+        seen = (method, *raw, *sent, buddy.access.key() if buddy.access.required else None)
         known = self._mapped.get(seen)
         if known is None:
             known = self.map(buddy, environ, method)
             if known is None:
                 return None
-            if sum(len(v) for _, v in sent) + len(environ.get("RAW_URI") or "") <= MAPPED_SIZE:
-                if len(self._mapped) >= MAPPED_LIMIT:
+            size = sum(len(k) + len(v) for k, v in sent) + sum(len(part) for part in raw if part)
+            if size <= MAPPED_SIZE:
+                held = 4 * size + MAPPED_OVERHEAD  # its bytes are kept about four times over, in Python objects
+                if self._mapped_bytes + held > MAPPED_BUDGET:
                     self._mapped.clear()
+                    self._mapped_bytes = 0
                 self._mapped[seen] = known
+                self._mapped_bytes += held
         request, primary = known
         result, looked = service.fresh_hit(request, primary)
         if result is None:

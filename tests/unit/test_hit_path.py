@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from typing import Any, Iterator
 
@@ -246,3 +247,36 @@ def test_a_request_is_admitted_by_its_own_bytes_not_by_a_remembered_one(keyed_ap
     assert client.get("/up/item", headers={"X-API-Buddy-Key": key, "Authorization": "Bearer theirs"}).headers[
         "X-Cache"] == "MISS"  # another credential: another entry
     assert upstream.count("/item") == 2
+
+
+def deep_size(value: Any, seen: set[int]) -> int:
+    if id(value) in seen:
+        return 0
+    seen.add(id(value))
+    size = sys.getsizeof(value)
+    if isinstance(value, dict):
+        size += sum(deep_size(k, seen) + deep_size(v, seen) for k, v in value.items())
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        size += sum(deep_size(item, seen) for item in value)
+    elif hasattr(value, "__dict__"):
+        size += deep_size(vars(value), seen)
+    return size
+
+
+def test_remembered_requests_stay_within_their_byte_budget_under_a_flood(app: Flask, client: FlaskClient,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import buddy.fastpath
+
+    monkeypatch.setattr(buddy.fastpath, "MAPPED_BUDGET", 200_000)
+    hit_path = app.wsgi_app
+    client.get("/up/item")
+    for i in range(30):  # 50 header names of 8 KB each (gunicorn allows 100 of 8190 bytes), empty values
+        assert client.get("/up/item", headers={f"X-{i}-{j}-" + "a" * 8000: "" for j in range(50)}).status_code == 200
+    assert len(hit_path._mapped) <= 1  # type: ignore[attr-defined]  # too big to remember
+    largest = 0
+    for i in range(60):  # targets of about 4 KB: remembered until the budget is spent, then all forgotten
+        client.get(f"/up/item?i={i}&" + "&".join(f"p{j}=" + "v" * 30 for j in range(110)))
+        shared = set()
+        deep_size(app.extensions["buddy"].settings, shared)  # the mapping's settings are not the memo's
+        largest = max(largest, deep_size(hit_path._mapped, shared))  # type: ignore[attr-defined]
+    assert largest <= 1.2 * 200_000, f"{largest} bytes remembered"
