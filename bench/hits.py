@@ -100,11 +100,12 @@ def exchange(sock: socket.socket, raw: bytes) -> tuple[bytes, bytes]:
     return head, body
 
 
-def load_process(port: int, targets: list[str], threads: int, start: float, stop: float, cap: int,
+def load_process(port: int, targets: list[str] | str, threads: int, start: float, stop: float, cap: int,
                  marker: bytes, seed: int) -> tuple[list[float], int, float]:
     """`threads` keep-alive connections until `stop` (monotonic) or `cap` requests each -> latencies (s) of the
-    requests completed in [start, stop), errors, last completion time."""
-    raws = [request_bytes(t, port) for t in targets]
+    requests completed in [start, stop), errors, last completion time. `targets`: the paths to ask for, in a
+    shuffled loop; or a prefix, and every request names a path never asked before (`<prefix>/<seed>/<n>/<i>`)."""
+    raws = [request_bytes(t, port) for t in targets] if isinstance(targets, list) else []
     out: list[tuple[list[float], int, float]] = []
     lock = threading.Lock()
 
@@ -113,10 +114,11 @@ def load_process(port: int, targets: list[str], threads: int, start: float, stop
         random.Random(seed * 1000 + n).shuffle(order)
         latencies, errors, last, done, sock, i = [], 0, start, 0, None, 0
         while done < cap:
+            raw = order[i % len(order)] if order else request_bytes(f"{targets}/{seed}/{n}/{i}?limit=20", port)
             try:
                 sock = sock or socket.create_connection(("127.0.0.1", port), timeout=10)
                 sent = time.perf_counter()
-                head, _ = exchange(sock, order[i % len(order)])
+                head, _ = exchange(sock, raw)
                 ended = time.perf_counter()
                 ok = head.startswith(b"HTTP/1.1 200") and marker in head
             except OSError:
@@ -151,8 +153,10 @@ def client_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def run_load(port: int, targets: list[str], args: argparse.Namespace, marker: bytes) -> tuple[list[float], int, float]:
-    """One timed run: `args.clients` connections over `args.procs` client processes -> (latencies, errors, window s)."""
+def run_load(port: int, targets: list[str] | str, args: argparse.Namespace,
+             marker: bytes) -> tuple[list[float], int, float]:
+    """One timed run: `args.clients` connections over `args.procs` client processes -> (latencies, errors, window s).
+    `targets`: as load_process takes them (a prefix: every request a new path)."""
     start = time.monotonic() + 0.3 + min(1.0, args.seconds / 5)  # processes start, connect and warm up first
     stop = start + args.seconds
     per_proc = [args.clients // args.procs + (p < args.clients % args.procs) for p in range(args.procs)]

@@ -17,15 +17,12 @@ Run from the repo root: python bench/misses.py [--seconds 5] [--rounds 2] [--wor
 from __future__ import annotations
 
 import argparse
-import itertools
-import multiprocessing
 import os
 import signal
 import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -39,7 +36,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 from hits import (  # noqa: E402
     MANY_URLS,
     BenchStub,
-    client_signals,
     exchange,
     reference_body,
     request_bytes,
@@ -51,64 +47,6 @@ from hits import (  # noqa: E402
 from tests.support.processes import Gunicorn, RedisServer, stop_group  # noqa: E402
 
 MISS = b"\r\nX-Cache: MISS\r\n"
-
-
-def miss_process(port: int, prefix: str, threads: int, start: float, stop: float, cap: int, marker: bytes,
-                 seed: int) -> tuple[list[float], int, float]:
-    """Like hits.load_process, but every request names a path never asked before: `<prefix>/<seed>/<thread>/<n>`."""
-    out: list[tuple[list[float], int, float]] = []
-    lock = threading.Lock()
-
-    def run(n: int) -> None:
-        latencies, errors, last, done, sock = [], 0, start, 0, None
-        for i in itertools.count():
-            if done >= cap:
-                break
-            raw = request_bytes(f"{prefix}/{seed}/{n}/{i}?limit=20", port)
-            try:
-                sock = sock or socket.create_connection(("127.0.0.1", port), timeout=10)
-                sent = time.perf_counter()
-                head, _ = exchange(sock, raw)
-                ended = time.perf_counter()
-                ok = head.startswith(b"HTTP/1.1 200") and marker in head
-            except OSError:
-                if sock:
-                    sock.close()
-                sock, ok = None, False
-            now = time.monotonic()
-            if now >= stop:
-                break
-            if now >= start:
-                done, last = done + 1, now
-                if ok:
-                    latencies.append(ended - sent)
-                errors += not ok
-        if sock:
-            sock.close()
-        with lock:
-            out.append((latencies, errors, last))
-
-    workers = [threading.Thread(target=run, args=(n,)) for n in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    return [x for lat, _, _ in out for x in lat], sum(e for _, e, _ in out), max(t for _, _, t in out)
-
-
-def run_misses(port: int, prefix: str, clients: int, procs: int, args: argparse.Namespace,
-               marker: bytes) -> tuple[list[float], int, float]:
-    """One timed run of distinct misses over `clients` connections -> (latencies, errors, window s)."""
-    start = time.monotonic() + 0.3 + min(1.0, args.seconds / 5)
-    stop = start + args.seconds
-    procs = max(1, min(procs, clients))
-    per_proc = [clients // procs + (p < clients % procs) for p in range(procs)]
-    cap = args.max_requests // clients
-    jobs = [(port, prefix, n, start, stop, cap, marker, p) for p, n in enumerate(per_proc) if n]
-    with multiprocessing.get_context("fork").Pool(len(jobs), initializer=client_signals) as pool:
-        results = pool.starmap(miss_process, jobs)
-    window = max(min(stop, max(t for _, _, t in results)) - start, 1e-9)
-    return [x for lat, _, _ in results for x in lat], sum(e for _, e, _ in results), window
 
 
 def sequential(port: int, paths: list[str], marker: bytes) -> tuple[list[float], int]:
@@ -218,11 +156,11 @@ def main() -> None:
                 for name in (order if r % 2 == 0 else order[::-1]):
                     if name == "proxy misses":
                         before_cpu = {part: measure() for part, measure in parts.items()}
-                        got = run_misses(proxy.port, f"/bench/m/r{r}", args.clients, args.procs, args, MISS)
+                        got = run_load(proxy.port, f"/bench/m/r{r}", args, MISS)
                         for part, measure in parts.items():
                             spent[part] += measure() - before_cpu[part]
                     elif name == "direct":
-                        got = run_misses(stub.port, f"/d/r{r}", args.clients, args.procs, args, b"")
+                        got = run_load(stub.port, f"/d/r{r}", args, b"")
                     else:
                         got = run_load(ceiling_port, MANY_URLS, args, b"")
                     runs[name].append(got)
@@ -267,7 +205,8 @@ def main() -> None:
                             sorted(stats.items(), key=lambda kv: (-kv[1], kv[0])))
             print(f"\nRedis commands per miss (INFO commandstats over {n} one-client misses, background work "
                   f"included): {total / n:.2f}\n  {per}")
-            print(f"one miss as Redis saw it (MONITOR, {len(sample)} commands): {' '.join(sample)}")
+            print(f"one miss as Redis saw it (MONITOR, {len(sample)} commands; a worker's once-a-second counter "
+                  f"flush and wake-up PINGs in that moment included): {' '.join(sample)}")
         except KeyboardInterrupt:
             print("interrupted; stopping everything", file=sys.stderr)
         finally:

@@ -36,6 +36,11 @@ def library(name: str) -> str:
     return text.split(LIBRARY_END, 1)[0]
 
 
+def lead_script() -> str:
+    """lead.lua, after the functions it runs: acquire_lock.lua's and throttle.lua's."""
+    return library("acquire_lock") + library("throttle") + load_script("lead")
+
+
 class LeadPlan(NamedTuple):
     """What a request that takes the lock does in the same call (lead.lua): read `cache_key` again and, if
     it is empty, run the throttle with these keys and ARGV (RateLimiter.plan)."""
@@ -63,7 +68,7 @@ class FillLock:
         self._acquire = client.register_script(load_script("acquire_lock"))
         self._extend = client.register_script(load_script("extend_lock"))
         self._release = client.register_script(load_script("release_lock"))
-        self._lead = client.register_script(library("throttle") + load_script("lead"))
+        self._lead = client.register_script(lead_script())
 
     def acquire(self, entry: EntryId, token: str, ttl_ms: int, vanished: str = "") -> tuple[bool, str]:
         """(True, token) if this token now leads the fill, else (False, the token of the leader to follow).

@@ -29,7 +29,7 @@ from buddy.errors import ConfigError, StoreUnavailable
 from buddy.monitoring import redacted_url
 from buddy.settings import load_settings
 from buddy.store.connect import LazyCluster, connect
-from buddy.store.fill_lock import library, load_script
+from buddy.store.fill_lock import lead_script, load_script
 from buddy.store.guard import StoreGuard
 from buddy.store.redis_url import parse_redis_url, redacted
 from tests.support.ports import free_port
@@ -37,8 +37,8 @@ from tests.support.upstream_stub import UpstreamStub
 
 
 def script_text(name: str) -> str:
-    """What the app sends for a script: lead.lua runs after throttle.lua's functions."""
-    return library("throttle") + load_script(name) if name == "lead" else load_script(name)
+    """What the app sends for a script: lead.lua runs after acquire_lock.lua's and throttle.lua's functions."""
+    return lead_script() if name == "lead" else load_script(name)
 
 
 LUA_SCRIPTS = ("lead", "acquire_lock", "extend_lock", "release_lock", "store_entry", "measure_entries", "prune_index",

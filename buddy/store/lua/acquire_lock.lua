@@ -8,16 +8,21 @@
 -- Returns {1, token} when this request is now the leader, else {0, token of the leader to follow}.
 -- A leader that vanished (its worker was killed) gets one successor: the first waiter to come here
 -- takes the lock and is recorded, so the other waiters follow it, even if it has already finished.
-if ARGV[3] ~= '' then
-  local successor = redis.call('GET', KEYS[2])
-  if successor then
-    return {0, successor}
+-- The work is one function, `acquire(lock key, successor key, args)`: lead.lua runs the same function.
+local function acquire(lock, successor_key, args)
+  if args[3] ~= '' then
+    local successor = redis.call('GET', successor_key)
+    if successor then
+      return {0, successor}
+    end
   end
-end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if ARGV[3] ~= '' then
-    redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
+  if redis.call('SET', lock, args[1], 'NX', 'PX', args[2]) then
+    if args[3] ~= '' then
+      redis.call('SET', successor_key, args[1], 'PX', args[4])
+    end
+    return {1, args[1]}
   end
-  return {1, ARGV[1]}
+  return {0, redis.call('GET', lock) or ''}
 end
-return {0, redis.call('GET', KEYS[1]) or ''}
+-- main: the standalone script (lead.lua reuses everything above this line)
+return acquire(KEYS[1], KEYS[2], ARGV)

@@ -1,6 +1,7 @@
 -- Take the fill lock for a miss (or say whom to follow) and, as the new leader, do in the same call what a leader
 -- does first: look at the entry again (the previous leader may have stored it since the miss) and, when it is
--- not there, reserve the upstream start (the `throttle` function of throttle.lua, prepended to this text).
+-- not there, reserve the upstream start. The functions `acquire` (acquire_lock.lua) and `throttle` (throttle.lua)
+-- are prepended to this text.
 -- KEYS[1]  the lock key
 -- KEYS[2]  the successor key of the leader the caller was following (unused when ARGV[3] is '')
 -- KEYS[3]  the cache key the request looked up (its primary entry)
@@ -13,17 +14,9 @@
 -- holds something (then nothing is reserved: the caller decides whether it may serve it, and throttles itself
 -- if not), else {1, token, false, throttle verdict} (the verdict as throttle.lua returns it; a refusal
 -- reserves nothing, and the lock is held either way: the followers share the leader's answer, a 429 too).
-if ARGV[3] ~= '' then
-  local successor = redis.call('GET', KEYS[2])
-  if successor then
-    return {0, successor}
-  end
-end
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {0, redis.call('GET', KEYS[1]) or ''}
-end
-if ARGV[3] ~= '' then
-  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
+local taken = acquire(KEYS[1], KEYS[2], ARGV)
+if taken[1] == 0 then
+  return taken
 end
 local entry = redis.call('GET', KEYS[3])
 if entry then
