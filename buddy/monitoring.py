@@ -29,7 +29,7 @@ PROBE_TTL_MS = 10_000  # the health check's probe key lives this long
 REFUSAL_RECENT = 10.0  # seconds a command Redis refused in this process keeps health "degraded"
 
 
-# Counters of stale answers and offline mode, as /admin/metrics names them.
+# Counters of stale answers, offline mode and each worker's memory (L1), as /admin/metrics names them.
 FRESHNESS_COUNTERS = {
     "stale": "stale_answers",  # X-Cache: STALE, for any reason
     "stale_if_error": "stale_if_error",  # ... of which instead of an upstream failure
@@ -37,6 +37,7 @@ FRESHNESS_COUNTERS = {
     "refresh_failures": "background_refresh_failures",  # ... that failed and left the expired entry in place
     "offline_refusals": "offline_refusals",  # misses answered 504 in offline mode
     "not_cached": "only_if_cached_misses",  # misses answered 504 for Cache-Control: only-if-cached
+    "memory_hits": "memory_hits",  # lookups answered by a worker's in-memory copy (L1), not by Redis
 }
 
 

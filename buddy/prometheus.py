@@ -24,6 +24,7 @@ COUNTERS = (
     ("refresh_failures", "buddy_background_refresh_failures", "Background refreshes that failed."),
     ("offline_refusals", "buddy_offline_refusals", "Misses answered 504 in offline mode."),
     ("not_cached", "buddy_only_if_cached_misses", "Misses answered 504 for Cache-Control: only-if-cached."),
+    ("memory_hits", "buddy_memory_hits", "Cache lookups answered by a worker's in-memory copy (L1), not by Redis."),
 )
 
 

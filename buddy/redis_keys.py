@@ -51,6 +51,7 @@ STATS_FIELDS = frozenset({
     "hits", "misses", "coalesced", "passthrough", "coalesce_timeouts", "sets", "bytes_saved", "ms_saved",
     "upstream_requests", "upstream_ms", "throttle_refused", "throttle_delayed", "throttle_delay_ms", "client_gone",
     "stale", "stale_if_error", "background_refreshes", "refresh_failures", "offline_refusals", "not_cached",
+    "memory_hits",
 })
 
 

@@ -70,6 +70,7 @@ class ResponseCache:
         self.guard = guard
         self.keys = keys
         self.memory = memory if memory is not None and memory.enabled else None  # this worker's L1 copies
+        self.on_memory_hit: Callable[[str], None] = lambda domain: None  # told the domain of each L1 answer
         self.grace = dict(grace or {})  # domain -> seconds an entry is kept past its TTL
         self._store = client.register_script(load_script("store_entry"))
         self._measure = client.register_script(load_script("measure_entries"))
@@ -88,6 +89,7 @@ class ResponseCache:
         if memory is not None and not self.guard.open:  # Redis down or hung: a store or clear may go unheard
             copy = memory.get(key)
             if copy is not None:
+                self.on_memory_hit(entry.domain)
                 return copy
             ticket = memory.ticket(key, entry.domain)
         blob = self.guard.run(lambda: self.client.get(key))

@@ -280,3 +280,14 @@ def test_remembered_requests_stay_within_their_byte_budget_under_a_flood(app: Fl
         deep_size(app.extensions["buddy"].settings, shared)  # the mapping's settings are not the memo's
         largest = max(largest, deep_size(hit_path._mapped, shared))  # type: ignore[attr-defined]
     assert largest <= 1.2 * 200_000, f"{largest} bytes remembered"
+
+
+def test_answers_from_a_worker_s_memory_are_counted_for_the_whole_proxy(app: Flask, client: FlaskClient) -> None:
+    assert app.extensions["buddy"].service.coalescer.hub.start(wait=3)
+    for _ in range(10):  # a miss; then hits: read from Redis twice (kept on its second read), then from memory
+        client.get("/up/a")
+    app.extensions["buddy"].service.metrics.flush()
+    cache = client.get("/admin/metrics").get_json()["cache"]
+    assert cache["by_domain"]["up"]["hits"] == 9 and cache["by_domain"]["up"]["memory_hits"] == 7
+    assert cache["memory_hits"] == 7
+    assert "buddy_memory_hits_total{domain=\"up\"} 7.0" in client.get("/metrics").get_data(as_text=True)
