@@ -119,8 +119,11 @@ def test_the_embedded_default_stays_a_cache_when_full(gunicorn, tmp_path: Path, 
     client = redis.Redis(unix_socket_path=str(EmbeddedRedis(data).socket_path))
     assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "volatile-lru"
     check_full_but_working(proxy, client, json_upstream)
-    left = cache_census(client)[0]  # (a write or two may still evict a few before the clear)
-    assert requests.delete(proxy.url + "/admin/cache/up", timeout=30).json()["cleared"] >= 0.9 * left
+    left = cache_census(client)[0]
+    evicted = client.info("stats")["evicted_keys"]
+    cleared = requests.delete(proxy.url + "/admin/cache/up", timeout=30).json()["cleared"]
+    # The clear's own SCAN replies take memory in a full Redis, which evicts a few entries as it goes.
+    assert cleared + client.info("stats")["evicted_keys"] - evicted >= 0.95 * left
     assert cache_census(client)[0] == 0  # every entry, with no index to go by
     client.close()
 
