@@ -249,17 +249,27 @@ def invalidation_ms(port: int, url: str, connections: int, limit: float = 2.0) -
     return float("inf")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def load_options(description: str) -> argparse.ArgumentParser:
+    """The options of a load bench (this one and bench/misses.py): run length, rounds, worker shape, clients."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run")
     parser.add_argument("--rounds", type=int, default=2, help="runs per scenario and target, order alternating")
-    parser.add_argument("--workers", type=int, default=4, help="gunicorn workers for both targets")
+    parser.add_argument("--workers", type=int, default=4, help="gunicorn workers for the proxy and the ceiling")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("BUDDY_THREADS", "64")))
     parser.add_argument("--clients", type=int, default=16, help="concurrent keep-alive connections")
     parser.add_argument("--procs", type=int, default=2, help="client processes the connections are spread over")
     parser.add_argument("--max-requests", type=int, default=2_000_000, help="cap per scenario and target")
+    return parser
+
+
+def parse_load_options(parser: argparse.ArgumentParser) -> argparse.Namespace:
     args = parser.parse_args()
     args.procs, args.rounds = max(1, min(args.procs, args.clients)), max(1, args.rounds)
+    return args
+
+
+def main() -> None:
+    args = parse_load_options(load_options(__doc__.splitlines()[0]))
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
     started: list = []
     with tempfile.TemporaryDirectory(prefix="buddy-bench-") as tmp:

@@ -16,7 +16,6 @@ Run from the repo root: python bench/misses.py [--seconds 5] [--rounds 2] [--wor
 """
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import socket
@@ -37,6 +36,8 @@ from hits import (  # noqa: E402
     MANY_URLS,
     BenchStub,
     exchange,
+    load_options,
+    parse_load_options,
     reference_body,
     request_bytes,
     run_load,
@@ -109,17 +110,9 @@ def cpu_seconds(process: psutil.Process, children: bool = True) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run")
-    parser.add_argument("--rounds", type=int, default=2, help="runs per target, order alternating")
-    parser.add_argument("--workers", type=int, default=4, help="gunicorn workers for the proxy and the ceiling")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("BUDDY_THREADS", "64")))
-    parser.add_argument("--clients", type=int, default=16, help="concurrent keep-alive connections")
-    parser.add_argument("--procs", type=int, default=2, help="client processes the connections are spread over")
+    parser = load_options(__doc__.splitlines()[0])
     parser.add_argument("--single", type=int, default=300, help="one-client misses (and direct requests) timed")
-    parser.add_argument("--max-requests", type=int, default=2_000_000, help="cap per run")
-    args = parser.parse_args()
-    args.procs, args.rounds = max(1, min(args.procs, args.clients)), max(1, args.rounds)
+    args = parse_load_options(parser)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     started: list = []
     with tempfile.TemporaryDirectory(prefix="buddy-bench-") as tmp:
