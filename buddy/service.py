@@ -9,7 +9,7 @@ import time
 from dataclasses import replace
 from typing import NamedTuple
 
-from buddy import codec, policy
+from buddy import policy
 from buddy.coalesce import Coalescer, NotShared, WaitingFull
 from buddy.codec import VaryPointer
 from buddy.errors import ClientGone, CoalesceTimeout, StoreUnavailable, UpstreamError
@@ -111,7 +111,10 @@ class ProxyService:
 
     def lookup(self, request: ProxyRequest, primary: EntryId) -> Lookup:
         """Read the request's entry, following a vary pointer to the variant for this request's headers."""
-        found = self.cache.get(primary)
+        return self._follow(request, primary, self.cache.get(primary))
+
+    def _follow(self, request: ProxyRequest, primary: EntryId, found: ProxyResult | VaryPointer | None) -> Lookup:
+        """What was read at the primary entry, or, for a vary pointer, the variant for this request's headers."""
         if isinstance(found, VaryPointer):
             entry = EntryId(primary.domain, policy.variant_digest(primary.digest, found.names, request.forwarded))
             found = self.cache.get(entry)
@@ -285,7 +288,7 @@ class ProxyService:
             if ahead is None:
                 hit = self.lookup(request, found.primary).hit
             else:
-                hit = self._decode_again(request, found.primary, ahead.blob)
+                hit = self._follow(request, found.primary, self.cache.decode(ahead.blob)).hit
             if hit is not None and usable(domain, hit, control, asked):
                 return from_cache(hit, policy.satisfies(domain, hit, control, time.time()) or "HIT")
             reserved = None
@@ -315,21 +318,6 @@ class ProxyService:
         finally:
             if not handed_off:
                 self._let_go(entry, token, None)
-
-    def _decode_again(self, request: ProxyRequest, primary: EntryId, blob: bytes | None) -> ProxyResult | None:
-        """The response a blob read at the primary entry stands for, as `lookup` would find it (following a
-        vary pointer to this request's variant); None when there is none or it does not decode."""
-        if blob is None:
-            return None
-        try:
-            found: ProxyResult | VaryPointer | None = codec.decode(blob)
-        except codec.CodecError as exc:
-            log.info("unreadable cache entry treated as a miss: %s", exc)
-            return None
-        if isinstance(found, VaryPointer):
-            variant = EntryId(primary.domain, policy.variant_digest(primary.digest, found.names, request.forwarded))
-            found = self.cache.get(variant)
-        return found if isinstance(found, ProxyResult) else None
 
     def _settle(self, request: ProxyRequest, found: Lookup, token: str, result: ProxyResult, store: bool) -> bool:
         """Store the leader's answer as policy (and the client's no-store) allows and hand it to the followers;

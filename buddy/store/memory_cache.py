@@ -81,7 +81,6 @@ class MemoryCache:
         self._dropped: OrderedDict[str, int] = OrderedDict()  # key or domain -> generation it was last dropped at
         self._forgotten_before = 0  # invalidations older than those in _dropped that are no longer remembered
         self._all_dropped = 0
-        self.hits = 0
 
     @property
     def enabled(self) -> bool:
@@ -102,7 +101,6 @@ class MemoryCache:
                 self._copies.move_to_end(key)
         except KeyError:  # dropped meanwhile by an invalidation
             return None
-        self.hits += 1
         value = copy.value
         if isinstance(value, VaryPointer):
             return value
@@ -173,7 +171,7 @@ class MemoryCache:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"entries": len(self._copies), "bytes": self._bytes, "max_bytes": self.max_bytes, "hits": self.hits}
+            return {"entries": len(self._copies), "bytes": self._bytes, "max_bytes": self.max_bytes}
 
     def _stale_ticket(self, ticket: Ticket) -> bool:
         if ticket.epoch != self._epoch.current():

@@ -92,17 +92,23 @@ class ResponseCache:
                 self.on_memory_hit(entry.domain)
                 return copy
             ticket = memory.ticket(key, entry.domain)
-        blob = self.guard.run(lambda: self.client.get(key))
-        if blob is None:
-            return None
-        try:
-            value = codec.decode(blob)
-        except codec.CodecError as exc:
-            log.info("unreadable cache entry treated as a miss: %s", exc)
+        value = self.decode(self.guard.run(lambda: self.client.get(key)))
+        if value is None:
             return None
         if ticket is not None:
             memory.admit(ticket, value)  # type: ignore[union-attr]  # a ticket comes from memory
         return value
+
+    @staticmethod
+    def decode(blob: bytes | None) -> ProxyResult | VaryPointer | None:
+        """A stored value as read from Redis; None for nothing, or for a blob that does not decode (a miss)."""
+        if blob is None:
+            return None
+        try:
+            return codec.decode(blob)
+        except codec.CodecError as exc:
+            log.info("unreadable cache entry treated as a miss: %s", exc)
+            return None
 
     def heard(self, message: str) -> None:
         """A message on the wake-up channel: drop this worker's copy of whatever it names (L1); after a clear,
