@@ -43,6 +43,18 @@ _PLAIN_PATH = re.compile(rb"[A-Za-z0-9!$&'()*+,;=:@~._/-]*")
 _PLAIN_QUERY = re.compile(rb"[A-Za-z0-9=&;+/:?@!$'()*,~._-]*")
 _DOT_SEGMENT = re.compile(rb"(?:^|/)\.\.?(?:/|$)")
 _DIGITS = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also accepts superscripts
+_OBS_FOLD = re.compile(r"(?:(?<![ \t])[ \t]+)?\r?\n[ \t]+")  # whitespace, line break, whitespace: one fold
+
+
+def upstream_fields(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """An upstream answer's header fields as the proxy reads them, whichever library parsed the head.
+
+    A value folded onto the next line (obs-fold) has each fold replaced by one space, as RFC 9112 5.2 lets a
+    proxy do; http.client keeps folds, urllib3 2.8 and later unfold them itself. A live fetch
+    (`UpstreamClient`) and a WARC import (`buddy.archive.records`) both read fields through here, so that the
+    two cannot store the same answer differently, whatever their versions.
+    """
+    return [(name, _OBS_FOLD.sub(" ", value) if "\n" in value else value) for name, value in items]
 
 
 def dropped_headers(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
@@ -339,7 +351,7 @@ class UpstreamClient:
             raise UpstreamUnavailable(
                 domain.name, f"upstream '{domain.name}' sent a malformed status line", kind="malformed"
             )
-        raw_headers = list(response.raw.headers.items())
+        raw_headers = upstream_fields(response.raw.headers.items())
         coding = content_coding(response.headers.get("Content-Encoding", ""))
         decoded = coding is not None
         headers = client_response_headers(raw_headers, decoded)

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Iterator
 
@@ -30,19 +31,26 @@ NOT_THE_SOURCE = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "
 def venv_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with `pip install <a copy of the project>` (no editable link) into its own site-packages.
 
-    The dependencies are the ones this test run already has (`--system-site-packages`, `--no-deps`), so the
-    test needs no network and stays quick; the project itself is a real, non-editable install that wins over
-    the run's own editable one. A copy, so that a stale build/ in the work tree cannot slip old files into
-    the wheel, and the install writes nothing into the clone."""
+    The dependencies are the ones this test run already has: the venv reads the running interpreter's own
+    site-packages after its own (a .pth file), whether that interpreter is a venv's or the system's, so the test
+    needs no network and stays quick, and pip, setuptools and wheel (the dev extra) come from there too. The
+    project itself is a real, non-editable install in the venv's own site-packages, which come first. A copy, so
+    that a stale build/ in the work tree cannot slip old files into the wheel, and the install writes nothing
+    into the clone."""
     root = tmp_path_factory.mktemp("installed")
     source = root / "source"
     shutil.copytree(ROOT, source, ignore=NOT_THE_SOURCE)
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(root / "venv")], check=True,
-                   timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True, timeout=120)
     bin_dir = root / "venv" / "bin"
+    ours = subprocess.run([str(bin_dir / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    theirs = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    # Plain paths, appended after the venv's own: the running environment's .pth files (its editable install of
+    # the project among them) are not run.
+    (Path(ours) / "running-environment.pth").write_text("".join(f"{path}\n" for path in sorted(theirs)))
     pip = subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                          "--no-deps", "--no-build-isolation", str(source)], capture_output=True, text=True,
-                         timeout=600)
+                          "--no-deps", "--no-build-isolation", "--no-index", str(source)], capture_output=True,
+                         text=True, timeout=600)
     assert pip.returncode == 0, pip.stdout + pip.stderr
     shutil.rmtree(source)  # the installed copy is all that is left
     return bin_dir
