@@ -21,6 +21,7 @@ from buddy.monitoring import MonitoringManager
 from buddy.redis_keys import RedisKeys
 from buddy.service import ProxyService
 from buddy.settings import Settings, load_settings
+from buddy.store import metrics as store_metrics
 from buddy.store.connect import connect
 from buddy.store.guard import BUG_TTL_SECONDS, StoreGuard
 from buddy.store.memory_cache import MemoryCache
@@ -28,7 +29,7 @@ from buddy.store.metrics import MetricsRecorder
 from buddy.store.offline import OfflineSwitch
 from buddy.store.rate_limiter import LocalLimiter, RateLimiter, WaitingRoom
 from buddy.store.response_cache import ResponseCache
-from buddy.store.secure_key import SecureKeyStore
+from buddy.store.secure_key import GENERATED, KeySource, SecureKeyStore
 from buddy.store.wakeup import WakeupHub
 from buddy.upstream import UpstreamClient
 
@@ -49,8 +50,22 @@ class Buddy:
     secure_key: SecureKeyStore
     monitoring: MonitoringManager
     embedded: EmbeddedRedis | None = None
+    key_origin: str = GENERATED  # where a configured access key was set (see key_origin)
 
     closed: bool = False
+
+    def serving(self) -> None:
+        """This process serves requests (a gunicorn worker, a CachingProxy): generate the access key now if one is
+        needed, so that the log filter knows it before the first request is logged (an operator command never
+        generates one), and say in Redis where the key comes from, for `api-buddy key`."""
+        required = self.settings.security["require_secure_key"]
+        try:
+            if required:
+                self.secure_key.get()
+            self.secure_key.announce(KeySource(required, self.key_origin))
+        except StoreUnavailable:
+            if required:
+                log.warning("the access key is in Redis, which is unreachable; requests get 503 until it is back")
 
     def shutdown(self) -> None:
         """Stop this app's threads, flush its counters, and leave the embedded Redis (stopping it if last).
@@ -78,6 +93,17 @@ def _shutdown_live_apps() -> None:
     """One exit hook for every app still open in this process: flush its counters, leave the embedded Redis."""
     for buddy in list(_LIVE):
         buddy.shutdown()
+
+
+def key_origin(settings: Settings, environ: Mapping[str, str], config: Mapping[str, Any] | None) -> str:
+    """Where the configured access key was set (the later sources win, as in load_settings), or GENERATED."""
+    if not settings.security["secure_key"]:
+        return GENERATED
+    if ((config or {}).get("security") or {}).get("secure_key"):
+        return "the configuration the program passed to the proxy"
+    if environ.get("BUDDY_SECURE_KEY"):
+        return "BUDDY_SECURE_KEY in the proxy's environment"
+    return f"security.secure_key in {os.path.abspath(environ.get('BUDDY_CONFIG') or 'its config file')}"
 
 
 def connect_redis(settings: Settings) -> tuple[redis.Redis, str, EmbeddedRedis | None]:
@@ -138,17 +164,15 @@ def create_app(
     access = AccessControl(
         settings.security["require_secure_key"], secure_key.get, settings.security["log_security_events"]
     )
-    if settings.security["require_secure_key"]:
-        try:
-            secure_key.get()  # now, so that the log filter knows the key before the first request is logged
-        except StoreUnavailable:
-            log.warning("the access key is in Redis, which is unreachable; requests get 503 until it is back")
     monitoring = MonitoringManager(redis_client, guard, keys, settings, cache, url, __version__, service.offline)
-    buddy = Buddy(settings, redis_client, service, access, secure_key, monitoring, embedded)
+    buddy = Buddy(settings, redis_client, service, access, secure_key, monitoring, embedded,
+                  key_origin=key_origin(settings, os.environ if environ is None else environ, config))
     app.extensions["buddy"] = buddy
     _LIVE.add(buddy)
     hub.start()  # subscribe now (this runs in each worker after the fork), not on the first wait
     metrics.start()
+    if store_metrics.IN_WORKER:  # a gunicorn worker; a `flask buddy` command loads the same wsgi.py, and is none
+        buddy.serving()
 
     from buddy import admin, cli, views
 

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from typing import Any, Mapping
 
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, get_sockaddr, make_server, select_address_family
 
 from buddy import Buddy, create_app
 from buddy.access import exposure_warning
@@ -16,9 +17,18 @@ log = logging.getLogger("buddy")
 
 class _Handler(WSGIRequestHandler):
     """HTTP/1.1, so that a streamed body is chunked and a client can tell one that was cut off; werkzeug
-    still answers `Connection: close`, one request per connection, so no keep-alive thread outlives stop()."""
+    still answers `Connection: close`, one request per connection, so no keep-alive thread outlives stop().
+
+    Nothing is printed to the host program's stderr: no access line per request (the proxy's counters say what
+    it did, as under gunicorn), and werkzeug's other lines go to the proxy's log, errors as errors."""
 
     protocol_version = "HTTP/1.1"
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass
+
+    def log(self, type: str, message: str, *args: Any) -> None:
+        log.log(logging.ERROR if type == "error" else logging.DEBUG, "http server: " + message, *args)
 
 
 class CachingProxy:
@@ -33,6 +43,7 @@ class CachingProxy:
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         self.app = create_app(config)
         self.buddy: Buddy = self.app.extensions["buddy"]
+        self.buddy.serving()
         if self.buddy.embedded is not None:
             self.buddy.embedded.supervise()  # a thread of this process restarts it if it dies, until stop()
         self._server: BaseWSGIServer | None = None
@@ -57,11 +68,17 @@ class CachingProxy:
         warning = exposure_warning([f"{server['host']}:{server['port']}"], self.buddy.access.required)
         if warning:
             log.warning(warning)
+        host, port = server["host"], server["port"]
+        family = select_address_family(host, port)
+        try:  # bound here: werkzeug would print a taken port to stderr and exit, which the host program must not
+            listener = socket.create_server(get_sockaddr(host, port, family), family=family)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         try:
-            self._server = make_server(server["host"], server["port"], self.app, threaded=True,
-                                       request_handler=_Handler)
-        except SystemExit:  # werkzeug reports a taken port by printing and exiting; the host program must not
-            raise OSError(f"cannot listen on {server['host']}:{server['port']}: the address is in use") from None
+            self._server = make_server(host, port, self.app, threaded=True, request_handler=_Handler,
+                                       fd=listener.fileno())
+        finally:
+            listener.close()  # the server holds its own copy of the socket
         if blocking:
             try:
                 self._server.serve_forever()
@@ -85,7 +102,10 @@ class CachingProxy:
             server.server_close()
         self.buddy.shutdown()
 
-    def get_secure_key(self) -> str:
+    def get_secure_key(self) -> str | None:
+        """The access key clients must send; None when the proxy requires none (and none is made up for it)."""
+        if not self.buddy.settings.security["require_secure_key"]:
+            return self.buddy.settings.security["secure_key"]
         return self.buddy.secure_key.get()
 
     def get_metrics(self) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from flask.cli import AppGroup, ScriptInfo
 from buddy.embedded import NotRunning, join_only
 from buddy.errors import ConfigError, StoreUnavailable
 from buddy.monitoring import redacted_url
-from buddy.settings import load_settings
+from buddy.settings import load_settings, read_config_file
+from buddy.store.secure_key import GENERATED
 from buddy.views import NAMESPACE
 
 
@@ -58,17 +59,26 @@ def _redis_down(exc: StoreUnavailable) -> click.ClickException:
 
 @group.command("key")
 def key_command() -> None:
-    """Print the proxy's access key (configured, or the one it generated and keeps in Redis) and nothing else."""
+    """Print the access key the running proxy accepts and nothing else; or say where to find it."""
     buddy = current_app.extensions["buddy"]
-    configured = buddy.settings.security["secure_key"]
-    if configured:
-        click.echo(configured)
-        return
-    store = buddy.secure_key
-    try:  # read, never generate: a key made up here would not be the one a proxy with BUDDY_SECURE_KEY accepts
-        stored = store.guard.run(lambda: store.client.get(store.name))
+    store, configured = buddy.secure_key, buddy.settings.security["secure_key"]
+    try:  # read, never generate: a key made up here would not be the one the proxy accepts
+        source, stored = store.announced(), store.stored()
     except StoreUnavailable as exc:
         raise _redis_down(exc) from exc
+    if source is not None and not source.required:
+        raise click.ClickException("the running proxy requires no access key (security.require_secure_key is off)")
+    if source is not None and source.origin != GENERATED:
+        if configured:
+            click.echo(configured)
+            return
+        raise click.ClickException(
+            f"the running proxy takes its access key from {source.origin}, which this command does not have: run it "
+            "with the proxy's environment (deploy/api-buddy-as-service key for the systemd service), or read it there"
+        )
+    if source is None and configured:  # no proxy has said where its key comes from: this config's is the best guess
+        click.echo(configured)
+        return
     if stored is None:
         url = buddy.monitoring.redis_url
         where = url if url.startswith("unix:") else redacted_url(url)
@@ -77,7 +87,7 @@ def key_command() -> None:
             "one. The proxy either does not require a key (security.require_secure_key), has not finished starting, "
             "or takes its key from BUDDY_SECURE_KEY: run this with its environment."
         )
-    click.echo(stored.decode() if isinstance(stored, bytes) else str(stored))
+    click.echo(stored)
 
 
 def _namespace(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -180,7 +190,7 @@ def check_config_command(path: str | None) -> None:
         "redis": {**settings.redis, "url": redacted_url(settings.redis["url"]) if settings.redis["url"] else None,
                   "data_dir": str(settings.data_dir)},
     }
-    click.echo(json.dumps(effective, indent=2, default=list))
+    click.echo(json.dumps(effective, indent=2, default=sorted))  # sets in one order, run after run
     click.echo("configuration is valid", err=True)
 
 
@@ -229,6 +239,10 @@ def main(ctx: click.Context, config: str | None, **flags: Any) -> None:
       api-buddy --config cfg.json clear-cache NAME
     """
     if config:
+        try:  # read here first, so that a file it cannot read is blamed on --config, not on BUDDY_CONFIG
+            read_config_file(config, source="--config")
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
         os.environ["BUDDY_CONFIG"] = os.path.abspath(config)  # for the workers and the commands alike
     given = {name: value for name, value in flags.items() if value is not None}
     if ctx.invoked_subcommand is not None:

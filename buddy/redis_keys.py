@@ -44,6 +44,8 @@ KEY_KINDS = (
     KeyKind("errors", False, "the 50 latest upstream errors (JSON events), newest first; trimmed on every push"),
     KeyKind("workers", False, "proxy processes seen lately (host:pid -> time); trimmed to the last 15 s at each flush"),
     KeyKind("secure_key", False, "the generated access key: kept across restarts, never evicted"),
+    KeyKind("key_source", False, "where the serving proxy's access key comes from (generated, or the variable or "
+            "file that set it) and whether one is required; never the key; one key"),
     KeyKind("offline", False, "the run-time offline switch ('1' on, '0' off) set by `buddy offline`; one key"),
 )
 # The counters of `stats:{<name>}`, besides one `status:<outcome>` per upstream status code or failure kind.
@@ -132,6 +134,11 @@ class RedisKeys:
     def secure_key(self) -> str:
         """The generated access key (no TTL: it must survive restarts and never be evicted)."""
         return f"{self.prefix}secure_key"
+
+    @property
+    def key_source(self) -> str:
+        """Where the serving proxy's key comes from, as JSON (no secret): read by `api-buddy key`."""
+        return f"{self.prefix}key_source"
 
     def session(self, session: str) -> str:
         """A dashboard session, open until it expires or its browser signs out."""

@@ -9,11 +9,13 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+from importlib import metadata
 from typing import Any, Mapping
 
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 from gunicorn.config import KNOWN_SETTINGS
+from packaging.requirements import InvalidRequirement, Requirement
 
 from buddy import __version__
 from buddy.access import exposure_warning
@@ -44,8 +46,37 @@ def settings_or_exit(overrides: Mapping[str, Any] | None = None) -> Settings:
         raise SystemExit(CONFIG_EXIT) from None
 
 
+def gunicorn_problem(installed: str | None = None) -> str | None:
+    """Why the installed gunicorn cannot run the proxy's worker, or None when it can.
+
+    buddy.worker subclasses gunicorn's gthread worker and reaches into its connections and parser, which change
+    between major releases; the range it was tested with is declared once, in pyproject.toml, and read here
+    from the installed distribution's metadata (a source tree that was never installed is not checked)."""
+    try:
+        declared = metadata.requires("reference-api-buddy") or []
+        installed = installed or metadata.version("gunicorn")
+    except metadata.PackageNotFoundError:
+        return None
+    for line in declared:
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if requirement.name == "gunicorn" and not requirement.specifier.contains(installed, prereleases=True):
+            wanted = ",".join(str(s) for s in sorted(requirement.specifier, key=lambda s: s.operator[0] != ">"))
+            return (f"gunicorn {installed} is installed, but the proxy's worker needs gunicorn{wanted} (it builds "
+                    f"on gunicorn's threaded worker, whose internals change between releases): "
+                    f"pip install 'gunicorn{wanted}'")
+    return None
+
+
 def gunicorn_options(settings: Settings) -> dict[str, Any]:
-    """Every gunicorn setting the proxy sets, hooks included; command-line flags are applied after these."""
+    """Every gunicorn setting the proxy sets, hooks included; command-line flags are applied after these.
+    A gunicorn release the worker was not built for stops here, with one line naming the supported range."""
+    problem = gunicorn_problem()
+    if problem:
+        print(f"reference-api-buddy: {problem}", file=sys.stderr)
+        raise SystemExit(CONFIG_EXIT)
     hooks = ServerHooks(settings)
     return {
         "bind": [f"{settings.server['host']}:{settings.server['port']}"],
@@ -182,6 +213,7 @@ class ProxyApplication(BaseApplication):
 
     def load_config(self) -> None:
         self.cfg.set("default_proc_name", "api-buddy")
+        self.cfg.set("config", None)  # no gunicorn.conf.py is read: the start-up log must not name one
         for name, value in {**gunicorn_options(settings_or_exit(self.overrides)), **self.flags}.items():
             self.cfg.set(name, value)
 

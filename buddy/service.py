@@ -532,7 +532,7 @@ def offline_miss(domain: DomainSettings) -> ProxyResult:
     result = json_result(
         504, "Gateway Timeout", error="offline", domain=domain.name,
         message=f"the proxy is offline and holds no answer to this request for '{domain.name}'; nothing was sent "
-                "upstream (turn offline mode off with `flask buddy offline off`, or unset BUDDY_OFFLINE)",
+                "upstream (turn offline mode off with `api-buddy offline off`, or unset BUDDY_OFFLINE)",
     )
     result.cache = "OFFLINE"
     return result

@@ -362,24 +362,25 @@ ENVIRONMENT_VARIABLES = {  # variable -> (section, key) it sets, over the config
 }
 
 
-def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a JSON (.json, or no extension) or TOML (.toml) configuration file."""
+def read_config_file(path: str | os.PathLike[str], source: str = "BUDDY_CONFIG") -> dict[str, Any]:
+    """Read a JSON (.json, or no extension) or TOML (.toml) configuration file; a problem is named by `source`,
+    where the path came from (the variable, or `--config`)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix and suffix not in CONFIG_FORMATS:
-        raise ConfigError([f"BUDDY_CONFIG: {path}: '{path.suffix}' files are not supported; "
+        raise ConfigError([f"{source}: {path}: '{path.suffix}' files are not supported; "
                            "the config file must be JSON (.json) or TOML (.toml)"])
     try:
         text = path.read_bytes()
     except OSError as exc:
-        raise ConfigError([f"BUDDY_CONFIG: cannot read {path}: {exc.strerror}"]) from exc
+        raise ConfigError([f"{source}: cannot read {path}: {exc.strerror}"]) from exc
     kind = CONFIG_FORMATS.get(suffix, "JSON")
     try:
         data = tomllib.loads(text.decode()) if kind == "TOML" else json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"BUDDY_CONFIG: {path} is not valid {kind}: {exc}"]) from exc
+        raise ConfigError([f"{source}: {path} is not valid {kind}: {exc}"]) from exc
     if not isinstance(data, dict):
-        raise ConfigError([f"BUDDY_CONFIG: {path} must hold an object/table at the top level"])
+        raise ConfigError([f"{source}: {path} must hold an object/table at the top level"])
     return data
 
 

@@ -51,8 +51,6 @@ def parse_redis_url(url: str) -> RedisTarget:
     scheme = scheme.lower()
     if not sep or scheme not in SCHEMES:
         close = difflib.get_close_matches(scheme, SCHEMES, n=1, cutoff=0.6) if sep else []
-        if not close and "+" not in scheme:
-            raise ValueError("must start with redis://, rediss:// or unix://")
         hint = f" (did you mean {close[0]}://?)" if close else ""
         raise ValueError("must start with redis://, rediss:// or unix:// (one server), redis+cluster:// or rediss+"
                          f"cluster:// (a Redis Cluster), redis+sentinel:// or rediss+sentinel:// (Sentinel){hint}")

@@ -124,7 +124,7 @@ def test_the_logging_section_applies_to_gunicorn_and_the_app_alike(gunicorn, red
     assert any(line.startswith("BUDDY|buddy.service|could not reach upstream 'up'") for line in lines)
 
 
-def test_caching_proxy_lifecycle_errors_are_clear(redis_url, upstream) -> None:
+def test_caching_proxy_lifecycle_errors_are_clear(redis_url, upstream, capfd) -> None:
     import threading
 
     import pytest
@@ -143,8 +143,11 @@ def test_caching_proxy_lifecycle_errors_are_clear(redis_url, upstream) -> None:
         with pytest.raises(OSError, match="in use"):
             second.start()
         second.stop()
+        assert requests.get(f"http://127.0.0.1:{port}/up/a", timeout=10).status_code == 200
     finally:
         first.stop()
+    printed = capfd.readouterr().err  # the host program's stderr: no server lines, no access line per request
+    assert "in use" not in printed and "GET /up/a" not in printed, printed
     with pytest.raises(RuntimeError, match="stopped"):
         first.start()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from gunicorn.app.wsgiapp import WSGIApplication
 from buddy import create_app
 from buddy.cli import main
 from buddy.embedded import EmbeddedRedis, NotRunning, join_only
-from buddy.serve import ProxyApplication
+from buddy.serve import ProxyApplication, gunicorn_problem
 from tests.support.processes import ROOT
 
 CLEAN = {"BUDDY_CONFIG": None, "REDIS_URL": None, "BUDDY_DATA_DIR": None, "BUDDY_SECURE_KEY": None,
@@ -71,6 +72,18 @@ def test_gunicorn_wsgi_app_and_api_buddy_run_with_the_same_gunicorn_settings(mon
     for hook in ("on_starting", "when_ready", "on_exit"):  # the same hooks, bound to settings loaded alike
         assert clone.settings[hook].value.__func__ is installed.settings[hook].value.__func__
     assert installed.worker_class_str == "buddy.worker.DeadlineWorker" and installed.threads == 64
+    assert installed.settings["config"].value is None  # it reads no gunicorn.conf.py, and its log names none
+
+
+@pytest.mark.parametrize("version", ["23.0.0", "26.2.0", "28.0.0"])
+def test_a_gunicorn_the_worker_was_not_built_for_stops_start_up_naming_the_range(monkeypatch, version) -> None:
+    assert gunicorn_problem() is None  # the one this run installed from the lock
+    monkeypatch.setattr("buddy.serve.metadata.version", lambda name: version if name == "gunicorn" else "0")
+    with pytest.raises(SystemExit) as stopped:
+        ProxyApplication({}, {})  # loads its settings, as `api-buddy` does before it serves
+    assert stopped.value.code == 2
+    problem = gunicorn_problem()
+    assert problem is not None and f"gunicorn {version} is installed" in problem and "gunicorn>=27.0,<28" in problem
 
 
 def test_a_command_never_starts_an_embedded_redis_nor_creates_its_folder(tmp_path) -> None:
@@ -87,7 +100,8 @@ def test_a_command_never_starts_an_embedded_redis_nor_creates_its_folder(tmp_pat
 
 def test_key_prints_the_stored_key_and_never_makes_one_up(buddy_config) -> None:
     server = fakeredis.FakeServer()
-    app = create_app(buddy_config, redis_client=fakeredis.FakeRedis(server=server), environ={})
+    secured = {**buddy_config, "security": {"require_secure_key": True}}
+    app = create_app(secured, redis_client=fakeredis.FakeRedis(server=server), environ={})
     try:
         refused = app.test_cli_runner().invoke(args=["buddy", "key"])
         assert refused.exit_code == 1 and "no access key to print" in refused.output
@@ -99,6 +113,45 @@ def test_key_prints_the_stored_key_and_never_makes_one_up(buddy_config) -> None:
         app.extensions["buddy"].shutdown()
 
 
+def test_on_the_team_recipe_a_command_without_the_services_environment_makes_no_key(buddy_config) -> None:
+    """The service has BUDDY_SECURE_KEY from its env file; an operator runs `stats`, `offline` and `key` without it."""
+    server = fakeredis.FakeServer()
+    secured = {**buddy_config, "security": {"require_secure_key": True}}
+    service = create_app(secured, redis_client=fakeredis.FakeRedis(server=server),
+                         environ={"BUDDY_SECURE_KEY": "the-services-own-key-123"})
+    service.extensions["buddy"].serving()  # what each gunicorn worker does once it has loaded the app
+    operator = create_app(secured, redis_client=fakeredis.FakeRedis(server=server), environ={})
+    try:
+        for args in (["buddy", "stats"], ["buddy", "offline"], ["buddy", "clear-cache"]):
+            assert operator.test_cli_runner().invoke(args=args).exit_code == 0
+        key = operator.test_cli_runner().invoke(args=["buddy", "key"])
+        assert key.exit_code == 1 and "BUDDY_SECURE_KEY in the proxy's environment" in key.output
+        assert "api-buddy-as-service key" in key.output
+        assert fakeredis.FakeRedis(server=server).get(operator.extensions["buddy"].secure_key.name) is None
+        with_env = create_app(secured, redis_client=fakeredis.FakeRedis(server=server),
+                              environ={"BUDDY_SECURE_KEY": "the-services-own-key-123"})
+        printed = with_env.test_cli_runner().invoke(args=["buddy", "key"]).output.strip()
+        with_env.extensions["buddy"].shutdown()
+        answer = service.test_client().get("/up/x", headers={"X-API-Buddy-Key": printed})
+        assert answer.status_code == 200  # the key `key` prints is the one the serving proxy accepts
+    finally:
+        operator.extensions["buddy"].shutdown()
+        service.extensions["buddy"].shutdown()
+
+
+def test_a_proxy_that_requires_no_key_has_none_to_give(buddy_config, redis_url) -> None:
+    from buddy import CachingProxy
+
+    proxy = CachingProxy({**buddy_config, "redis": {"url": redis_url}})
+    try:
+        assert proxy.get_secure_key() is None
+        assert proxy.buddy.redis.get(proxy.buddy.secure_key.name) is None  # none stored for later either
+        said = proxy.app.test_cli_runner().invoke(args=["buddy", "key"])
+        assert said.exit_code == 1 and "requires no access key" in said.output
+    finally:
+        proxy.stop()
+
+
 @pytest.mark.parametrize("name", ["cfg.yaml", "cfg.yml", "cfg.ini"])
 def test_an_unsupported_config_format_says_which_are_supported(tmp_path, name: str) -> None:
     config = tmp_path / name
@@ -106,11 +159,13 @@ def test_an_unsupported_config_format_says_which_are_supported(tmp_path, name: s
     result = invoke(["--config", str(config), "check-config"])
     assert result.exit_code == 1
     assert "the config file must be JSON (.json) or TOML (.toml)" in result.output and "not valid" not in result.output
+    assert f"--config: {config}" in result.output and "BUDDY_CONFIG" not in result.output  # where the user named it
 
 
 @pytest.mark.parametrize(("variable", "value", "message"), [
     ("BUDDY_SECURE_KEY", "short", "BUDDY_SECURE_KEY: must be at least 16 characters"),
-    ("REDIS_URL", "http://127.0.0.1:6379", "REDIS_URL: must start with redis://, rediss:// or unix://"),
+    ("REDIS_URL", "http://127.0.0.1:6379", "REDIS_URL: must start with redis://, rediss:// or unix:// (one server), "
+                  "redis+cluster:// or rediss+cluster:// (a Redis Cluster), redis+sentinel:// or rediss+sentinel://"),
 ])
 def test_a_bad_environment_variable_is_named_as_such(tmp_path, variable: str, value: str, message: str) -> None:
     config = tmp_path / "cfg.json"
@@ -120,6 +175,15 @@ def test_a_bad_environment_variable_is_named_as_such(tmp_path, variable: str, va
     assert "security.secure_key" not in result.output and "redis.url" not in result.output
     config.write_text(json.dumps({"security": {"secure_key": "short"}}))  # from the file: named by its path
     assert "security.secure_key: must be at least 16" in invoke(["--config", str(config), "check-config"]).output
+
+
+def test_check_config_prints_the_same_config_the_same_way_every_run(tmp_path: Path) -> None:
+    config = tmp_path / "cfg.toml"
+    config.write_text('[domain_mappings.up]\nupstream = "https://example.org"\n')
+    printed = {subprocess.run([str(Path(sys.executable).parent / "api-buddy"), "--config", str(config), "check-config"],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed},
+                              check=True).stdout for seed in ("1", "2", "3")}
+    assert len(printed) == 1 and '"authorization"' in printed.pop()  # sets (credential headers) in one order
 
 
 def test_check_config_follows_config(tmp_path: Path) -> None:

@@ -148,6 +148,8 @@ def test_offline_by_configuration_refuses_every_miss(offline_app: Flask, upstrea
         answer = client.open("/up/anything", method=method)
         assert answer.status_code == 504 and answer.json["error"] == "offline"
         assert answer.headers["X-Cache"] == "OFFLINE"
+        # It names the command that works from any folder (a pip-installed user has no wsgi.py for `flask`).
+        assert "`api-buddy offline off`" in answer.json["message"] and "flask" not in answer.json["message"]
     assert upstream.count() == 0
     switch = offline_app.extensions["buddy"].service.offline
     switch.set(False)  # the run-time switch wins over the configuration, in every process within a second

@@ -72,7 +72,8 @@ def test_missing_upstream_and_wrong_types() -> None:
     found = problems({"domain_mappings": {"a": {}}, "security": {"require_secure_key": "yes"}, "redis": {"url": "http://x"}})
     assert found == [
         "domain_mappings.a.upstream: is required",
-        "redis.url: must start with redis://, rediss:// or unix://",
+        "redis.url: must start with redis://, rediss:// or unix:// (one server), redis+cluster:// or "
+        "rediss+cluster:// (a Redis Cluster), redis+sentinel:// or rediss+sentinel:// (Sentinel)",
         "security.require_secure_key: must be true or false",
     ]
 
