@@ -4,6 +4,7 @@ Run: python bench/codec_choice.py
 """
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import time
@@ -80,8 +81,12 @@ def measure(name: str, compress, decompress, samples: list[bytes], rounds: int =
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="two samples (bench/smoke.py): check that it runs")
+    smoke = parser.parse_args().smoke
     rng = random.Random(7)
-    samples = [conceptnet_page(rng, n) for n in (5, 20, 50, 200)] + [wikidata_entity(rng, n) for n in (10, 100, 600)]
+    samples = [conceptnet_page(rng, n) for n in ((5,) if smoke else (5, 20, 50, 200))]
+    samples += [wikidata_entity(rng, n) for n in ((10,) if smoke else (10, 100, 600))]
     print(f"{len(samples)} samples, {sum(map(len, samples)) / 1024:.0f} KiB in all")
     zc = {level: zstandard.ZstdCompressor(level=level) for level in (1, 3, 6)}
     zd = zstandard.ZstdDecompressor()

@@ -196,18 +196,18 @@ def start_ceiling(workdir: Path, redis_url: str, args: argparse.Namespace) -> tu
     return process, port
 
 
-def warm_only(port: int) -> None:
+def warm_only(port: int, many: list[str]) -> None:
     """Every URL through a second proxy on the same Redis: its entries are the first one's (HIT already)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        for url in [ONE_URL, *MANY_URLS]:
+        for url in [ONE_URL, *many]:
             head, _ = exchange(sock, request_bytes(url, port))
             if b"\r\nX-Cache: HIT\r\n" not in head:
                 raise RuntimeError(f"{url} is not a hit through the second proxy:\n{head.decode()}")
 
 
-def warm(proxy_port: int, ceiling_port: int, stub: BenchStub, redis_client) -> str:
+def warm(proxy_port: int, ceiling_port: int, stub: BenchStub, redis_client, many: list[str]) -> str:
     """Fetch every URL through the proxy (MISS), again (HIT), give the ceiling the same bytes; a sanity line."""
-    urls = [ONE_URL, *MANY_URLS]
+    urls = [ONE_URL, *many]
     with socket.create_connection(("127.0.0.1", proxy_port), timeout=10) as sock:
         misses = sum(b"X-Cache: MISS" in exchange(sock, request_bytes(u, proxy_port))[0] for u in urls)
         bodies = {}
@@ -259,17 +259,28 @@ def load_options(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--clients", type=int, default=16, help="concurrent keep-alive connections")
     parser.add_argument("--procs", type=int, default=2, help="client processes the connections are spread over")
     parser.add_argument("--max-requests", type=int, default=2_000_000, help="cap per scenario and target")
+    parser.add_argument("--smoke", action="store_true", help="tiny counts (bench/smoke.py): check that it runs")
     return parser
+
+
+SMOKE = {"seconds": 0.5, "rounds": 1, "workers": 1, "threads": 4, "clients": 2, "procs": 1, "urls": 20, "single": 20}
 
 
 def parse_load_options(parser: argparse.ArgumentParser) -> argparse.Namespace:
     args = parser.parse_args()
+    if args.smoke:
+        for name, value in SMOKE.items():
+            if hasattr(args, name):
+                setattr(args, name, value)
     args.procs, args.rounds = max(1, min(args.procs, args.clients)), max(1, args.rounds)
     return args
 
 
 def main() -> None:
-    args = parse_load_options(load_options(__doc__.splitlines()[0]))
+    parser = load_options(__doc__.splitlines()[0])
+    parser.add_argument("--urls", type=int, default=len(MANY_URLS), help="URLs of the many-URLs scenario (<= 1,000)")
+    args = parse_load_options(parser)
+    many = MANY_URLS[:max(1, args.urls)]
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
     started: list = []
     with tempfile.TemporaryDirectory(prefix="buddy-bench-") as tmp:
@@ -291,12 +302,12 @@ def main() -> None:
             started.append(lambda: stop_group(ceiling))
             print(f"workers={args.workers} threads={args.threads} (gthread) clients={args.clients} over "
                   f"{args.procs} processes, {args.rounds} x {args.seconds:g} s per target, {os.cpu_count()} CPUs")
-            print(warm(proxy.port, ceiling_port, stub, redis_server.client()))
-            warm_only(redis_only.port)
+            print(warm(proxy.port, ceiling_port, stub, redis_server.client(), many))
+            warm_only(redis_only.port, many)
             hit = b"\r\nX-Cache: HIT\r\n"
             targets = {"proxy L1": (proxy.port, hit), "proxy": (redis_only.port, hit), "ceiling": (ceiling_port, b"")}
             rows, ratios = [], []
-            for scenario, urls in (("1 URL", [ONE_URL]), ("1,000 URLs", MANY_URLS)):
+            for scenario, urls in (("1 URL", [ONE_URL]), (f"{len(many):,} URLs", many)):
                 runs: dict[str, list] = {name: [] for name in targets}
                 for r in range(args.rounds):  # the order turns each round: drift hits every target alike
                     order = list(targets)[r % len(targets):] + list(targets)[: r % len(targets)]
@@ -312,7 +323,7 @@ def main() -> None:
                     ratios.append(f"{scenario}: {name}/ceiling req/s = {rates[name] / max(rates['ceiling'], 1e-9):.2f}"
                                   f", p99 {p99s[name]:.2f} vs {p99s['ceiling']:.2f} ms")
             print("\nscenario   | target   |    req/s | p50 ms | p99 ms", *rows, "", *ratios, sep="\n")
-            print(f"upstream requests during the load runs: {len(stub.paths()) - 1 - len(MANY_URLS)}")
+            print(f"upstream requests during the load runs: {len(stub.paths()) - 1 - len(many)}")
             took = [invalidation_ms(proxy.port, ONE_URL, 4 * args.workers) for _ in range(3)]
             print("L1 invalidation: every worker answered with a new entry "
                   + ", ".join("not within 2 s" if ms == float("inf") else f"{ms:.1f}" for ms in took)

@@ -64,19 +64,21 @@ def summary(latencies: list[float]) -> str:
 
 
 def run_class(worker_class: str, threads: int, workdir: Path, redis: RedisServer, upstream: UpstreamStub,
-              parked: int = 120, burst: int = 100) -> list[str]:
+              parked: int = 120, burst: int = 100, scale: float = 1.0) -> list[str]:
+    """`scale` < 1 shortens every wait and the upstream's delays alike (bench/smoke.py)."""
     redis.client().flushall()
     proxy = start_proxy(workdir, redis.url, upstream.url, worker_class, threads)
     base = proxy.url
     rows = []
     try:
-        rows.append(f"{worker_class:8} {'idle hits':28} {summary(hit_latencies(base, 2))}")
+        rows.append(f"{worker_class:8} {'idle hits':28} {summary(hit_latencies(base, 2 * scale))}")
         pool = ThreadPoolExecutor(max_workers=parked)
         started = time.monotonic()
-        futures = [pool.submit(requests.get, f"{base}/up/parked/{worker_class}/{i}?sleep=4000", timeout=60)
+        slow = f"sleep={4000 * scale:.0f}"
+        futures = [pool.submit(requests.get, f"{base}/up/parked/{worker_class}/{i}?{slow}", timeout=60)
                    for i in range(parked)]
-        time.sleep(0.5)  # let them reach the upstream
-        rows.append(f"{worker_class:8} {f'hits, {parked} misses parked':28} {summary(hit_latencies(base, 3))}")
+        time.sleep(0.5 * scale)  # let them reach the upstream
+        rows.append(f"{worker_class:8} {f'hits, {parked} misses parked':28} {summary(hit_latencies(base, 3 * scale))}")
         done, _ = wait(futures, timeout=max(0.0, started + 15 - time.monotonic()))
         ok = sum(1 for f in done if f.exception() is None and f.result().status_code == 200)
         rows.append(f"{worker_class:8} {'parked misses answered':28} {ok:>8}/{parked} within 15 s")
@@ -91,7 +93,8 @@ def run_class(worker_class: str, threads: int, workdir: Path, redis: RedisServer
         started = time.monotonic()
         with ThreadPoolExecutor(max_workers=burst) as pool_of_burst:
             answers = list(pool_of_burst.map(
-                lambda _: requests.get(f"{base}/up/burst/{worker_class}?sleep=500", timeout=60), range(burst)))
+                lambda _: requests.get(f"{base}/up/burst/{worker_class}?sleep={500 * scale:.0f}", timeout=60),
+                range(burst)))
         burst_time = time.monotonic() - started
         rows.append(f"{worker_class:8} {f'{burst} identical misses':28} {burst_time * 1000:8.0f} ms for all "
                     f"(upstream 500 ms, {upstream.count()} upstream call(s), "
@@ -108,14 +111,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("BUDDY_THREADS", "64")))
     parser.add_argument("--parked", type=int, default=120, help="distinct slow misses parked at once")
     parser.add_argument("--burst", type=int, default=100, help="identical concurrent misses")
+    parser.add_argument("--smoke", action="store_true", help="tiny counts (bench/smoke.py): check that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.classes, args.threads, args.parked, args.burst = "gthread", 8, 4, 4
     upstream = UpstreamStub()
     with tempfile.TemporaryDirectory() as tmp:
         redis = RedisServer(Path(tmp))
         try:
             print(f"{'class':8} {'scenario':28} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
             for worker_class in args.classes.split(","):
-                for row in run_class(worker_class, args.threads, Path(tmp), redis, upstream, args.parked, args.burst):
+                for row in run_class(worker_class, args.threads, Path(tmp), redis, upstream, args.parked, args.burst,
+                                     scale=0.25 if args.smoke else 1.0):
                     print(row, flush=True)
         finally:
             redis.stop()

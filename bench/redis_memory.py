@@ -206,7 +206,7 @@ def fill_past_maxmemory(workdir: Path, maxmemory: str, rounds: int) -> None:
             s.stop()
 
 
-def census_cost(workdir: Path) -> None:
+def census_cost(workdir: Path, sizes: tuple[int, ...] = (3_000, 30_000, 100_000, 500_000)) -> None:
     print("\n3. Census cost (one count of every domain: /admin/metrics, /metrics, `flask buddy stats`), two domains\n"
           "   holding 2/3 and 1/3 of the keys; exact up to 3,000 keys a domain, then sampled (30,000 keys read,\n"
           "   3,000 a domain measured).")
@@ -217,7 +217,7 @@ def census_cost(workdir: Path) -> None:
         keys, blob = RedisKeys(), codec.encode(answer(0))
         cache = ResponseCache(client, StoreGuard(), keys)
         have = 0
-        for total in (3_000, 30_000, 100_000, 500_000):
+        for total in sizes:
             pipe = client.pipeline(transaction=False)
             for i in range(have, total):
                 pipe.set(keys.cache("big" if i % 3 else "small", digest(i)), blob, ex=TTL)
@@ -240,13 +240,16 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=20_000)
     parser.add_argument("--maxmemory", default="8mb")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--smoke", action="store_true", help="tiny counts (bench/smoke.py): check that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.entries, args.maxmemory, args.rounds = 300, "2mb", 1
     logging.getLogger("buddy").setLevel(logging.CRITICAL)  # a refused store is a table cell here, not a log line
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         entries_per_mb(workdir, args.entries)
         fill_past_maxmemory(workdir, args.maxmemory, args.rounds)
-        census_cost(workdir)
+        census_cost(workdir, (300, 4_000) if args.smoke else (3_000, 30_000, 100_000, 500_000))
 
 
 if __name__ == "__main__":

@@ -158,15 +158,15 @@ def scenarios(clients: int) -> list[tuple[str, bool, Callable[[int], Hostile | N
 
 
 def run_class(worker_class: str, seconds: float, clients: int, workdir: Path, redis: RedisServer,
-              upstream: UpstreamStub) -> None:
-    for name, keyed, start_hostile in scenarios(clients):
+              upstream: UpstreamStub, only: int | None = None) -> None:
+    for name, keyed, start_hostile in scenarios(clients)[:only]:
         redis.client().flushall()  # a fresh proxy per scenario: a starved one from before must not count
         process, base, port = start_proxy(workdir, redis.url, upstream.url, worker_class, keyed)
         hostile = None
         try:
             hit_latencies(base, 2, False, keyed)  # not counted: every worker's first requests set up connections
             hostile = start_hostile(port)
-            time.sleep(1.5 if hostile else 0)  # every hostile connection accepted, a byte or two sent
+            time.sleep(min(1.5, seconds) if hostile else 0)  # every hostile connection accepted, a byte or two sent
             for keep_alive in (False, True):
                 style = "keep-alive" if keep_alive else "new conn"
                 latencies, failed = hit_latencies(base, seconds / 2, keep_alive, keyed)
@@ -184,7 +184,11 @@ def main() -> None:
     parser.add_argument("--classes", default="default,gthread", help="default = gunicorn.conf.py's worker_class")
     parser.add_argument("--seconds", type=float, default=12.0, help="hits measured per scenario (half each style)")
     parser.add_argument("--clients", type=int, default=400)
+    parser.add_argument("--smoke", action="store_true", help="tiny counts (bench/smoke.py): check that it runs")
     args = parser.parse_args()
+    only = None
+    if args.smoke:  # the default worker, idle and beside one kind of hostile client
+        args.classes, args.seconds, args.clients, only = "default", 0.5, 20, 2
     upstream = UpstreamStub()
     with tempfile.TemporaryDirectory() as tmp:
         redis = RedisServer(Path(tmp))
@@ -192,7 +196,7 @@ def main() -> None:
             print(f"{'class':8} {'beside':28} {'hits on':10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
                   f"{'hits':>6} {'failed':>6}", flush=True)
             for worker_class in args.classes.split(","):
-                run_class(worker_class, args.seconds, args.clients, Path(tmp), redis, upstream)
+                run_class(worker_class, args.seconds, args.clients, Path(tmp), redis, upstream, only)
         finally:
             redis.stop()
             upstream.stop()

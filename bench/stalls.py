@@ -33,13 +33,15 @@ from tests.support.processes import Gunicorn, RedisServer  # noqa: E402
 from tests.support.upstream_stub import UpstreamStub  # noqa: E402
 
 
-def start_proxy(workdir: Path, redis_url: str, upstream: str) -> Gunicorn:
-    """The default shape of gunicorn.conf.py (4 workers), one free mapping and one at 1 request a second."""
+def start_proxy(workdir: Path, redis_url: str, upstream: str, smoke: bool = False) -> Gunicorn:
+    """The default shape of gunicorn.conf.py (4 workers), one free mapping and one at 1 request a second (smoke:
+    one worker, and a 1-second Redis socket timeout)."""
     proxy = Gunicorn(workdir, {
         "domain_mappings": {"up": {"upstream": upstream}, "slow": {"upstream": upstream, "max_requests_per_second": 1}},
         "throttling": {"default_requests_per_hour": 10_000_000},  # BYPASS goes upstream: never the limit here
         "logging": {"level": "WARNING"},
-    }, {"REDIS_URL": redis_url}, workers=4)
+        **({"redis": {"socket_timeout": 1}} if smoke else {}),
+    }, {"REDIS_URL": redis_url}, workers=1 if smoke else 4)
     proxy.wait_until_serving("/up/warm")
     return proxy
 
@@ -86,7 +88,7 @@ def main() -> None:
     upstream = UpstreamStub()
     with tempfile.TemporaryDirectory() as tmp:
         redis = RedisServer(Path(tmp))
-        proxy = start_proxy(Path(tmp), redis.url, upstream.url)
+        proxy = start_proxy(Path(tmp), redis.url, upstream.url, args.smoke)
         base, port = proxy.url, proxy.port
         try:
             print(f"{'scenario':34} {'hits':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'failed':>6}")
@@ -106,14 +108,15 @@ def main() -> None:
             for conn in conns:
                 conn.close()
             reached_before = upstream.count("/flood/")
-            time.sleep(3.0 if args.smoke else 10.0)
+            time.sleep(1.0 if args.smoke else 10.0)
             after = upstream.count("/flood/") - reached_before
             print(f"{'after they hung up':34} {after} of them reached the upstream later "
                   f"({reached_before} before the hang-up)", flush=True)
 
             os.kill(redis.process.pid, signal.SIGSTOP)
             try:  # each worker's first Redis call waits out redis.socket_timeout (5 s); then the circuit is open
-                print(row("Redis hung (SIGSTOP), first 6 s", *hit_latencies(base, 6.0)), flush=True)
+                first = 1.5 if args.smoke else 6.0
+                print(row(f"Redis hung (SIGSTOP), first {first:g} s", *hit_latencies(base, first)), flush=True)
                 print(row("Redis hung, the next seconds", *hit_latencies(base, seconds)), flush=True)
             finally:
                 os.kill(redis.process.pid, signal.SIGCONT)

@@ -183,7 +183,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="no new request after this long (part 2)")
     parser.add_argument("--per-minute", type=int, default=0, help="also run with this max_requests_per_minute")
     parser.add_argument("--stub-backlog", type=int, default=128, help="the upstream stub's listen backlog")
+    parser.add_argument("--smoke", action="store_true", help="tiny counts (bench/smoke.py): check that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.calls, args.history, args.rate, args.clients, args.requests, args.seconds = 200, 100, 5, 4, 10, 2.0
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
     upstream_stub._Server.request_queue_size = args.stub_backlog  # socketserver's default is 5
     started: list[Callable[[], None]] = []

@@ -80,7 +80,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="64,512", help="slice sizes in MB of bodies, comma-separated")
     parser.add_argument("--body-kb", type=int, default=16)
+    parser.add_argument("--smoke", action="store_true", help="tiny counts (bench/smoke.py): check that it runs")
     options = parser.parse_args()
+    if options.smoke:
+        options.sizes, options.body_kb = "2", 4
     rows = [("slice", "entries", "command", "seconds", "MB/s", "peak RSS MB", "file MB")]
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)

@@ -27,14 +27,17 @@ os.register_at_fork(after_in_child=_forked)
 class ProcessThread:
     """`ensure()` before relying on the loop; the loop gets the `stopping` Event and should return soon after
     it is set. `fresh`, if given, runs whenever the thread starts in a new process (to drop state a forked
-    child must not inherit, such as its parent's unflushed counters)."""
+    child must not inherit, such as its parent's unflushed counters); `interrupt`, if given, runs when stop()
+    is called, to end a wait the loop cannot see the Event from (a blocking read)."""
 
     def __init__(
-        self, name: str, loop: Callable[[threading.Event], None], fresh: Callable[[], None] | None = None
+        self, name: str, loop: Callable[[threading.Event], None], fresh: Callable[[], None] | None = None,
+        interrupt: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.loop = loop
         self.fresh = fresh
+        self.interrupt = interrupt
         self.stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -65,6 +68,11 @@ class ProcessThread:
         self.stopping.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread() and self._pid == os.getpid():
+            if self.interrupt is not None:
+                try:
+                    self.interrupt()
+                except Exception:  # the loop still ends at its next look at `stopping`
+                    log.debug("%s: interrupting its wait failed", self.name, exc_info=True)
             thread.join(timeout)
 
     def _run(self) -> None:

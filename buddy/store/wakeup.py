@@ -65,7 +65,8 @@ class WakeupHub:
         self.epoch = 0  # counts confirmed subscriptions: a message may have been missed between two of them
         self.heard = 0.0  # monotonic: when Redis last sent anything on the subscription (a PONG counts)
         self.listeners: list[Callable[[str], None]] = []  # told every message (the L1 cache drops what it names)
-        self.thread = ProcessThread("buddy-wakeup", self._run, fresh=self._listening.clear)
+        self._pubsub_now: Any = None  # the subscription the thread reads from, for stop() to cut short
+        self.thread = ProcessThread("buddy-wakeup", self._run, fresh=self._listening.clear, interrupt=self._hang_up)
 
     @property
     def listening(self) -> bool:
@@ -106,6 +107,12 @@ class WakeupHub:
 
     def stop(self) -> None:
         self.thread.stop()
+
+    def _hang_up(self) -> None:
+        """Close the subscription's connection under the reading thread: its wait ends now, not at its timeout."""
+        pubsub = self._pubsub_now
+        if pubsub is not None and pubsub.connection is not None:
+            pubsub.connection.disconnect()
 
     @staticmethod
     def _name(entry: EntryId) -> str:
@@ -152,7 +159,9 @@ class WakeupHub:
         while not stopping.is_set():
             pubsub = None
             try:
-                pubsub = self._pubsub()
+                pubsub = self._pubsub_now = self._pubsub()
+                if stopping.is_set():
+                    break
                 pubsub.subscribe(self.channel)
                 heard, pinged = time.monotonic(), False
                 while not stopping.is_set():

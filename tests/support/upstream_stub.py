@@ -1,5 +1,9 @@
 """A counting upstream on 127.0.0.1: every request it receives is logged with its start time, headers and body.
 
+The start time is when the kernel received the request's first byte (SO_TIMESTAMPNS, read with MSG_PEEK before
+the request is parsed): the upstream's own clock, which a busy machine cannot shift by delaying this stub's
+threads. (Where the kernel gives no timestamp, the time the handler began.)
+
 Routes (anything else echoes the request as JSON):
   /status/<code>      answers with that status
   /slow/<ms>          sleeps, then echoes
@@ -23,6 +27,8 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import socket
+import struct
 import sys
 import threading
 import time
@@ -31,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
 
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux's value; also the control message's type
 WORDS = "dog cat animal pet mammal wolf bark tail fur loyal house garden run play food bone puppy leash".split()
 
 
@@ -65,8 +72,32 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:  # keep pytest output clean
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        except OSError:
+            pass
+
+    def handle_one_request(self) -> None:
+        self.arrived = self._arrival()
+        super().handle_one_request()
+
+    def _arrival(self) -> float | None:
+        """When the kernel received the next request's first byte; None without a timestamp (or a connection
+        that closed). The proxy never pipelines, so nothing of the next request is buffered in rfile yet."""
+        try:
+            data, ancillary, _, _ = self.connection.recvmsg(1, socket.CMSG_SPACE(16), socket.MSG_PEEK)
+        except OSError:
+            return None
+        for level, kind, stamp in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(stamp) >= 16:
+                seconds, nanoseconds = struct.unpack("qq", stamp[:16])
+                return seconds + nanoseconds / 1e9
+        return None
+
     def _handle(self) -> None:
-        started = time.time()
+        started = self.arrived or time.time()
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         seen = Seen(started, self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body,
