@@ -34,7 +34,7 @@ from buddy.store.wakeup import WakeupHub
 from buddy.upstream import UpstreamClient
 
 __version__ = "0.4.0"
-__all__ = ["create_app", "Buddy", "CachingProxy", "__version__"]
+__all__ = ["create_app", "Buddy", "CachingProxy", "shutdown_live_apps", "__version__"]
 
 log = logging.getLogger("buddy")
 
@@ -89,7 +89,7 @@ _LIVE: "weakref.WeakSet[Buddy]" = weakref.WeakSet()
 
 
 @atexit.register
-def _shutdown_live_apps() -> None:
+def shutdown_live_apps() -> None:
     """One exit hook for every app still open in this process: flush its counters, leave the embedded Redis."""
     for buddy in list(_LIVE):
         buddy.shutdown()

@@ -193,7 +193,9 @@ class EmbeddedRedis:
         if users is None:
             return False
         try:
-            if not _last_to_leave(users):
+            # A supervisor (gunicorn's master) is meant to be the last to leave, after its workers: it waits a moment
+            # for their locks to go. Anyone else leaves at once when others still hold theirs.
+            if not _last_to_leave(users, patience=1.0 if supervising is not None else 0.0):
                 return False
             self._shutdown(process, timeout)
             return True

@@ -15,14 +15,24 @@ gthread also closes each finished connection in its main loop, waiting up to 2 s
 first (RFC 9112 9.6): a client that never closes stalls every connection of the worker for 2 s. Here that
 lingering close is one more thing the loop watches, without blocking.
 
+Stopping: on SIGTERM (`systemctl stop`, `kill`) the worker stops accepting, closes at once the connections that
+carry no request (a head still arriving, a lingering close: nothing to answer there), lets the requests in
+flight finish within gunicorn's graceful_timeout, and exits; on SIGQUIT (the master's answer to Ctrl-C) it exits
+at once, cutting requests in flight. Either way it then leaves without waiting for threads still busy with a
+request (which would keep it alive until the master SIGKILLs it) and without tearing the interpreter down object
+by object: the app's shutdown (counters flushed, the embedded Redis left) and the logs' flush are all it does.
+
 Overridden from ThreadWorker: `enqueue_req` (every way into the thread pool: accept, keep-alive, pipelined
 leftovers), `handle_request` (sets the body and drain deadlines), `finish_request` (the lingering close),
-`murder_pending` (the loop's sweep of expired connections, also during graceful shutdown) and
-`wait_for_and_dispatch_events` (wakes at the next deadline). Everything else (keep-alive, max_requests,
-graceful shutdown, worker_connections, which counts these connections too) is gthread's own.
+`murder_pending` (the loop's sweep of expired connections, also during graceful shutdown),
+`wait_for_and_dispatch_events` (wakes at the next deadline), `run` and `handle_quit` (how it leaves).
+Everything else (keep-alive, max_requests, graceful shutdown, worker_connections, which counts these connections
+too) is gthread's own.
 """
 from __future__ import annotations
 
+import logging
+import os
 import re
 import selectors
 import socket
@@ -97,7 +107,8 @@ class DeadlineWorker(ThreadWorker):
         # with those on, connections go to a thread at once, as in gthread.
         self.reads_heads = (not self.cfg.is_ssl and getattr(self.cfg, "proxy_protocol", "off") in ("off", False)
                             and getattr(self.cfg, "http2_cleartext", None) not in ("prior-knowledge", "both"))
-        super().init_process()  # ends in run()
+        super().init_process()  # ends in run(), which returns once the worker is stopped (in flight answered)
+        self._leave()  # a worker that booted and stopped: nothing else to wait for
 
     # -- overrides -------------------------------------------------------------------------------------
 
@@ -138,9 +149,10 @@ class DeadlineWorker(ThreadWorker):
             super().finish_request(conn, fs)
 
     def murder_pending(self) -> None:
-        """gthread's sweep of idle connections, plus heads and closes past their deadline."""
+        """gthread's sweep of idle connections, plus heads and closes past their deadline (all of them once the
+        worker is stopping: none carries a request to finish)."""
         super().murder_pending()
-        now = time.monotonic()
+        now = time.monotonic() if self.alive else float("inf")
         for queue in (self.heads, self.closing):
             while queue and queue[0].deadline <= now:
                 conn = queue.popleft()
@@ -154,6 +166,24 @@ class DeadlineWorker(ThreadWorker):
             if queue:
                 timeout = min(timeout, max(0.0, queue[0].deadline - time.monotonic()))
         super().wait_for_and_dispatch_events(timeout)
+
+    def handle_quit(self, sig: int, frame: Any) -> None:
+        """SIGQUIT, which the master sends on Ctrl-C: leave now."""
+        self.alive = False
+        self.cfg.worker_int(self)
+        self._leave()
+
+    def _leave(self) -> None:
+        """Exit now, as gunicorn's own exit path would say (its log line), once the app is shut down."""
+        from buddy import shutdown_live_apps  # the app's package, loaded in this worker by now
+
+        self.log.info("Worker exiting (pid: %s)", self.pid)
+        try:
+            shutdown_live_apps()
+        finally:
+            self.tmp.close()
+            logging.shutdown()
+            os._exit(0)
 
     # -- reading heads ---------------------------------------------------------------------------------
 
@@ -223,7 +253,7 @@ class DeadlineWorker(ThreadWorker):
             return
         conn.deadline = time.monotonic() + LINGER_SECONDS
         conn.drained = 0
-        if self._drain(conn):
+        if self._drain(conn) or not self.alive:  # stopping: what the client sent already is drained, no waiting
             self._close(conn)
         else:
             self._watch(self.closing, conn, self._on_closing_readable)

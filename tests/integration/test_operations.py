@@ -1,11 +1,16 @@
 """The operator's view against real gunicorn workers, the flask CLI, and the embedded Python API."""
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -127,8 +132,6 @@ def test_the_logging_section_applies_to_gunicorn_and_the_app_alike(gunicorn, red
 def test_caching_proxy_lifecycle_errors_are_clear(redis_url, upstream, capfd) -> None:
     import threading
 
-    import pytest
-
     from buddy import CachingProxy
 
     port = free_port()
@@ -178,3 +181,31 @@ def test_start_up_and_shutdown_say_what_an_operator_needs_and_nothing_secret(gun
     assert f"redis: embedded, data in {tmp_path / 'data'}" in log
     assert f"mapping /up/ -> {upstream.url}" in log
     assert "embedded Redis saved and stopped" in log
+
+
+def test_ctrl_c_stops_at_once_and_sigterm_lets_requests_in_flight_finish(gunicorn, redis_url, upstream) -> None:
+    """Ctrl-C (SIGINT to gunicorn's process group) cuts a request in flight; SIGTERM (systemctl stop) answers it
+    first; an idle connection that carries no request holds neither up. No worker is ever SIGKILLed for being
+    slow to leave (a thread still busy with a request used to keep it alive until the master lost patience)."""
+    config = {"domain_mappings": {"up": {"upstream": upstream.url, "read_timeout": 60}}}
+    for stop_with in (signal.SIGINT, signal.SIGTERM):
+        proxy = gunicorn(config, env={"REDIS_URL": redis_url}, workers=1)
+        proxy.wait_until_serving("/admin/health")
+        idle = socket.create_connection(("127.0.0.1", proxy.port))  # a browser's preconnect: sends nothing
+        slow = 1000 if stop_with == signal.SIGTERM else 30000
+        with ThreadPoolExecutor(1) as pool:
+            path = f"/slow-{stop_with.name}"
+            in_flight = pool.submit(requests.get, f"{proxy.url}/up{path}?sleep={slow}", timeout=60)
+            deadline = time.monotonic() + 10
+            while not upstream.count(path) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            os.killpg(proxy.process.pid, stop_with)
+            assert proxy.process.wait(timeout=30) == 0
+            if stop_with == signal.SIGTERM:
+                assert in_flight.result().status_code == 200  # answered before the worker left
+            else:
+                with pytest.raises(requests.ConnectionError):
+                    in_flight.result()  # cut: Ctrl-C means now
+        idle.close()
+        log = proxy.log()
+        assert "SIGKILL" not in log and "Worker exiting" in log, log
