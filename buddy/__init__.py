@@ -15,6 +15,7 @@ from buddy.access import AccessControl
 from buddy.coalesce import Coalescer
 from buddy.embedded import EmbeddedRedis
 from buddy.errors import StoreUnavailable
+from buddy.fetcher import Fetcher
 from buddy.http_errors import register_error_handlers
 from buddy.logs import configure_logging
 from buddy.monitoring import MonitoringManager
@@ -77,7 +78,7 @@ class Buddy:
         self.service.coalescer.hub.stop()
         self.service.coalescer.keeper.stop()
         self.service.metrics.stop()
-        self.service.upstream.watchdog.stop()
+        self.service.fetcher.upstream.watchdog.stop()
         self.service.cache.guard.stop()
         self.redis.close()
         if self.embedded is not None:
@@ -148,17 +149,16 @@ def create_app(
     cache.on_memory_hit = lambda domain: metrics.count(domain, "memory_hits")
     max_delay = settings.throttling["progressive_max_delay"]
     waiting = WaitingRoom(int(os.environ.get("BUDDY_THREADS", "64")))  # sleepers and followers alike
+    offline = OfflineSwitch(redis_client, guard, keys, settings.cache["offline"])
+    limiter = RateLimiter(redis_client, guard, keys, max_delay)
+    fetcher = Fetcher(
+        settings, UpstreamClient(settings.cache["max_cache_response_size"]), limiter,
+        LocalLimiter(max_delay, int(os.environ.get("BUDDY_WORKERS", "1"))), waiting, metrics, offline,
+    )
     service = ProxyService(
-        settings,
-        keys,
-        cache,
-        UpstreamClient(settings.cache["max_cache_response_size"]),
+        settings, keys, cache, fetcher,
         Coalescer(redis_client, guard, keys, hub, relay_limit=settings.cache["max_relay_size"], waiting=waiting),
-        RateLimiter(redis_client, guard, keys, max_delay),
-        LocalLimiter(max_delay, int(os.environ.get("BUDDY_WORKERS", "1"))),
-        metrics,
-        waiting,
-        OfflineSwitch(redis_client, guard, keys, settings.cache["offline"]),
+        limiter, metrics, offline,
     )
     secure_key = SecureKeyStore(redis_client, guard, keys, settings.security["secure_key"])
     access = AccessControl(

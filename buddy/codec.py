@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import zstandard
 
-from buddy.messages import ProxyResult, StoredRequest
+from buddy.messages import ProxyResult, StoredRequest, StoredRules
 
 MAGIC = b"RB"
 POINTER_MAGIC = b"RV"
@@ -58,6 +58,8 @@ def encode(response: ProxyResult) -> bytes:
         fields["f"] = response.fresh_for
     if response.request is not None:
         fields["q"] = _request_fields(response.request)
+    if response.rules is not None:
+        fields["g"] = _rules_fields(response.rules)
     meta = json.dumps(fields, separators=(",", ":")).encode()
     payload = _HEADER_LEN.pack(len(meta)) + meta + response.body
     return MAGIC + bytes([VERSION]) + _contexts()[0].compress(payload)
@@ -86,8 +88,9 @@ def decode(blob: bytes) -> ProxyResult | VaryPointer:
         return ProxyResult(
             int(meta["s"]), str(meta["r"]), headers, payload[4 + size :], fetch_ms=int(meta.get("d", 0)),
             stored_at=float(meta["t"]), vary=tuple(str(n) for n in meta.get("v", ())), variant=str(meta.get("k", "")),
-            fresh_for=None if meta.get("f") is None else int(meta["f"]),
+            fresh_for=None if meta.get("f") is None else float(meta["f"]),
             request=None if meta.get("q") is None else _stored_request(meta["q"]),
+            rules=None if meta.get("g") is None else _stored_rules(meta["g"]),
         )
     except (zstandard.ZstdError, struct.error, ValueError, KeyError, TypeError) as exc:
         raise CodecError(str(exc)) from exc
@@ -105,6 +108,25 @@ def _request_fields(request: StoredRequest) -> dict:
         if value:
             fields[name] = value
     return fields
+
+
+def _rules_fields(rules: StoredRules) -> dict:
+    fields: dict = {"a": round(rules.initial_age, 3)}
+    if rules.no_stale:
+        fields["n"] = 1
+    if rules.while_revalidate is not None:
+        fields["w"] = rules.while_revalidate
+    if rules.if_error is not None:
+        fields["e"] = rules.if_error
+    return fields
+
+
+def _stored_rules(fields: dict) -> StoredRules:
+    return StoredRules(
+        initial_age=float(fields.get("a", 0.0)), no_stale=bool(fields.get("n", 0)),
+        while_revalidate=None if fields.get("w") is None else float(fields["w"]),
+        if_error=None if fields.get("e") is None else float(fields["e"]),
+    )
 
 
 def _stored_request(fields: dict) -> StoredRequest:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 from flask import Flask
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.http import HTTP_STATUS_CODES
+from werkzeug.urls import iri_to_uri
 
 from buddy import policy
 from buddy.messages import ProxyRequest
@@ -83,12 +84,13 @@ class HitPath:
         if result is None:
             environ[MAPPED] = (request, looked)  # the view goes on from here: no second look-up
             return None
-        if result.status < 200 or result.status in (204, 304) or any(
-                name.lower() in REWRITTEN for name, _ in result.headers):
-            return None  # werkzeug reshapes these headers (no Content-Length, IRIs as URIs): the view sends them
-        body = result.body or b""
-        headers = response_headers(result)
-        headers.append(("Content-Length", str(len(body))))
+        headers = [(name, iri_to_uri(value)) if name.lower() in REWRITTEN else (name, value)
+                   for name, value in response_headers(result)]  # as werkzeug sends them from the view
+        if result.status in (204, 304):
+            body = b""  # no content, and no Content-Length to say so (RFC 9110 8.6), as werkzeug sends them
+        else:
+            body = result.body or b""
+            headers.append(("Content-Length", str(len(body))))
         status = f"{result.status} {result.reason or HTTP_STATUS_CODES.get(result.status, 'UNKNOWN').upper()}"
         return status, headers, b"" if method == "HEAD" else body
 

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 from typing import Collection, Iterable, NamedTuple
+from urllib.parse import urlsplit
 
 KEY_VERSION = "v2"  # v2: the upstream's origin and base path are part of the key
 _EMPTY_BODY = hashlib.sha256(b"").hexdigest()
@@ -90,3 +91,11 @@ def _fingerprint(shape: RequestShape) -> str:
 
 
 _remembered = functools.lru_cache(maxsize=4096)(_fingerprint)
+
+
+def url_digest(url: str) -> str:
+    """An upstream URL as the index of its stored GET answers names it: scheme and host in lower case, the path as
+    sent, the query items in the key's order (so that `?b=2&a=1` is `?a=1&b=2`, as in the cache key)."""
+    parts = urlsplit(url)
+    material = [parts.scheme.lower(), parts.netloc.lower(), parts.path or "/", list(sorted_query(parts.query))]
+    return hashlib.sha256(json.dumps(material, separators=(",", ":")).encode()).hexdigest()

@@ -29,6 +29,8 @@ class ProxyRequest:
     key_prefix: str = ""
     key_param: str = ""
     namespace: str = ""  # X-Buddy-Namespace: a partition of the cache; never sent upstream
+    # A GET's or HEAD's If-None-Match and If-Modified-Since: answered by the proxy, never sent upstream.
+    conditions: tuple[tuple[str, str], ...] = ()
     client_gone: Callable[[], bool] = field(default=lambda: False, compare=False)
 
     @cached_property
@@ -64,6 +66,23 @@ class StoredRequest:
 STORED_BODY_LIMIT = 1024 * 1024
 
 
+@dataclass(frozen=True)
+class StoredRules:
+    """What a stored answer may be used for once it is stale, and how old it was when received: worked out when it
+    is stored, from the headers as the upstream sent them (buddy.policy.storage), and kept with it.
+
+    `initial_age` is RFC 9111 4.2.3's corrected initial age (its Age, Date and the time the fetch took): a hit's
+    Age header is it plus the time since. `no_stale`: never answer with it once stale (must-revalidate,
+    proxy-revalidate, s-maxage, no-cache). `while_revalidate`, `if_error`: the stale windows the upstream itself
+    allows (stale-while-revalidate, stale-if-error; standards mode), None when it names none.
+    """
+
+    initial_age: float = 0.0
+    no_stale: bool = False
+    while_revalidate: float | None = None
+    if_error: float | None = None
+
+
 @dataclass
 class ProxyResult:
     """Every answer in the flow: an upstream's, a stored entry, a leader's shared copy, or one the proxy makes.
@@ -75,7 +94,7 @@ class ProxyResult:
     keeps a fresh upstream answer's headers as they came, before any was dropped for the client (a
     `Connection: Cache-Control` or a control character must not hide `private` from the policy).
     A stored entry is fresh for `fresh_for` seconds after `stored_at`, then stale: Redis keeps it for a
-    grace period longer (stale-if-error, stale-while-revalidate; see policy.freshness).
+    grace period longer (stale-if-error, stale-while-revalidate), and `rules` say what it may be used for then.
     """
 
     status: int
@@ -90,8 +109,9 @@ class ProxyResult:
     vary: tuple[str, ...] = ()
     variant: str = ""
     upstream_headers: list[tuple[str, str]] | None = None  # as the upstream sent them; read by policy only
-    fresh_for: int | None = None  # a stored entry's freshness lifetime (s) from stored_at; None: fresh while kept
+    fresh_for: float | None = None  # a stored entry's freshness (s) from stored_at; None: fresh while kept
     request: StoredRequest | None = None  # a stored entry's request
+    rules: StoredRules | None = None  # a stored entry's rules for when it is stale; None: stored by an older version
 
     def copy(self) -> ProxyResult:
         """A twin to hand out (a kept entry stays as it is): its own header lists, the same body."""

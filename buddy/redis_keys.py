@@ -40,6 +40,10 @@ KEY_KINDS = (
     KeyKind("health", True, "written by each /admin/health check (a full Redis refuses it); 10 s"),
     KeyKind("minutes", True, "one mapping's hits, misses and upstream calls in one minute (hash of at most 3 "
             "fields), for the dashboard's chart; expires 62 minutes after its minute ended"),
+    KeyKind("uri", True, "the stored GET answers of one upstream URL (their cache keys, variants and vary pointers), "
+            "so that an unsafe request to it removes them all; as long as the longest-lived of them"),
+    KeyKind("ack", True, "how many workers heard an invalidation (a barrier before the unsafe request is answered); "
+            "10 s"),
     KeyKind("stats", False, "the mapping's counters: a fixed set of fields (STATS_FIELDS, status:<outcome>)"),
     KeyKind("errors", False, "the 50 latest upstream errors (JSON events), newest first; trimmed on every push"),
     KeyKind("workers", False, "proxy processes seen lately (host:pid -> time); trimmed to the last 15 s at each flush"),
@@ -53,7 +57,7 @@ STATS_FIELDS = frozenset({
     "hits", "misses", "coalesced", "passthrough", "coalesce_timeouts", "sets", "bytes_saved", "ms_saved",
     "upstream_requests", "upstream_ms", "throttle_refused", "throttle_delayed", "throttle_delay_ms", "client_gone",
     "stale", "stale_if_error", "background_refreshes", "refresh_failures", "offline_refusals", "not_cached",
-    "memory_hits",
+    "memory_hits", "revalidated_unchanged", "revalidated_changed", "revalidation_bytes_saved", "invalidations",
 })
 
 
@@ -102,6 +106,15 @@ class RedisKeys:
     def relay(self, entry: EntryId, token: str) -> str:
         """A stream carrying an over-size body from its leader to the followers as it arrives."""
         return f"{self.prefix}relay:{{{entry.domain}}}:{entry.digest}:{token}"
+
+    def url_index(self, domain: str, digest: str) -> str:
+        """The cache keys of the GET answers stored for one upstream URL (fingerprint.url_digest): what an unsafe
+        request to it invalidates."""
+        return f"{self.prefix}uri:{{{domain}}}:{digest}"
+
+    def ack(self, token: str) -> str:
+        """How many workers have heard the invalidation `token` closed (see ResponseCache.invalidate)."""
+        return f"{self.prefix}ack:{token}"
 
     def rate_starts(self, domain: str) -> str:
         """Sorted set of reserved upstream start times (ms) for the domain's sliding windows."""

@@ -1,6 +1,7 @@
 """The upstream leg: safe URL building, header filtering, and one pooled requests.Session per process."""
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import re
@@ -14,7 +15,10 @@ from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ReadTimeoutError
+from werkzeug.http import http_date
 from werkzeug.urls import iri_to_uri
 
 from buddy.content import body_chunks, content_coding
@@ -106,6 +110,14 @@ def client_response_headers(headers: Iterable[tuple[str, str]], decoded: bool) -
         for name, value in headers
         if name.lower() not in drop and _TOKEN.fullmatch(name) and not _BAD_VALUE.search(value)
     ]
+
+
+def dated(headers: list[tuple[str, str]], received: float) -> list[tuple[str, str]]:
+    """An upstream answer's fields with a Date: RFC 9110 6.6.1, a proxy with a clock adds the time it received an
+    answer that has none (a cached answer's age is counted from it)."""
+    if any(name.lower() == "date" for name, _ in headers):
+        return headers
+    return [*headers, ("Date", http_date(received))]
 
 
 def storable_headers(headers: Iterable[tuple[str, str]], drop: Collection[str] = ()) -> list[tuple[str, str]]:
@@ -272,6 +284,40 @@ def socket_of(response: requests.Response) -> socket.socket | None:
     return sock if isinstance(sock, socket.socket) else None
 
 
+def is_interim(status: int) -> bool:
+    """An interim answer (RFC 9110 15.2) that a final one follows on the same connection: skipped, never used."""
+    return 100 <= status < 200 and status != 101
+
+
+class FinalResponse(http.client.HTTPResponse):
+    """http.client's response past every interim answer (RFC 9110 15.2): a 103 Early Hints or 102 Processing before
+    the final answer is read and dropped with its fields (http.client itself skips only 100 Continue, and would take
+    a 103 for the answer). 101 is left alone: it is final for the connection."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        while True:
+            version, status, reason = super()._read_status()  # type: ignore[misc]  # http.client's own step
+            if status == 100 or not is_interim(status):  # (begin() skips a 100 Continue itself)
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # type: ignore[arg-type]  # the interim fields: never used
+
+
+class _Connection(HTTPConnection):
+    response_class = FinalResponse
+
+
+class _TLSConnection(HTTPSConnection):
+    response_class = FinalResponse
+
+
+class _Pool(HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
+
+
 class UpstreamClient:
     """Sends requests upstream through one pooled Session per process (re-created after a fork)."""
 
@@ -290,6 +336,7 @@ class UpstreamClient:
                 if self._session is None or self._pid != os.getpid():
                     session = requests.Session()
                     adapter = HTTPAdapter(pool_connections=16, pool_maxsize=self.pool_size, max_retries=0)
+                    adapter.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}  # FinalResponse
                     session.mount("https://", adapter)
                     session.mount("http://", adapter)
                     session.trust_env = False  # never route through a proxy from the environment
@@ -355,8 +402,10 @@ class UpstreamClient:
         coding = content_coding(response.headers.get("Content-Encoding", ""))
         decoded = coding is not None
         headers = client_response_headers(raw_headers, decoded)
+        received = time.time()
+        headers = dated(headers, received)
         result = ProxyResult(
-            response.status_code, response.reason or "", headers, stored_at=time.time(), upstream_headers=raw_headers
+            response.status_code, response.reason or "", headers, stored_at=received, upstream_headers=raw_headers
         )
         if "location" in (name.lower() for name, _ in headers):
             result.headers = []

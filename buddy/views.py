@@ -11,6 +11,7 @@ from urllib.parse import quote, unquote
 from flask import Blueprint, Request, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
+from buddy import policy
 from buddy.access import Target
 from buddy.errors import BadProxyRequest
 from buddy.messages import ProxyRequest, ProxyResult
@@ -163,7 +164,9 @@ def mapped_request(
     domain: DomainSettings, method: str, target: Target, body: bytes, namespace: str | None,
     client_gone: Callable[[], bool] = lambda: False,
 ) -> ProxyRequest:
-    """The request as the service sees it: a safe upstream path and query, what is forwarded, the namespace."""
+    """The request as the service sees it: a safe upstream path and query, what is forwarded, the client's own
+    conditions (answered by the proxy, never forwarded), the namespace."""
+    forwarded, asked = policy.conditions(method, forwardable_request_headers(target.headers))
     return ProxyRequest(
         domain=domain,
         method=method,
@@ -171,10 +174,11 @@ def mapped_request(
         query=safe_query(target.query.encode("latin-1")),
         headers=target.headers,
         body=body,
-        forwarded=forwardable_request_headers(target.headers),
+        forwarded=forwarded,
         key_prefix=target.key_prefix,
         key_param=target.key_param,
         namespace=namespace_of(namespace),
+        conditions=asked,
         client_gone=client_gone,
     )
 

@@ -25,7 +25,8 @@ by object: the app's shutdown (counters flushed, the embedded Redis left) and th
 Overridden from ThreadWorker: `enqueue_req` (every way into the thread pool: accept, keep-alive, pipelined
 leftovers), `handle_request` (sets the body and drain deadlines), `finish_request` (the lingering close),
 `murder_pending` (the loop's sweep of expired connections, also during graceful shutdown),
-`wait_for_and_dispatch_events` (wakes at the next deadline), `run` and `handle_quit` (how it leaves).
+`wait_for_and_dispatch_events` (wakes at the next deadline), `run` and `handle_quit` (how it leaves); and
+gunicorn's Response class is replaced in the worker's process by one that sends the app's own Date.
 Everything else (keep-alive, max_requests, graceful shutdown, worker_connections, which counts these connections
 too) is gthread's own.
 """
@@ -42,6 +43,7 @@ from concurrent.futures import Future
 from functools import partial
 from typing import Any, Callable, Optional
 
+from gunicorn.http import wsgi
 from gunicorn.http.message import DEFAULT_MAX_HEADERFIELD_SIZE, MAX_HEADERS, MAX_REQUEST_LINE
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
@@ -90,6 +92,25 @@ def head_limit(cfg: Any) -> int:
     return line + 2 + fields * (size + 2) + 4
 
 
+class DatedResponse(wsgi.Response):
+    """gunicorn's response, except that a Date the app sends is the one sent: a stored answer keeps its own Date
+    (RFC 9111 4.2.3; gunicorn drops an application's Date and sends the time of sending)."""
+
+    app_date: str | None = None
+
+    def process_headers(self, headers: list[tuple[str, str]]) -> None:
+        dated = [value for name, value in headers if name.lower() == "date"]
+        super().process_headers([(name, value) for name, value in headers if name.lower() != "date"])
+        if dated and wsgi.HEADER_VALUE_RE.fullmatch(dated[-1]):
+            self.app_date = dated[-1].strip(" \t")
+
+    def default_headers(self) -> list[str]:
+        headers: list[str] = super().default_headers()
+        if self.app_date is not None:
+            headers = [f"Date: {self.app_date}\r\n" if line.startswith("Date: ") else line for line in headers]
+        return headers
+
+
 class DeadlineWorker(ThreadWorker):
     """gthread whose main loop reads request heads and closes connections: `buddy.worker.DeadlineWorker`."""
 
@@ -107,6 +128,7 @@ class DeadlineWorker(ThreadWorker):
         # with those on, connections go to a thread at once, as in gthread.
         self.reads_heads = (not self.cfg.is_ssl and getattr(self.cfg, "proxy_protocol", "off") in ("off", False)
                             and getattr(self.cfg, "http2_cleartext", None) not in ("prior-knowledge", "both"))
+        wsgi.Response = DatedResponse  # type: ignore[misc]  # what gthread's handle_request makes (wsgi.create)
         super().init_process()  # ends in run(), which returns once the worker is stopped (in flight answered)
         self._leave()  # a worker that booted and stopped: nothing else to wait for
 

@@ -38,6 +38,7 @@ from buddy.settings import DomainSettings
 from buddy.upstream import (
     build_url,
     client_response_headers,
+    dated,
     forwardable_request_headers,
     location_for_client,
     safe_path,
@@ -233,6 +234,7 @@ class Importer:
             result.status, result.reason, storable_headers(result.headers, storage.drop), result.body,
             fetch_ms=result.fetch_ms, stored_at=result.stored_at, vary=storage.vary,
             variant=target.digest if storage.vary else "", fresh_for=fresh_for, request=stored_request,
+            rules=storage.rules,
         )
         pointer = None
         if storage.vary:
@@ -270,7 +272,8 @@ class Importer:
                 raise _Refused(f"a WARC-Date that is not a date ({answer.date!r})", error=True) from None
         # What a hit saves, counted in Redis's 64-bit counters: never more than a live fetch may take.
         fetch_ms = min(int(_number(answer.own.get("warc-buddy-fetch-ms")) or 0), math.ceil(domain.total_timeout * 1000))
-        return ProxyResult(status, reason, headers, got.body, fetch_ms=fetch_ms, stored_at=min(stored_at, self.now),
+        received = min(stored_at, self.now)
+        return ProxyResult(status, reason, dated(headers, received), got.body, fetch_ms=fetch_ms, stored_at=received,
                            upstream_headers=got.headers)
 
     def _credentials(self, request: ProxyRequest, answer: Part) -> str | None:
@@ -284,11 +287,11 @@ class Importer:
             return None
         return digest
 
-    def _fresh_for(self, answer: Part, stored_at: float, ttl: int) -> int:
+    def _fresh_for(self, answer: Part, stored_at: float, ttl: float) -> float:
         if self.options.ttl is not None:
             return math.ceil(self.now - stored_at) + self.options.ttl
         recorded = _number(answer.own.get("warc-buddy-fresh-for"))
-        return ttl if recorded is None else min(int(recorded), ttl)
+        return ttl if recorded is None else min(float(recorded), ttl)
 
     def _recorded_variant(self, primary: EntryId, answer: Part) -> EntryId | None:
         """The variant entry our export recorded for an entry keyed on withheld values, when this import rebuilt

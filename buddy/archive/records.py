@@ -13,7 +13,7 @@ from urllib3 import HTTPHeaderDict
 
 from buddy.archive.common import CHUNK, LINE_LIMIT, OWN, Tally, first_line
 from buddy.content import body_chunks, content_coding
-from buddy.upstream import upstream_fields
+from buddy.upstream import is_interim, upstream_fields
 
 PENDING = 4  # records held while waiting for their partner (capture_http writes each response, then its request)
 STATUS_LINE = re.compile(r"HTTP/[0-9]\.[0-9] ([0-9]{3})(?: (.*))?")
@@ -175,7 +175,7 @@ def read_response(stream: _Counted, body_limit: int) -> Message:
         if not found:
             raise Malformed(f"not an HTTP status line: {line[:80]!r}")
         headers = upstream_fields(HTTPHeaderDict(parse_headers(cast(Any, stream)).items()).items())
-        if found.group(1) != "100":  # http.client skips an interim 100 Continue
+        if not is_interim(int(found.group(1))):  # interim answers (100, 102, 103) are skipped, as on a live fetch
             break
     message = Message(line, headers, None)
     status = int(found.group(1))

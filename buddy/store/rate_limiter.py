@@ -81,6 +81,20 @@ class RateLimiter:
         keys = [self.keys.rate_penalty(domain.name)]
         self.guard.run(lambda: self._penalize(keys=keys, args=[retry_ms, self.max_delay_ms, QUIET_MS]))
 
+    def paused(self, domain: DomainSettings) -> float:
+        """Seconds until the mapping's pause (an upstream's Retry-After, or the backoff after refusals) ends, by
+        Redis's clock; 0 when it is not paused."""
+        key = self.keys.rate_penalty(domain.name)
+
+        def read() -> list:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.time()
+            pipe.hget(key, "until")
+            return pipe.execute()
+
+        (seconds, micros), until = self.guard.run(read, key)
+        return max(0, int(until or 0) - (int(seconds) * 1000 + int(micros) // 1000)) / 1000
+
     def reset(self, domain: DomainSettings) -> None:
         self.guard.run(lambda: self._reset(keys=[self.keys.rate_penalty(domain.name)]))
 

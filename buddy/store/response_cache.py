@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import threading
 import time
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 import redis
 
 from buddy import codec
 from buddy.codec import VaryPointer
+from buddy.fingerprint import url_digest
 from buddy.messages import ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
 from buddy.store.connect import is_cluster, primaries, scan_batches
@@ -24,6 +26,8 @@ BATCH = 1000  # keys per round trip when counting or clearing: Redis is never bl
 CENSUS_SAMPLE = 30_000  # keys a census reads at most; a Redis holding fewer is read whole
 MEASURE_SAMPLE = 3_000  # keys a census measures per domain at most; with fewer found, the count is exact
 CENSUS_MAX_AGE = 1.0  # seconds a census is reused by this process (one scrape asks once per domain)
+ACK = "!ack"  # a wake-up message every worker answers (see ResponseCache.invalidate); no mapping name starts with "!"
+ACK_WAIT_SECONDS = 0.25
 # Freshness left: an entry past its TTL is kept (stale) for its mapping's grace period; "stale" counts those.
 TTL_BUCKETS = (("stale", None, 0), ("under_1h", 0, 3600), ("1h_to_1d", 3600, 86400), ("1d_to_7d", 86400, 604800),
                ("over_7d", 604800, None))
@@ -73,6 +77,7 @@ class ResponseCache:
         self.on_memory_hit: Callable[[str], None] = lambda domain: None  # told the domain of each L1 answer
         self.grace = dict(grace or {})  # domain -> seconds an entry is kept past its TTL
         self._store = client.register_script(load_script("store_entry"))
+        self._invalidate = client.register_script(load_script("invalidate"))
         self._measure = client.register_script(load_script("measure_entries"))
         self._drop_legacy = client.register_script(load_script("prune_index"))
         self._legacy_dropped: set[str] = set()  # domains whose pre-0.3 index this process has removed
@@ -112,8 +117,19 @@ class ResponseCache:
 
     def heard(self, message: str) -> None:
         """A message on the wake-up channel: drop this worker's copy of whatever it names (L1); after a clear,
-        its census too (the next count reads the keyspace again)."""
+        its census too (the next count reads the keyspace again); say so when asked (an invalidation's barrier)."""
         domain, _, digest = message.partition("\n")
+        if domain == ACK:
+            key = self.keys.ack(digest)
+
+            def count() -> None:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.incr(key)
+                pipe.expire(key, 10)
+                pipe.execute()
+
+            self.guard.run(count, what=key)
+            return
         if EVERYTHING in (message, digest):
             self._census = None
         if self.memory is None:
@@ -137,28 +153,34 @@ class ResponseCache:
         ttl_seconds: int,
         pointer: tuple[EntryId, VaryPointer, int] | None = None,
         release: tuple[str, str] | None = None,
+        url: str | None = None,
     ) -> bool:
         """Store the entry (and, for a varying answer, the pointer at its primary entry: where, what, TTL), let go of
-        the fill lock `release` names (its key, the leader's token), and tell every worker to drop its copies and
-        wake the requests waiting on them, in one script call (EVALSHA: one round trip, on a cluster to the node
-        of the domain's slot). True if the lock was still the leader's and is gone. The first store of a domain
-        in this process also drops the index an older version may have left (it has no TTL, and would keep a
-        full Redis full)."""
+        the fill lock `release` names (its key, the leader's token), note a GET answer (and its pointer) in the index
+        of its upstream `url` (see `invalidate`), and tell every worker to drop its copies and wake the requests
+        waiting on them, in one script call (EVALSHA: one round trip, on a cluster to the node of the domain's
+        slot). True if the lock was still the leader's and is gone. The first store of a domain in this process
+        also drops the index an older version may have left (it has no TTL, and would keep a full Redis full)."""
         blob = codec.encode(response)
         d = entry.domain
         key = self.keys.cache(d, entry.digest)
         messages = [wake_message(entry)]
         keys = [key, self.keys.stats(d)]
         also: list[bytes | int | str] = []  # what follows ARGV[5] (see store_entry.lua)
+        what = ""
         if pointer is not None:
             at, names, pointer_ttl = pointer
             messages.append(wake_message(at))
             keys.append(self.keys.cache(at.domain, at.digest))
             also += [codec.encode_pointer(names), pointer_ttl * 1000, messages[1]]
+            what += "p"
         if release is not None:
             keys.append(release[0])
             also.append(release[1])
-        what = ("p" if pointer is not None else "") + ("l" if release is not None else "")
+            what += "l"
+        if url is not None:
+            keys.append(self.keys.url_index(d, url_digest(url)))
+            what += "i"
         args = [blob, ttl_seconds * 1000, self.keys.fill_channel, messages[0], what, *also]
         if d not in self._legacy_dropped:
             self.guard.run(lambda: self._drop_legacy(keys=self._legacy_keys(d)), what="prune_index.lua")
@@ -169,6 +191,37 @@ class ResponseCache:
             for written in messages:  # this worker at once (a copy admitted meanwhile may be the old value); the
                 self.heard(written)  # others when they hear the script's PUBLISH
         return bool(released)
+
+    def invalidate(self, domain: str, urls: Iterable[str]) -> int:
+        """Remove every stored GET answer of these upstream URLs (their variants and vary pointers too), from every
+        worker's memory as well; how many were removed. RFC 9111 4.4, after an unsafe request to them."""
+        removed = 0
+        prefix = self.keys.cache(domain, "")
+        for url in urls:
+            index = self.keys.url_index(domain, url_digest(url))
+            gone = self.guard.run(lambda: self._invalidate(keys=[index], args=[self.keys.fill_channel, prefix, domain]),
+                                  what=index)
+            for key in gone:  # this worker's copies at once; the others' when they hear the script's messages
+                name = key.decode() if isinstance(key, bytes) else str(key)
+                self.heard(f"{domain}\n{name[len(prefix):]}")
+            removed += len(gone)
+        if removed and self.memory is not None:
+            self._until_every_worker_heard(domain)
+        return removed
+
+    def _until_every_worker_heard(self, domain: str) -> None:
+        """A barrier after an invalidation: every worker subscribed to the wake-up channel hears its messages in
+        order, so once each has answered one more ("ack"), none will answer from its memory with what was removed.
+        Waits ACK_WAIT_SECONDS at most (a worker that is stuck stops using its copies on its own: see MemoryCache)."""
+        token = secrets.token_hex(8)
+        receivers = int(self.guard.run(lambda: self.client.publish(self.keys.fill_channel, f"{ACK}\n{token}")))
+        key = self.keys.ack(token)
+        deadline = time.monotonic() + ACK_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            if int(self.guard.run(lambda: self.client.get(key)) or 0) >= receivers:
+                return
+            time.sleep(0.002)
+        log.info("not every worker of '%s' said it heard an invalidation within %g s", domain, ACK_WAIT_SECONDS)
 
     def forget(self, entry: EntryId) -> None:
         """Remove one entry (a vary pointer's variants stay, each with its own TTL), from every worker's memory too."""

@@ -1,8 +1,7 @@
-"""Issue 12's rules, one by one: the client's Cache-Control, when an expired entry may answer, upstream TTLs,
-namespaces in keys, the offline switch and what an entry keeps of its request."""
+"""Freshness through the app: stale windows and their settings, namespaces in keys, the offline switch, what an
+entry keeps of its request, and what a hostile review found (the rules themselves are tests/unit/test_policy.py's)."""
 from __future__ import annotations
 
-import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,74 +26,6 @@ def domain(**spec: Any):  # type: ignore[no-untyped-def]
 
 def entry(age: float, fresh_for: int | None = 60, headers: list[tuple[str, str]] | None = None) -> ProxyResult:
     return ProxyResult(200, "OK", headers or [], b"{}", stored_at=NOW - age, fresh_for=fresh_for)
-
-
-@pytest.mark.parametrize("cache_control, pragma, expected", [
-    ("no-cache", "", policy.RequestControl(no_cache=True)),
-    ("No-Cache, No-Store", "", policy.RequestControl(no_cache=True, no_store=True)),
-    ("", "no-cache", policy.RequestControl(no_cache=True)),
-    ("max-age=0", "no-cache", policy.RequestControl(max_age=0)),  # Pragma only counts without Cache-Control
-    ("max-stale", "", policy.RequestControl(max_stale=math.inf)),
-    ("max-stale=30, min-fresh=5", "", policy.RequestControl(max_stale=30, min_fresh=5)),
-    ("max-age=-3", "", policy.RequestControl(max_age=0)),
-    ("max-age=soon", "", policy.RequestControl()),
-    ("only-if-cached", "", policy.RequestControl(only_if_cached=True)),
-])
-def test_request_directives_are_read_case_insensitively(cache_control: str, pragma: str,
-                                                         expected: policy.RequestControl) -> None:
-    assert policy.request_control(cache_control, pragma) == expected
-
-
-@pytest.mark.parametrize("age, control, verdict", [
-    (10, policy.RequestControl(), "HIT"),
-    (61, policy.RequestControl(), None),
-    (10, policy.RequestControl(no_cache=True), None),
-    (10, policy.RequestControl(max_age=5), None),
-    (10, policy.RequestControl(max_age=20), "HIT"),
-    (50, policy.RequestControl(min_fresh=20), None),
-    (70, policy.RequestControl(max_stale=30), "STALE"),
-    (100, policy.RequestControl(max_stale=30), None),
-    (70, policy.RequestControl(max_stale=math.inf, max_age=65), None),
-])
-def test_what_an_entry_may_answer_without_the_upstream(age: float, control: policy.RequestControl,
-                                                       verdict: str | None) -> None:
-    assert policy.satisfies(domain(), entry(age), control, NOW) == verdict
-
-
-def test_an_entry_stored_before_lifetimes_were_kept_is_fresh_while_redis_keeps_it() -> None:
-    assert policy.satisfies(domain(), entry(10**6, fresh_for=None), policy.RequestControl(), NOW) == "HIT"
-
-
-def test_stale_windows() -> None:
-    up = domain(stale_if_error_seconds=100, stale_while_revalidate_seconds=10)
-    plain, picky = policy.RequestControl(), policy.RequestControl(max_age=3600)
-    assert policy.may_revalidate_later(up, entry(65), plain, NOW)
-    assert not policy.may_revalidate_later(up, entry(75), plain, NOW)  # past the revalidate window
-    assert not policy.may_revalidate_later(up, entry(65), picky, NOW)
-    assert policy.may_stand_in(up, entry(150), plain, NOW) and not policy.may_stand_in(up, entry(170), plain, NOW)
-    assert not policy.may_stand_in(up, entry(65), picky, NOW)
-    assert policy.may_stand_in(up, entry(10**6), plain, NOW, offline=True)  # offline: whatever is still kept
-    revalidate = entry(65, headers=[("Cache-Control", "max-age=60, Must-Revalidate")])
-    assert not policy.may_stand_in(up, revalidate, plain, NOW) and not policy.may_revalidate_later(
-        up, revalidate, plain, NOW)
-    assert policy.satisfies(up, revalidate, policy.RequestControl(max_stale=math.inf), NOW) is None
-    ignoring = domain(respect_upstream_cache_control=False)
-    assert policy.may_stand_in(ignoring, revalidate, plain, NOW)
-    assert up.grace == 100 and policy.kept_for(up, 60) == 160
-
-
-@pytest.mark.parametrize("headers, ttl", [
-    ([("Cache-Control", "max-age=60")], 60),
-    ([("Cache-Control", "s-maxage=30, max-age=60"), ("Age", "10")], 20),
-    ([("Cache-Control", "max-age=999999")], 3600),  # never beyond the mapping's own TTL
-    ([("Cache-Control", "max-age=0")], None),
-    ([("Cache-Control", "max-age=later")], 3600),
-    ([], 3600),
-])
-def test_ttl_from_upstream_is_bounded_by_the_mapping(headers: list[tuple[str, str]], ttl: int | None) -> None:
-    result = ProxyResult(200, "OK", headers, b"{}", upstream_headers=headers)
-    assert policy.storage(domain(ttl_seconds=3600, ttl_from_upstream=True), result).ttl == ttl
-    assert policy.storage(domain(ttl_seconds=3600), result).ttl == 3600  # the mapping's TTL unless it opts in
 
 
 def test_stale_settings_are_named_when_wrong() -> None:

@@ -113,10 +113,9 @@ def test_oversize_bodies_stream_through_and_are_not_cached(client: FlaskClient, 
     assert fake_redis.keys("buddy:cache:*") == []
 
 
-@pytest.mark.parametrize("header,value", [("Range", "bytes=0-3"), ("If-None-Match", '"v1"'),
-                                          ("If-Modified-Since", "Wed, 21 Oct 2015 07:28:00 GMT")])
-def test_range_and_conditional_requests_bypass_the_cache(client: FlaskClient, upstream: UpstreamStub,
-                                                         header: str, value: str) -> None:
+@pytest.mark.parametrize("header,value", [("Range", "bytes=0-3"), ("If-Match", '"v1"'), ("If-Range", '"v1"')])
+def test_range_and_precondition_requests_bypass_the_cache(client: FlaskClient, upstream: UpstreamStub,
+                                                          header: str, value: str) -> None:
     client.get("/up/file")
     assert client.get("/up/file").headers["X-Cache"] == "HIT"
     own = client.get("/up/file", headers={header: value})
@@ -125,6 +124,22 @@ def test_range_and_conditional_requests_bypass_the_cache(client: FlaskClient, up
     client.get("/up/other", headers={header: value})
     assert client.get("/up/other").headers["X-Cache"] == "MISS"  # nothing was stored for it
     assert upstream.count() == 3 + 1
+
+
+def test_a_clients_conditional_get_is_answered_from_the_cache(client: FlaskClient, upstream: UpstreamStub) -> None:
+    path = "/up/file?h=ETag:%22v1%22&h=Last-Modified:Wed,%2021%20Oct%202015%2007:28:00%20GMT"
+    first = client.get(path, headers={"If-None-Match": '"v1"'})  # a miss: fetched whole, stored, answered 304
+    assert (first.status_code, first.headers["X-Cache"], first.data) == (304, "MISS", b"")
+    assert "if-none-match" not in upstream.log[-1].headers  # the client's condition is the proxy's to answer
+    weak = client.get(path, headers={"If-None-Match": 'W/"v1"'})
+    assert (weak.status_code, weak.headers["X-Cache"], weak.data) == (304, "HIT", b"")
+    assert weak.headers["ETag"] == '"v1"' and "Content-Type" not in weak.headers
+    other = client.get(path, headers={"If-None-Match": '"v2"'})
+    assert (other.status_code, other.headers["X-Cache"]) == (200, "HIT") and other.data
+    since = client.get(path, headers={"If-Modified-Since": "Thu, 22 Oct 2015 00:00:00 GMT"})
+    assert (since.status_code, since.headers["X-Cache"]) == (304, "HIT")
+    assert client.head(path, headers={"If-None-Match": '"v1"'}).status_code == 304
+    assert upstream.count() == 1
 
 
 def test_redirects_are_passed_to_the_client_not_followed(client: FlaskClient, upstream: UpstreamStub) -> None:
