@@ -12,7 +12,9 @@ import pytest
 from flask import Flask
 
 from buddy import create_app
+from buddy.archive import CREDENTIAL_PARAMS
 from buddy.fingerprint import credentials_digest
+from tests.support.processes import ROOT
 from tests.support.raw_upstream import head
 from tests.unit.test_warc import NOWHERE, OK, entries, exchange, run, store
 
@@ -161,3 +163,9 @@ def test_a_vary_on_a_credential_recorded_by_another_tool_is_refused_unless_trust
     assert entries(app) == {}
     assert "imported 1 entries" in run(app, "import", TRUST, str(tmp_path / "x.warc")).output
     assert hit(app, "/acct", ALICE) and not hit(app, "/acct")
+
+
+def test_the_documented_default_list_of_credential_parameters_is_the_one_in_use() -> None:
+    page = (ROOT / "docs" / "operations.md").read_text()
+    listed = page.split("The default list:", 1)[1].split(".\n", 1)[0]
+    assert sorted(re.findall(r"`([^`]+)`", listed)) == sorted(CREDENTIAL_PARAMS)
