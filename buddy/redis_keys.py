@@ -51,6 +51,9 @@ KEY_KINDS = (
     KeyKind("key_source", False, "where the serving proxy's access key comes from (generated, or the variable or "
             "file that set it) and whether one is required; never the key; one key"),
     KeyKind("offline", False, "the run-time offline switch ('1' on, '0' off) set by `buddy offline`; one key"),
+    KeyKind("archive_secret", False, "the installation's secret that seals the credentialed records of its WARC "
+            "exports (HMAC-SHA256), so that an import takes only its own; generated once (SET NX) by the first "
+            "export that needs it, never exported or logged; one key"),
 )
 # The counters of `stats:{<name>}`, besides one `status:<outcome>` per upstream status code or failure kind.
 STATS_FIELDS = frozenset({
@@ -161,6 +164,12 @@ class RedisKeys:
     def offline(self) -> str:
         """The run-time offline switch: '1' or '0'; absent means as configured (cache.offline)."""
         return f"{self.prefix}offline"
+
+    @property
+    def archive_secret(self) -> str:
+        """The secret that seals this installation's WARC exports of credentialed entries (no TTL: a lost one
+        turns every earlier export into one from elsewhere)."""
+        return f"{self.prefix}archive_secret"
 
     @property
     def fill_channel(self) -> str:

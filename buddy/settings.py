@@ -110,6 +110,7 @@ class DomainSchema(_Section):
     stale_if_error_seconds = _non_negative_int(load_default=None, allow_none=True)
     stale_while_revalidate_seconds = _non_negative_int(load_default=None, allow_none=True)
     credential_headers = fields.List(_string(), load_default=None, allow_none=True)
+    credential_params = fields.List(_string(), load_default=None, allow_none=True)  # (besides buddy.archive's list)
     connect_timeout = _positive_number(load_default=None, allow_none=True)
     read_timeout = _positive_number(load_default=None, allow_none=True)
     total_timeout = _positive_number(load_default=None, allow_none=True)
@@ -278,6 +279,9 @@ class DomainSettings:
     max_requests_per_hour: int
     cost_per_call: float | None = None  # what one upstream call costs, in cost_currency (dashboard estimate)
     cost_currency: str | None = None
+    # Query parameters that carry an upstream credential, besides the default list (buddy.archive.credentials):
+    # an export leaves out every entry whose query has one.
+    credential_params: frozenset[str] = frozenset()
 
     @property
     def grace(self) -> int:
@@ -531,6 +535,7 @@ def _build(data: dict[str, Any]) -> Settings:
             max_requests_per_hour=throttling["domain_limits"].get(name, throttling["default_requests_per_hour"]),
             cost_per_call=spec["cost_per_call"],
             cost_currency=spec["cost_currency"],
+            credential_params=frozenset(p.lower() for p in spec["credential_params"] or ()),
         )
     return Settings(
         domains=domains,

@@ -12,19 +12,21 @@ import holds at most PENDING records (each at most one body, capped by the proxy
 requests with responses, and reads a gzip member a chunk at a time.
 
 - common.py: our WARC headers, limits, durations, the tally of outcomes, the commands' shared options
+- credentials.py: what carries a credential in a record; the installation's seal on records keyed on one
 - export.py: `export` (Exporter)
 - records.py: the HTTP messages in request and response records; pairing them
 - warcfile.py: the records of a file through warcio (Reader), bounded, past corrupt stretches
 - importer.py: `import` (Importer, and which mapping a recorded URL belongs to)
 """
 from buddy.archive.common import OWN, Duration, Tally, parse_duration
-from buddy.archive.export import Exporter, export_command, fresh_left, query_credentials
+from buddy.archive.credentials import CREDENTIAL_PARAMS, Sealer, query_credentials
+from buddy.archive.export import Exporter, export_command, fresh_left
 from buddy.archive.importer import HostMap, Importer, ImportOptions, import_command, import_files, resolve
 from buddy.archive.records import Malformed, Message, Part, pairs, read_part, read_request, read_response
 from buddy.archive.warcfile import Reader
 
 __all__ = [
-    "OWN", "Duration", "Exporter", "HostMap", "ImportOptions", "Importer", "Malformed", "Message", "Part", "Reader",
-    "Tally", "export_command", "fresh_left", "import_command", "import_files", "pairs", "parse_duration",
-    "query_credentials", "read_part", "read_request", "read_response", "resolve",
+    "CREDENTIAL_PARAMS", "OWN", "Duration", "Exporter", "HostMap", "ImportOptions", "Importer", "Malformed",
+    "Message", "Part", "Reader", "Sealer", "Tally", "export_command", "fresh_left", "import_command", "import_files",
+    "pairs", "parse_duration", "query_credentials", "read_part", "read_request", "read_response", "resolve",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import click
 
@@ -48,19 +48,26 @@ class Tally:
         self.done = 0
         self.skipped: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        self.about: dict[str, set[str]] = {}  # reason -> what caused it (names, shown after it in the summary)
         self.echo = echo
 
-    def skip(self, reason: str, detail: str = "", error: bool = False) -> None:
+    def skip(self, reason: str, detail: str = "", error: bool = False, about: Iterable[str] = ()) -> None:
         """Count a skipped entry or record; an error is also told as it happens (where, what), MAX_MESSAGES per
-        reason, so that a damaged file shows where it is damaged."""
+        reason, so that a damaged file shows where it is damaged. `about`: the names that caused it."""
         counts = self.errors if error else self.skipped
         counts[reason] += 1
+        if about:
+            self.about.setdefault(reason, set()).update(about)
         if error and detail and counts[reason] <= MAX_MESSAGES:
             self.echo(f"error: {printable(detail)}: {reason}")
 
     def lines(self) -> list[str]:
-        out = [f"  {n} {reason}" for reason, n in self.skipped.most_common()]
-        return out + [f"  {n} {reason} (error)" for reason, n in self.errors.most_common()]
+        out = [f"  {n} {reason}{self._about(reason)}" for reason, n in self.skipped.most_common()]
+        return out + [f"  {n} {reason}{self._about(reason)} (error)" for reason, n in self.errors.most_common()]
+
+    def _about(self, reason: str) -> str:
+        names = self.about.get(reason)
+        return f": {', '.join(sorted(printable(name) for name in names))}" if names else ""
 
 
 def printable(text: str) -> str:

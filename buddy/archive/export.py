@@ -10,7 +10,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, cast
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import urlsplit
 
 import click
 from flask import current_app
@@ -29,6 +29,14 @@ from buddy.archive.common import (
     redis_down,
     upstream_location,
 )
+from buddy.archive.credentials import (
+    SEAL,
+    Sealer,
+    block_digest,
+    query_credentials,
+    sealed_material,
+    secret_header,
+)
 from buddy.errors import StoreUnavailable
 from buddy.fingerprint import CREDENTIAL_HEADERS
 from buddy.messages import ProxyRequest, ProxyResult, StoredRequest
@@ -42,15 +50,7 @@ from buddy.upstream import (
 
 SCAN_COUNT = 500  # keys per SCAN round trip
 FETCH_BYTES = 8 * 1024 * 1024  # entries fetched per MGET at most (one larger entry is fetched alone)
-# Request headers whose values an export never writes, besides the credential headers: a session cookie is as
-# good as a password. An entry keyed on one (through Vary) is exported as credentialed: its key as a digest.
-NEVER_EXPORTED = ("cookie",)
-# Query parameters that carry an upstream credential by convention. Such an entry is never exported: the query
-# is part of its key, so it could only be carried with the credential itself.
-QUERY_CREDENTIALS = frozenset({
-    "key", "api_key", "apikey", "api-key", "access_token", "auth_token", "token", "client_secret", "password",
-    "subscription-key", "appid", "app_key", "signature", "x-amz-signature", "x-amz-credential", "x-goog-signature",
-})
+QUERY_REFUSAL = "an upstream credential in the query (never exported)"
 
 
 class _WireHeaders(StatusAndHeaders):
@@ -63,12 +63,6 @@ class _WireHeaders(StatusAndHeaders):
 
 def _iso(when: float) -> str:
     return cast(str, datetime_to_iso_date(datetime.fromtimestamp(when, timezone.utc).replace(tzinfo=None)))
-
-
-def query_credentials(url: str) -> list[str]:
-    """The names of the query parameters in `url` that carry a credential by convention (QUERY_CREDENTIALS)."""
-    names = (unquote_plus(item.partition("=")[0]).lower() for item in urlsplit(url).query.split("&") if item)
-    return sorted({name for name in names if name in QUERY_CREDENTIALS})
 
 
 def fresh_left(entry: ProxyResult, ttl_ms: int, now: float) -> int:
@@ -91,7 +85,10 @@ class Exporter:
         self.since = None if since is None else self.now - since
         self.tally = Tally()
         self.bytes = 0
+        self.sealed = 0  # entries keyed on credentials, written with this installation's seal
         self.secrets = self._secrets()
+        # The installation's seal on entries keyed on credentials (its secret made by the first one that needs it).
+        self.sealer = Sealer(self.cache.client, self.cache.guard, self.cache.keys.archive_secret, create=True)
         info = {"software": f"reference-api-buddy {_version()}", "format": "WARC File Format 1.0",
                 "description": "cache entries of reference-api-buddy; import with `api-buddy import FILE`"}
         self.writer.write_record(self.writer.create_warcinfo_record(filename, info))
@@ -110,7 +107,9 @@ class Exporter:
         for key, entry, ttl_ms in self._entries(domain.name, namespace, progress):
             reason = self._refusal(domain, entry)
             if reason is not None:
-                self.tally.skip(reason)
+                request = entry.request
+                named = query_credentials(domain, request.url) if reason == QUERY_REFUSAL and request else []
+                self.tally.skip(reason, about=named)  # which parameters, in the summary
                 continue
             self._write(domain, key, entry, ttl_ms)
             self.tally.done += 1
@@ -159,8 +158,8 @@ class Exporter:
             return "request body too large to have been kept"
         if self.since is not None and entry.stored_at < self.since:
             return "stored before --since"
-        if query_credentials(request.url):
-            return "an upstream credential in the query (never exported)"
+        if query_credentials(domain, request.url):
+            return QUERY_REFUSAL
         withheld = withheld_headers(domain, entry)
         if withheld & set(domain.vary_headers):
             return "keyed (vary_headers) on a credential or cookie value (never exported)"
@@ -177,7 +176,7 @@ class Exporter:
         request = entry.request
         assert request is not None and entry.body is not None
         parts = urlsplit(request.url)
-        sent = [(n, v) for n, v in _keyed_headers(request) if not _never_exported(domain, n.lower())]
+        sent = [(n, v) for n, v in _keyed_headers(request) if not secret_header(domain, n.lower())]
         sent.append(("Accept-Encoding", ASKED_ENCODINGS))  # what the proxy sent (see ASKED_ENCODINGS)
         if request.body:
             sent.append(("Content-Length", str(len(request.body))))
@@ -221,13 +220,20 @@ class Exporter:
             warc_headers_dict={OWN + "Mapping": domain.name},
             http_headers=_WireHeaders(f"{request.method} {target} HTTP/1.1", [("Host", parts.netloc), *sent]),
         )
+        if request.credentials or withheld:  # keyed on credentials: sealed, for this installation's imports only
+            material = sealed_material(request.url, request.url, own["WARC-Date"],
+                                       {n: v for n, v in own.items() if n.startswith(OWN)},
+                                       _block(sent_request, request.body), _block(response, entry.body))
+            response.rec_headers.add_header(SEAL, self.sealer.seal(material))
+            self.sealed += 1
         self.writer.write_request_response_pair(sent_request, response)
         self.bytes += len(entry.body)
 
 
-def _never_exported(domain: DomainSettings, name: str) -> bool:
-    """Is `name` (lower case) a request header whose value no export carries?"""
-    return name in CREDENTIAL_HEADERS or name in domain.credential_headers or name in NEVER_EXPORTED
+def _block(record: Any, body: bytes) -> str:
+    """The digest of a record's block as the writer writes it (and an import reads it): HTTP head, then body."""
+    record.http_headers.compute_headers_buffer()
+    return block_digest(record.http_headers.headers_buff + body)
 
 
 def _keyed_headers(request: StoredRequest) -> list[tuple[str, str]]:
@@ -244,14 +250,14 @@ def withheld_headers(domain: DomainSettings, entry: ProxyResult) -> set[str]:
     cookies the request sent."""
     assert entry.request is not None
     sent = {name.lower() for name, _ in entry.request.headers}
-    return {name for name in (*(n.lower() for n in entry.vary), *domain.vary_headers) if _never_exported(domain, name)
+    return {name for name in (*(n.lower() for n in entry.vary), *domain.vary_headers) if secret_header(domain, name)
             and (name in CREDENTIAL_HEADERS or name in domain.credential_headers or name in sent)}
 
 
 def primary_entry(domain: DomainSettings, request: StoredRequest) -> EntryId:
     """The primary entry of a stored entry's request, as an import rebuilds it from the exported request."""
     parts = urlsplit(request.url)
-    headers = [(n, v) for n, v in _keyed_headers(request) if not _never_exported(domain, n.lower())]
+    headers = [(n, v) for n, v in _keyed_headers(request) if not secret_header(domain, n.lower())]
     rebuilt = ProxyRequest(domain, request.method, parts.path or "/", parts.query, headers, request.body,
                            forwardable_request_headers(headers), namespace=request.namespace)
     return policy.entry_for(rebuilt, request.credentials or None)
@@ -315,6 +321,9 @@ def export_command(names: tuple[str, ...], output: str, namespace: str | None, s
             partial.unlink()
     tally = exporter.tally
     click.echo(f"exported {tally.done} entries ({exporter.bytes} bytes of bodies) to {target}")
+    if exporter.sealed:
+        click.echo(f"{exporter.sealed} of them keyed on credentials, sealed for this installation: another imports "
+                   "them only with --trust-credentials-from-file")
     if tally.skipped or tally.errors:
         click.echo(f"not exported: {sum(tally.skipped.values()) + sum(tally.errors.values())}")
         for line in tally.lines():

@@ -7,6 +7,7 @@ import math
 import re
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, cast
@@ -27,11 +28,21 @@ from buddy.archive.common import (
     redis_down,
     upstream_location,
 )
+from buddy.archive.credentials import (
+    ALTERED,
+    IN_FILE,
+    SEAL,
+    Sealer,
+    query_credentials,
+    sealed_material,
+    secret_header,
+)
 from buddy.archive.records import STATUS_LINE, Part, pairs
 from buddy.archive.warcfile import Reader
 from buddy.codec import VaryPointer
 from buddy.content import DECODABLE
 from buddy.errors import BadProxyRequest, StoreUnavailable
+from buddy.fingerprint import credentials_digest
 from buddy.messages import ProxyRequest, ProxyResult
 from buddy.redis_keys import EntryId
 from buddy.settings import DomainSettings
@@ -50,6 +61,7 @@ from buddy.views import NAMESPACE
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+TRUST_FLAG = "--trust-credentials-from-file"
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,7 @@ class ImportOptions:
     ttl: int | None = None
     overwrite: bool = False
     namespace: str | None = None
+    trust_credentials: bool = False  # records keyed on credentials that this installation did not seal, too
 
 
 class Importer:
@@ -135,6 +148,8 @@ class Importer:
         self.tally = tally
         self.clock = clock
         self.now = clock()
+        self.sealer = Sealer(self.cache.client, self.cache.guard, self.cache.keys.archive_secret, create=False)
+        self.trusted: Counter[str] = Counter()  # records stored on the file's word alone (TRUST_FLAG), by why
 
     @property
     def limits(self) -> tuple[int, int]:
@@ -211,7 +226,8 @@ class Importer:
         credentials = self._credentials(request, answer)
         primary = policy.entry_for(request, credentials)
         target = primary
-        if withheld & set(storage.vary):  # the variant's values are not in the file: its recorded key is
+        recorded_variant = bool(withheld & set(storage.vary))
+        if recorded_variant:  # the variant's values are not in the file: its recorded key is
             variant = self._recorded_variant(primary, answer)
             if variant is None:
                 return ("keyed on a credential or cookie value that the archive holds as a digest only, for "
@@ -219,6 +235,11 @@ class Importer:
             target = variant
         elif storage.vary:
             target = EntryId(domain.name, policy.variant_digest(primary.digest, storage.vary, request.forwarded))
+        doubt = self._doubt(recorded, answer, request, credentials, recorded_variant, storage.vary)
+        if doubt is not None and not self.options.trust_credentials:
+            if doubt == ALTERED:  # damaged or tampered with: an error, and no hint to trust it anyway
+                raise _Refused(doubt, error=True)
+            return f"{doubt} (see {TRUST_FLAG})"
         fresh_for = self._fresh_for(answer, result.stored_at, storage.ttl)
         left = result.stored_at + fresh_for - self.now
         if left <= 0:
@@ -241,6 +262,8 @@ class Importer:
             lifetime = max(domain.ttl_seconds, domain.negative_ttl_seconds)
             pointer = (primary, VaryPointer(storage.vary), policy.kept_for(domain, lifetime))
         self.cache.put(target, kept, policy.kept_for(domain, math.ceil(left)), pointer)
+        if doubt is not None:
+            self.trusted[doubt] += 1
         return None
 
     def _result(self, domain: DomainSettings, url: str, answer: Part) -> ProxyResult | str:
@@ -286,6 +309,26 @@ class Importer:
         if any(name.lower() in domain.credential_headers for name in request.forwarded):
             return None
         return digest
+
+    def _doubt(self, recorded: Part, answer: Part, request: ProxyRequest, credentials: str | None,
+               recorded_variant: bool, vary: tuple[str, ...]) -> str | None:
+        """Why this installation does not vouch for the credential partition the entry goes to (a reason of
+        buddy.archive.credentials), or None: it is keyed on no credential, or sealed by this installation."""
+        domain = request.domain
+        from_file = bool(credentials) or recorded_variant  # a digest the file holds
+        in_file = not domain.share_across_credentials and bool(credentials_digest(
+            request.forwarded.items(), domain.credential_headers))
+        keyed = set(domain.vary_headers) | {name.lower() for name in vary}
+        in_file = in_file or any(name.lower() in keyed and secret_header(domain, name.lower())
+                                 for name in request.forwarded)
+        in_file = in_file or bool(query_credentials(domain, recorded.uri or answer.uri))
+        if not (from_file or in_file):
+            return None
+        seal = answer.own.get(SEAL.lower(), "")
+        if not seal and in_file:
+            return IN_FILE
+        material = sealed_material(answer.uri, recorded.uri, answer.date, answer.own, recorded.digest, answer.digest)
+        return self.sealer.doubt(seal, material)
 
     def _fresh_for(self, answer: Part, stored_at: float, ttl: float) -> float:
         if self.options.ttl is not None:
@@ -360,12 +403,15 @@ def _number(text: str | None) -> float | None:
 
 
 def import_files(buddy: Any, paths: Iterable[Path], options: ImportOptions, tally: Tally,
-                 progress: Callable[[int], None] = lambda n: None) -> None:
+                 progress: Callable[[int], None] = lambda n: None) -> Counter[str]:
+    """Import every pair of `paths`; returns how many were stored on the file's word alone, by why (see
+    ImportOptions.trust_credentials)."""
     importer = Importer(buddy, options, tally)
     for path in paths:
         reader = Reader(path, tally, importer.limits, progress)
         for request, response in pairs(reader.parts(), tally):
             importer.store(request, response)
+    return importer.trusted
 
 
 @click.command("import")
@@ -377,12 +423,18 @@ def import_files(buddy: Any, paths: Iterable[Path], options: ImportOptions, tall
 @click.option("--overwrite", is_flag=True, help="Replace entries the cache holds even when they are fresher.")
 @click.option("--namespace", callback=lambda ctx, param, value: namespace_option(value),
               help="Store every entry under this X-Buddy-Namespace instead of the recorded one.")
+@click.option(TRUST_FLAG, "trust_credentials", is_flag=True,
+              help="Also records keyed on credentials that this installation's export did not seal (another "
+              "proxy's export, another tool's recording, a file made by hand): the file alone then decides which "
+              "credentials are served its answers.")
 @with_appcontext
 def import_command(files: tuple[str, ...], maps: tuple[str, ...], ttl: int | None, overwrite: bool,
-                   namespace: str | None) -> None:
+                   namespace: str | None, trust_credentials: bool) -> None:
     """Load the request/response pairs of WARC FILEs into the cache, keyed as the proxy keys the same requests:
-    ours from `export`, or recorded by another tool (warcio's capture_http, a crawler). Exits 1 when a record
-    could not be imported for an error (a corrupt file, no mapping for its host, a response with no request)."""
+    ours from `export`, or recorded by another tool (warcio's capture_http, a crawler). A record keyed on
+    credentials is imported only from an export of this installation (sealed by it), unless
+    --trust-credentials-from-file. Exits 1 when a record could not be imported for an error (a corrupt file, no
+    mapping for its host, a response with no request, a seal that does not match its record)."""
     buddy = current_app.extensions["buddy"]
     try:
         rules = tuple(HostMap.parse(text) for text in maps)
@@ -394,11 +446,11 @@ def import_command(files: tuple[str, ...], maps: tuple[str, ...], ttl: int | Non
                                      f"{', '.join(sorted(buddy.settings.domains))}", param_hint="--map")
     tally = Tally(lambda line: click.echo(line, err=True))
     paths = [Path(f) for f in files]
-    options = ImportOptions(rules, ttl, overwrite, namespace)
+    options = ImportOptions(rules, ttl, overwrite, namespace, trust_credentials)
     total = sum(p.stat().st_size for p in paths)
     try:
         with click.progressbar(length=total, label="importing", file=sys.stderr) as bar:
-            import_files(buddy, paths, options, tally, bar.update)
+            trusted = import_files(buddy, paths, options, tally, bar.update)
     except StoreUnavailable as exc:
         raise redis_down(exc) from exc
     skipped = sum(tally.skipped.values()) + sum(tally.errors.values())
@@ -406,5 +458,9 @@ def import_command(files: tuple[str, ...], maps: tuple[str, ...], ttl: int | Non
                + (f"; skipped {skipped}:" if skipped else ""))
     for line in tally.lines():
         click.echo(line)
+    if trusted:
+        click.echo(f"trusted the file alone for the credentials of {sum(trusted.values())} of them ({TRUST_FLAG}):")
+        for reason, n in trusted.most_common():
+            click.echo(f"  {n} {reason}")
     if tally.errors:
         sys.exit(1)

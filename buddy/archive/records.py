@@ -2,6 +2,7 @@
 buddy.content's decoding), and requests paired with their responses."""
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,20 +28,24 @@ class Malformed(ValueError):
 
 
 class _Counted:
-    """A record's stream, counting what is read of it (a record cut short reads fewer bytes than it declares)."""
+    """A record's stream, counting what is read of it (a record cut short reads fewer bytes than it declares) and
+    hashing it (a seal covers the record's block byte for byte)."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
         self.count = 0
+        self.hash = hashlib.sha256()
 
     def read(self, size: int = -1) -> bytes:
         data = cast(bytes, self.stream.read(size))
         self.count += len(data)
+        self.hash.update(data)
         return data
 
     def readline(self, size: int = -1) -> bytes:
         data = cast(bytes, self.stream.readline(size))
         self.count += len(data)
+        self.hash.update(data)
         return data
 
     def drain(self) -> None:
@@ -73,6 +78,7 @@ class Part:
     message: Message | None = None
     problem: str = ""  # why it could not be read (a reason of the summary); its pair is dropped quietly
     detail: str = ""
+    digest: str = ""  # the SHA-256 of the record's block (its HTTP message as recorded), in hex
 
 
 def _dechunked(stream: _Counted) -> Iterator[bytes]:
@@ -217,6 +223,7 @@ def read_part(record: Any, where: str, limits: tuple[int, int]) -> Part:
     except (Malformed, HTTPException, UnicodeError) as exc:
         part.problem, part.detail = "malformed HTTP messages", f"{part.kind}: {first_line(exc)}"
     stream.drain()
+    part.digest = stream.hash.hexdigest()
     declared = record.length
     if declared is not None and stream.count < int(declared):
         part.problem = "records cut short (a truncated or corrupt file)"

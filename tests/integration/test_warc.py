@@ -137,7 +137,13 @@ def test_a_capture_http_recording_is_served_from_the_cache(gunicorn, redis_url, 
     proxy = gunicorn({"domain_mappings": {"up": {"upstream": upstream.url}}}, env={"REDIS_URL": redis_url})
     imported = flask_buddy(proxy.env, "import", str(archive))
     assert imported.returncode == 0, imported.stdout + imported.stderr
-    assert "imported 6 entries from 1 file" in imported.stdout
+    assert "imported 5 entries from 1 file; skipped 1:" in imported.stdout  # the file alone vouches for /item/mine
+    assert "  1 credentialed, with the credentials in the file" in imported.stdout
+    trusting = flask_buddy(proxy.env, "import", "--trust-credentials-from-file", str(archive))
+    assert trusting.returncode == 0, trusting.stdout + trusting.stderr
+    assert "imported 1 entries from 1 file" in trusting.stdout
+    assert "trusted the file alone for the credentials of 1 of them (--trust-credentials-from-file):" in (
+        trusting.stdout)
     upstream.clear()
     for target, headers, body in [("/item/a?x=1", {}, None), ("/gzip", {}, None),
                                   ("/search", {"Content-Type": "application/json"}, b'{"q": "dog"}'),

@@ -137,9 +137,11 @@ def test_an_imported_answer_is_stored_exactly_as_the_proxy_stores_it_fetched_liv
             assert client.get(f"/up/case/{name}", headers=SENT).headers["X-Cache"] == "MISS"
             records += exchange(f"{raw.url}/case/{name}", answer, headers=SENT)
         (tmp_path / "live.warc.gz").write_bytes(gzip.compress(records))  # gzipped whole, not per record: read too
-        result = run(imported, "import", str(tmp_path / "live.warc.gz"))
+        # The recording carries a credential (SENT): the file alone vouches for it, so only when told to trust it.
+        result = run(imported, "import", "--trust-credentials-from-file", str(tmp_path / "live.warc.gz"))
         assert result.exit_code == 0, result.output
         assert f"imported {len(ANSWERS)} entries from 1 file" in result.output
+        assert f"trusted the file alone for the credentials of {len(ANSWERS)} of them" in result.output
         assert entries(imported) == entries(live)  # same keys (variants and pointers too), same stored answers
         # A folded field is unfolded to one space (RFC 9112 5.2), whether or not urllib3 unfolds it itself.
         assert imported.test_client().get("/up/case/folded", headers=SENT).headers["X-Folded"] == "a b"
@@ -164,7 +166,8 @@ def test_an_export_imports_under_the_same_keys_with_credentials_only_as_a_digest
             records += exchange(f"{raw.url}/case/{i}?q=caf%C3%A9&b=2&a=1", ANSWERS["not-found" if i == 3 else "varies"],
                                 method=method, headers=headers, body=b"payload" if method == "POST" else b"")
         (tmp_path / "in.warc").write_bytes(records)
-        assert run(source, "import", "--namespace", "ci", str(tmp_path / "in.warc")).exit_code == 0
+        trusting = ("--trust-credentials-from-file",)  # SENT carries a credential
+        assert run(source, "import", *trusting, "--namespace", "ci", str(tmp_path / "in.warc")).exit_code == 0
         out = tmp_path / "out.warc.gz"
         plain = run(source, "export", "-o", str(out))
         assert plain.exit_code == 0 and "exported 3 entries" in plain.output
@@ -176,8 +179,9 @@ def test_an_export_imports_under_the_same_keys_with_credentials_only_as_a_digest
         kinds = [(r.rec_type, r.rec_headers.get_header("WARC-Buddy-Namespace"))
                  for r in ArchiveIterator(io.BytesIO(data))]
         assert kinds[0] == ("warcinfo", None) and kinds[1:].count(("response", "ci")) == 4
-        result = run(copy, "import", str(out))
-        assert result.exit_code == 0 and "imported 4 entries" in result.output, result.output
+        result = run(copy, "import", str(out))  # another installation: the credentialed entry only when trusted
+        assert result.exit_code == 0 and "imported 3 entries" in result.output, result.output
+        assert "imported 1 entries" in run(copy, "import", *trusting, str(out)).output
         assert entries(copy) == entries(source)
         assert run(copy, "import", str(out)).output.count("already cached, as fresh or fresher") == 1  # idempotent
         assert run(source, "export", "-o", str(out), "--namespace", "other").output.count("exported 0 entries") == 1
@@ -453,7 +457,8 @@ def test_vary_on_a_credential_keeps_the_variants_apart_across_an_export(apps, tm
         out = tmp_path / "full.warc"
         assert "exported 2 entries" in run(source, "export", "-o", str(out), "--include-credentialed").output
         assert b"alice-token" not in out.read_bytes()
-        full, calls = apps(raw.url, domain=shared), len(raw.log)
+        full, calls = source, len(raw.log)  # back into the installation that exported (and sealed) them
+        assert run(full, "clear-cache").exit_code == 0
         assert "imported 2 entries" in run(full, "import", str(out)).output
         client = full.test_client()
         assert client.get("/up/acct", headers=alice).data == b"for alice"
@@ -567,7 +572,8 @@ def test_a_session_cookie_named_by_vary_is_exported_as_a_digest_only(apps, tmp_p
         assert "exported 0 entries" in plain.output and "1 keyed on credentials" in plain.output
         run(app, "export", "-o", str(tmp_path / "x.warc"), "--include-credentialed")
         assert b"SESSION-SECRET-1" not in (tmp_path / "x.warc").read_bytes()  # was in the request record
-        copy = apps(raw.url)
+        copy = app  # back into the installation that exported (and sealed) it
+        assert run(copy, "clear-cache").exit_code == 0
         assert "imported 1 entries" in run(copy, "import", str(tmp_path / "x.warc")).output
         client = copy.test_client(use_cookies=False)
         assert client.get("/up/ck", headers=session).headers["X-Cache"] == "HIT"
