@@ -36,6 +36,7 @@ HOP_BY_HOP = frozenset(
 # Request headers the proxy sets itself (or that name the proxy, not the upstream).
 NOT_FORWARDED = frozenset({"host", "content-length", "accept-encoding", "x-api-buddy-key", "x-buddy-namespace"})
 CHUNK = 64 * 1024
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})  # RFC 9110 9.2.2: may be sent again
 NO_HOOKS: dict = {"response": []}  # requests' default_hooks(); never added to
 _SEGMENT_SAFE = "!$&'()*+,;=:@~-._"
 _QUERY_SAFE = "=&;+%/:?@!$'()*,~-._[]"
@@ -46,6 +47,8 @@ _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _PLAIN_PATH = re.compile(rb"[A-Za-z0-9!$&'()*+,;=:@~._/-]*")
 _PLAIN_QUERY = re.compile(rb"[A-Za-z0-9=&;+/:?@!$'()*,~._-]*")
 _DOT_SEGMENT = re.compile(rb"(?:^|/)\.\.?(?:/|$)")
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+_UNRESERVED = re.compile(rb"[A-Za-z0-9._~-]")
 _DIGITS = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also accepts superscripts
 _OBS_FOLD = re.compile(r"(?:(?<![ \t])[ \t]+)?\r?\n[ \t]+")  # whitespace, line break, whitespace: one fold
 
@@ -126,10 +129,13 @@ def storable_headers(headers: Iterable[tuple[str, str]], drop: Collection[str] =
 
 
 def safe_path(raw_rest: bytes) -> str:
-    """Re-encode the path below the domain so that it can only name something under the upstream's base path.
+    """The path below the domain as received, made safe: it can only name something under the upstream's base path.
 
-    Each segment is percent-decoded, refused if it is (or hides) `.`/`..` or carries control bytes, and
-    re-encoded with `/` and `\\` escaped, so `%2f` stays inside its segment and `..%2f` cannot climb.
+    A segment that is (or, decoded, hides) `.`/`..` or carries control bytes is refused, so `..%2f` cannot climb.
+    Otherwise the path is sent (and keyed) as received, but for RFC 3986's normalisation (6.2.2): an escaped
+    unreserved character (`%7E`, `%2E`) is decoded, other escapes are kept, in upper case (`%3b` is `%3B`: a
+    reserved character escaped is data, not the delimiter, so `a%3Bb` and `a;b` are different resources), and a
+    character a path may not hold (a space, a quote, non-ASCII) is escaped.
     """
     if _PLAIN_PATH.fullmatch(raw_rest) and not _DOT_SEGMENT.search(raw_rest):
         return raw_rest.decode("ascii")  # nothing to decode or re-encode: the common case, kept cheap
@@ -142,8 +148,14 @@ def safe_path(raw_rest: bytes) -> str:
             raise BadProxyRequest("control characters in the path")
         if any(part in (b".", b"..") for part in re.split(rb"[/\\]", decoded)):
             raise BadProxyRequest("the path may not contain '.' or '..' segments")
-        out.append(quote(decoded, safe=_SEGMENT_SAFE))
+        normalised = _ESCAPE.sub(_unescape_unreserved, segment)
+        out.append(quote(normalised, safe=_SEGMENT_SAFE + "%"))  # (escapes kept; a bare '%' was refused above)
     return "/".join(out)
+
+
+def _unescape_unreserved(escape: re.Match[bytes]) -> bytes:
+    byte = bytes([int(escape.group(1), 16)])
+    return byte if _UNRESERVED.fullmatch(byte) else escape.group(0).upper()
 
 
 def safe_query(raw_query: bytes) -> str:
@@ -274,6 +286,23 @@ def failure_kind(exc: BaseException) -> str:
     return "connection failed"
 
 
+def closed_before_answer(exc: BaseException) -> bool:
+    """Did the connection break before the answer began (no status line came: closed, reset or broken while the
+    request was sent or its answer awaited), not by a timeout or a refused connection?"""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                             ConnectionAbortedError)):
+            return True
+        if isinstance(seen, (TimeoutError, ConnectionRefusedError)):
+            return False
+        nested = [arg for arg in getattr(seen, "args", ()) if isinstance(arg, BaseException)]
+        seen = seen.__cause__ or seen.__context__ or (nested[0] if nested else None)
+    return False
+
+
 def socket_of(response: requests.Response) -> socket.socket | None:
     """The socket an upstream answer is read from: the pooled connection's, or (when the upstream said
     `Connection: close` and http.client detached it) the one behind the response's file object."""
@@ -365,11 +394,20 @@ class UpstreamClient:
             # cookies, reads nothing from the environment): merging those per request cost more than the rest.
             prepared = requests.PreparedRequest()
             prepared.prepare(method=method, url=url, headers=headers, data=body or None, hooks=NO_HOOKS)
-            response = self.session.send(
-                prepared, stream=True, allow_redirects=False, verify=True, proxies={}, cert=None,
-                timeout=(min(domain.connect_timeout, domain.total_timeout),
-                         min(domain.read_timeout, domain.total_timeout)),
-            )
+            timeouts = (min(domain.connect_timeout, domain.total_timeout),
+                        min(domain.read_timeout, domain.total_timeout))
+            try:
+                response = self.session.send(prepared, stream=True, allow_redirects=False, verify=True, proxies={},
+                                             cert=None, timeout=timeouts)
+            except requests.ConnectionError as exc:
+                # A kept-alive connection the upstream closed as we reused it (legal in HTTP/1.1): the request was
+                # never answered, not a byte of it. An idempotent one is sent once more, on another connection;
+                # never a POST or PATCH, which the upstream may have acted on.
+                if method not in IDEMPOTENT or not closed_before_answer(exc):
+                    raise
+                log.info("upstream %s closed a kept-alive connection before answering; sending it again", domain.name)
+                response = self.session.send(prepared, stream=True, allow_redirects=False, verify=True, proxies={},
+                                             cert=None, timeout=timeouts)
         except requests.Timeout as exc:
             raise UpstreamTimeout(
                 domain.name, f"upstream '{domain.name}' ({domain.netloc}) did not answer in time", "timeout"
@@ -399,6 +437,13 @@ class UpstreamClient:
                 domain.name, f"upstream '{domain.name}' sent a malformed status line", kind="malformed"
             )
         raw_headers = upstream_fields(response.raw.headers.items())
+        framing = {name.lower() for name, _ in raw_headers} & {"content-length", "transfer-encoding"}
+        if len(framing) == 2:
+            # Which one frames the body? A client and a cache that disagree is how responses are smuggled: a broken
+            # answer (nginx's choice too), never stored.
+            response.close()
+            raise UpstreamUnavailable(domain.name, f"upstream '{domain.name}' sent both Content-Length and "
+                                      "Transfer-Encoding", kind="malformed")
         coding = content_coding(response.headers.get("Content-Encoding", ""))
         decoded = coding is not None
         headers = client_response_headers(raw_headers, decoded)

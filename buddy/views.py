@@ -41,7 +41,12 @@ def read_body(req: Request, server: Mapping[str, Any]) -> bytes:
     deadline, body_timeout after its head was read, and a read past it fails here. Under another worker
     class each read at least gives up after body_timeout.
     """
-    chunked = "chunked" in req.environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    codings = [c.strip().lower() for c in req.environ.get("HTTP_TRANSFER_ENCODING", "").split(",") if c.strip()]
+    if codings and codings != ["chunked"]:
+        # gunicorn removes the chunking but leaves gzip (or deflate) on: sent on, the body would be wrong, keyed so.
+        raise BadRequest(f"a request body in Transfer-Encoding '{', '.join(codings)}' is not accepted: send it "
+                         "chunked or with a Content-Length, and say how its content is coded in Content-Encoding")
+    chunked = codings == ["chunked"]
     if req.content_length is None and not chunked:
         return b""  # most GETs: nothing to read, nothing to wait for
     late = f"the request body did not arrive whole (server.body_timeout: {server['body_timeout']:g} s)"
