@@ -25,6 +25,7 @@ from buddy.upstream import UpstreamClient, build_url
 
 log = logging.getLogger("buddy.service")
 SLOT_CHECK_SECONDS = 0.5  # how often a request sleeping for its rate-limit slot checks that its client is there
+PAUSES = 4  # a request waits out a pause and asks again at most this often (a pause set again meanwhile)
 
 
 class Fetcher:
@@ -54,43 +55,61 @@ class Fetcher:
         shared limiter's verdict, already made (with the fill lock, lead.lua); `conditional`: validators that make
         the request conditional (If-None-Match, If-Modified-Since), sent but no part of its key."""
         domain = request.domain
+        partition = policy.partition(request)
         if reserved is None:
-            decision, limiter = self._throttle(domain)
+            decision, limiter = self._throttle(domain, partition)
         else:
             decision, limiter = reserved, self.limiter
-        if not decision.accepted:
-            self.metrics.count(domain.name, "throttle_refused")
-            return answers.refused(domain, decision)
-        if decision.delay > 0:
-            if not self.waiting.enter(domain.name):
-                # Every thread that sleeps here is one fewer for cache hits: past the cap, refuse at once.
-                self._give_back(limiter, domain, decision)
+        waited = 0.0
+        for _ in range(PAUSES):
+            if not decision.accepted:
                 self.metrics.count(domain.name, "throttle_refused")
                 return answers.refused(domain, decision)
-            try:
-                self._sleep_for_slot(request, decision.delay)
-            except ClientGone:
-                self._give_back(limiter, domain, decision)
-                self.metrics.count(domain.name, "client_gone")
-                raise
-            finally:
-                self.waiting.leave(domain.name)
-            delayed_ms = int(decision.delay * 1000)
-            self.metrics.count_many(domain.name, {"throttle_delayed": 1, "throttle_delay_ms": delayed_ms})
-            if self.offline.on():  # switched offline while this request slept for its slot
-                self._give_back(limiter, domain, decision)
-                return answers.offline_miss(domain)
+            if decision.delay > 0:
+                refused = self._wait(request, limiter, decision)
+                if refused is not None:
+                    return refused
+                waited += decision.delay
+            if decision.reserved:
+                break
+            decision, limiter = self._throttle(domain, partition)  # the pause is over: now a slot
+        else:
+            return answers.refused(domain, decision)
         result = self._fetch(request, conditional)
-        if decision.delay > 0:
-            result.extra.append(("X-Throttle-Delay", f"{decision.delay:.3f}"))
+        if waited > 0:
+            result.extra.append(("X-Throttle-Delay", f"{waited:.3f}"))
         if limiter is self.limiter:
-            self._learn(domain, result, decision)
+            self._learn(domain, result, decision, partition)
         return result
 
-    def paused(self, domain: DomainSettings) -> bool:
-        """Is the mapping paused by an upstream's 429/503 (or by refusals) right now? False when Redis cannot say."""
+    def _wait(self, request: ProxyRequest, limiter: RateLimiter | LocalLimiter, decision: Decision
+              ) -> ProxyResult | None:
+        """Sleep for the slot (or the pause); an answer instead when the request may not wait after all."""
+        domain = request.domain
+        if not self.waiting.enter(domain.name):
+            # Every thread that sleeps here is one fewer for cache hits: past the cap, refuse at once.
+            self._give_back(limiter, domain, decision)
+            self.metrics.count(domain.name, "throttle_refused")
+            return answers.refused(domain, decision)
         try:
-            return self.limiter.paused(domain) > 0
+            self._sleep_for_slot(request, decision.delay)
+        except ClientGone:
+            self._give_back(limiter, domain, decision)
+            self.metrics.count(domain.name, "client_gone")
+            raise
+        finally:
+            self.waiting.leave(domain.name)
+        self.metrics.count_many(domain.name, {"throttle_delayed": 1, "throttle_delay_ms": int(decision.delay * 1000)})
+        if self.offline.on():  # switched offline while this request slept for its slot
+            self._give_back(limiter, domain, decision)
+            return answers.offline_miss(domain)
+        return None
+
+    def paused(self, request: ProxyRequest) -> bool:
+        """Is this request's mapping, or its credential partition, paused by an upstream's 429/503 (or by refusals)
+        right now? False when Redis cannot say."""
+        try:
+            return self.limiter.paused(request.domain, policy.partition(request)) > 0
         except StoreUnavailable:
             return False
 
@@ -112,22 +131,23 @@ class Fetcher:
         except StoreUnavailable:
             pass  # the reservation ages out with its window
 
-    def _throttle(self, domain: DomainSettings) -> tuple[Decision, RateLimiter | LocalLimiter]:
+    def _throttle(self, domain: DomainSettings, partition: str) -> tuple[Decision, RateLimiter | LocalLimiter]:
         try:
-            return self.limiter.acquire(domain), self.limiter
+            return self.limiter.acquire(domain, partition), self.limiter
         except StoreUnavailable:
             return self.fallback.acquire(domain), self.fallback
 
-    def _learn(self, domain: DomainSettings, result: ProxyResult, decision: Decision) -> None:
-        """An upstream 429/503 pauses the domain (its Retry-After, else exponential); success resets the level."""
+    def _learn(self, domain: DomainSettings, result: ProxyResult, decision: Decision, partition: str) -> None:
+        """An upstream 429/503 pauses the requests with the same credentials as the one that got it, or the whole
+        mapping when it carried none (its Retry-After, else exponential); success resets the level."""
         try:
             if result.status in (429, 503):
                 pause = policy.retry_after_seconds(result.header("Retry-After"), time.time())
                 if pause is not None:
                     pause = min(pause, self.settings.throttling["max_upstream_pause"])
-                self.limiter.penalize(domain, pause)
+                self.limiter.penalize(domain, pause, partition)
             elif decision.level and result.status < 500:
-                self.limiter.reset(domain)
+                self.limiter.reset(domain, partition)
         except StoreUnavailable:
             pass
 

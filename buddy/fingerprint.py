@@ -20,6 +20,25 @@ CREDENTIAL_HEADERS = (
 )
 
 
+# Query parameters that carry an upstream credential by convention, besides a mapping's `credential_params`
+# (compared in lower case). The query is part of an entry's key, so such an entry could only be exported with its
+# credential: it never is (buddy.archive), an import of one is keyed on a credential the file carries, and an
+# upstream's pause applies to the requests that carry the same (`partition`).
+CREDENTIAL_PARAMS = frozenset({
+    "access_key",  # ipstack, aviationstack, Marketstack
+    "access_token", "id_token", "refresh_token",  # OAuth 2.0 (RFC 6750 2.3), Facebook Graph, Mapbox
+    "api_key", "apikey", "api-key",  # NASA, FRED, Last.fm, TMDB; OMDb, Alpha Vantage; New York Times
+    "api_sig", "sig", "signature", "oauth_signature", "oauth_token",  # Flickr, Last.fm; Azure SAS; OAuth 1.0
+    "app_key", "appid", "user_key", "hapikey",  # Edamam; OpenWeatherMap; 3scale; HubSpot
+    "auth", "auth_key", "auth_token", "token",  # Firebase REST; DeepL; Twilio-style; many
+    "client_secret", "password", "secret",
+    "key",  # Google APIs, YouTube, Bing
+    "subscription-key",  # Azure API Management
+    "x-amz-credential", "x-amz-security-token", "x-amz-signature",  # AWS signed URLs
+    "x-goog-credential", "x-goog-signature",  # Google Cloud Storage signed URLs
+})
+
+
 class RequestShape(NamedTuple):
     """What the cache key is made of, already normalized (a tuple: cheap to make and to hash, on every request)."""
 
@@ -99,3 +118,19 @@ def url_digest(url: str) -> str:
     parts = urlsplit(url)
     material = [parts.scheme.lower(), parts.netloc.lower(), parts.path or "/", list(sorted_query(parts.query))]
     return hashlib.sha256(json.dumps(material, separators=(",", ":")).encode()).hexdigest()
+
+
+def partition(headers: Iterable[tuple[str, str]], query: str, header_names: Collection[str],
+              param_names: Collection[str]) -> str:
+    """Which upstream credentials a request carries, as a short digest ('' for none): its credential headers
+    (`header_names`) and credential query parameters (CREDENTIAL_PARAMS and `param_names`). An upstream's pause,
+    and a mapping's per-credential rate limits, apply to the requests of one partition."""
+    found = [(name.lower(), value) for name, value in headers if name.lower() in header_names]
+    for item in query.split("&") if query else ():
+        name, _, value = item.partition("=")
+        lowered = name.lower()
+        if lowered in CREDENTIAL_PARAMS or lowered in param_names:
+            found.append(("?" + lowered, value))
+    if not found:
+        return ""
+    return hashlib.sha256(json.dumps(sorted(found)).encode()).hexdigest()[:16]

@@ -33,8 +33,10 @@ KEY_KINDS = (
     KeyKind("result", True, "a leader's uncacheable answer (or a 'not for sharing' mark) for its followers; 30 s"),
     KeyKind("followers", True, "how many requests wait on one leader; 120 s"),
     KeyKind("relay", True, "a stream carrying an over-size body from its leader to the followers; 60 s"),
-    KeyKind("rate", True, "the mapping's reserved upstream start times (sorted set); its longest window"),
-    KeyKind("penalty", True, "the mapping's backoff after an upstream 429/503: until, level, last"),
+    KeyKind("rate", True, "the mapping's reserved upstream start times (sorted set); its longest window "
+            "(`:<partition>`: one credential partition's, with per-credential limits)"),
+    KeyKind("penalty", True, "the mapping's backoff after an upstream 429/503: until, level, last (`:<partition>`: "
+            "one credential partition's)"),
     KeyKind("bug", True, "the latest error reply any worker got from Redis (a bug, not an outage), for health; 60 s"),
     KeyKind("session", True, "a dashboard session (its id, from a login); 12 h, deleted at sign-out"),
     KeyKind("health", True, "written by each /admin/health check (a full Redis refuses it); 10 s"),
@@ -119,13 +121,15 @@ class RedisKeys:
         """How many workers have heard the invalidation `token` closed (see ResponseCache.invalidate)."""
         return f"{self.prefix}ack:{token}"
 
-    def rate_starts(self, domain: str) -> str:
-        """Sorted set of reserved upstream start times (ms) for the domain's sliding windows."""
-        return f"{self.prefix}rate:{{{domain}}}"
+    def rate_starts(self, domain: str, partition: str = "") -> str:
+        """Sorted set of reserved upstream start times (ms) for the domain's sliding windows; a credential
+        partition's own, for a mapping with per-credential limits."""
+        return f"{self.prefix}rate:{{{domain}}}" + (f":{partition}" if partition else "")
 
-    def rate_penalty(self, domain: str) -> str:
-        """Hash holding the domain's progressive penalty: until, level, last."""
-        return f"{self.prefix}penalty:{{{domain}}}"
+    def rate_penalty(self, domain: str, partition: str = "") -> str:
+        """Hash holding the progressive penalty (until, level, last) of the domain, or of one credential partition
+        of it (an upstream's 429 to requests with those credentials pauses only them)."""
+        return f"{self.prefix}penalty:{{{domain}}}" + (f":{partition}" if partition else "")
 
     def minute_counts(self, domain: str, minute: int) -> str:
         """Hash of the domain's per-minute counters (store.metrics.MINUTE_FIELDS) in one minute (Unix time // 60)."""

@@ -164,16 +164,16 @@ class ProxyService:
                 return answers.offline_miss(domain)
             if control.only_if_cached:
                 return answers.not_cached(domain)
-            if stale is not None and self.fetcher.paused(domain):
+            if stale is not None and self.fetcher.paused(request):
                 return self._stand_in(domain, stale, None)  # paused: the expired entry now, no slot, no call
             # Taking the lock also looks at the entry again and, if it is still missing, reserves the upstream
             # start: one round trip (lead.lua), where lock, look-up and throttle were three.
-            throttle_keys, throttle_args = self.limiter.plan(domain)
+            throttle_keys, throttle_args = self.limiter.plan(domain, policy.partition(request))
             plan = LeadPlan(self.keys.cache(primary.domain, primary.digest), throttle_keys, throttle_args)
             try:
                 result = self.coalescer.run(
                     found.entry, LOCK_TTL_MS, domain.read_timeout + LOCK_MARGIN_SECONDS, domain.coalesce_timeout,
-                    lambda token, ahead: self._lead(request, found, token, control, asked, ahead, throttle_args),
+                    lambda token, ahead: self._lead(request, found, token, control, asked, ahead, plan),
                     lambda result: policy.follower_may_take(result, primary.digest, request.forwarded),
                     lambda entry: policy.usable(domain, entry, control, asked),
                     plan,
@@ -291,12 +291,12 @@ class ProxyService:
         control: policy.RequestControl,
         asked: float,
         ahead: Ahead | None = None,
-        throttle_args: list[int | str] | None = None,
+        plan: LeadPlan | None = None,
     ) -> ProxyResult:
         """Fetch as the one leader; whatever happens, followers are handed a result or the lock is let go.
 
-        `ahead`: what taking the lock found (FillLock.lead, run with `throttle_args`): the entry as it is now,
-        and the upstream start already reserved when there was none."""
+        `ahead`: what taking the lock found (FillLock.lead, run with `plan`): the entry as it is now, and the
+        upstream start already reserved when there was none."""
         domain, entry = request.domain, found.entry
         handed_off = False
         result: ProxyResult | None = None
@@ -311,8 +311,8 @@ class ProxyService:
                 return from_cache(hit, "STALE" if use is policy.Use.STALE else "HIT")
             stored = hit if hit is not None else found.hit  # what a 304 would freshen
             reserved = None
-            if ahead is not None and ahead.verdict is not None and throttle_args is not None:
-                reserved = self.limiter.decision(ahead.verdict, throttle_args)
+            if ahead is not None and ahead.verdict is not None and plan is not None:
+                reserved = self.limiter.decision(ahead.verdict, plan.throttle_keys, plan.throttle_args)
             try:
                 conditional = policy.validators(stored) if stored is not None and not control.no_store else ()
                 result = self.fetcher.call(request, reserved, conditional)

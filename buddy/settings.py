@@ -116,6 +116,8 @@ class DomainSchema(_Section):
     total_timeout = _positive_number(load_default=None, allow_none=True)
     max_requests_per_second = _positive_int(load_default=None, allow_none=True)
     max_requests_per_minute = _positive_int(load_default=None, allow_none=True)
+    # Each set of upstream credentials (a key of a search or LLM API) gets the limits above for itself.
+    rate_limit_per_credential = _boolean(load_default=False)
     # What one upstream call costs, for the dashboard's estimate of money saved (calls avoided x cost).
     cost_per_call = _non_negative_number(load_default=None, allow_none=True, at_most=1_000_000)
     cost_currency = _string(load_default=None, allow_none=True, validate=validate.Regexp(
@@ -277,6 +279,7 @@ class DomainSettings:
     max_requests_per_second: int | None
     max_requests_per_minute: int | None
     max_requests_per_hour: int
+    rate_limit_per_credential: bool = False  # the limits apply to each credential partition, not to the mapping
     cost_per_call: float | None = None  # what one upstream call costs, in cost_currency (dashboard estimate)
     cost_currency: str | None = None
     # Query parameters that carry an upstream credential, besides the default list (buddy.archive.credentials):
@@ -533,6 +536,7 @@ def _build(data: dict[str, Any]) -> Settings:
             max_requests_per_second=spec["max_requests_per_second"],
             max_requests_per_minute=spec["max_requests_per_minute"],
             max_requests_per_hour=throttling["domain_limits"].get(name, throttling["default_requests_per_hour"]),
+            rate_limit_per_credential=spec["rate_limit_per_credential"],
             cost_per_call=spec["cost_per_call"],
             cost_currency=spec["cost_currency"],
             credential_params=frozenset(p.lower() for p in spec["credential_params"] or ()),

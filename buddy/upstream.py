@@ -331,12 +331,23 @@ class FinalResponse(http.client.HTTPResponse):
             http.client.parse_headers(self.fp)  # type: ignore[arg-type]  # the interim fields: never used
 
 
+_connecting = threading.local()  # `.fresh`: this thread's request went out on a connection made for it
+
+
 class _Connection(HTTPConnection):
     response_class = FinalResponse
+
+    def connect(self) -> None:
+        _connecting.fresh = True
+        super().connect()
 
 
 class _TLSConnection(HTTPSConnection):
     response_class = FinalResponse
+
+    def connect(self) -> None:
+        _connecting.fresh = True
+        super().connect()
 
 
 class _Pool(HTTPConnectionPool):
@@ -396,14 +407,16 @@ class UpstreamClient:
             prepared.prepare(method=method, url=url, headers=headers, data=body or None, hooks=NO_HOOKS)
             timeouts = (min(domain.connect_timeout, domain.total_timeout),
                         min(domain.read_timeout, domain.total_timeout))
+            _connecting.fresh = False
             try:
                 response = self.session.send(prepared, stream=True, allow_redirects=False, verify=True, proxies={},
                                              cert=None, timeout=timeouts)
             except requests.ConnectionError as exc:
                 # A kept-alive connection the upstream closed as we reused it (legal in HTTP/1.1): the request was
                 # never answered, not a byte of it. An idempotent one is sent once more, on another connection;
-                # never a POST or PATCH, which the upstream may have acted on.
-                if method not in IDEMPOTENT or not closed_before_answer(exc):
+                # never a POST or PATCH, which the upstream may have acted on, nor one that failed on a connection
+                # made for it (that upstream is broken, not idle).
+                if method not in IDEMPOTENT or _connecting.fresh or not closed_before_answer(exc):
                     raise
                 log.info("upstream %s closed a kept-alive connection before answering; sending it again", domain.name)
                 response = self.session.send(prepared, stream=True, allow_redirects=False, verify=True, proxies={},

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from urllib.parse import unquote_plus, urlsplit
 
 from buddy.archive.common import OWN
-from buddy.fingerprint import CREDENTIAL_HEADERS
+from buddy.fingerprint import CREDENTIAL_HEADERS, CREDENTIAL_PARAMS
 from buddy.redaction import redact_in_logs
 from buddy.settings import DomainSettings
 
@@ -34,22 +34,6 @@ _SEAL = re.compile(r"v1:([0-9a-f]{16}):([0-9a-f]{64})")
 # Request headers whose values no export carries, besides the credential headers: a session cookie is as good as
 # a password. An entry keyed on one (through Vary) is exported as credentialed: its key as a digest.
 NEVER_EXPORTED = ("cookie",)
-# Query parameters that carry an upstream credential by convention, besides a mapping's `credential_params`
-# (compared in lower case). The query is part of an entry's key, so such an entry could only be exported with its
-# credential: it never is, and an import of one is keyed on a credential the file carries.
-CREDENTIAL_PARAMS = frozenset({
-    "access_key",  # ipstack, aviationstack, Marketstack
-    "access_token", "id_token", "refresh_token",  # OAuth 2.0 (RFC 6750 2.3), Facebook Graph, Mapbox
-    "api_key", "apikey", "api-key",  # NASA, FRED, Last.fm, TMDB; OMDb, Alpha Vantage; New York Times
-    "api_sig", "sig", "signature", "oauth_signature", "oauth_token",  # Flickr, Last.fm; Azure SAS; OAuth 1.0
-    "app_key", "appid", "user_key", "hapikey",  # Edamam; OpenWeatherMap; 3scale; HubSpot
-    "auth", "auth_key", "auth_token", "token",  # Firebase REST; DeepL; Twilio-style; many
-    "client_secret", "password", "secret",
-    "key",  # Google APIs, YouTube, Bing
-    "subscription-key",  # Azure API Management
-    "x-amz-credential", "x-amz-security-token", "x-amz-signature",  # AWS signed URLs
-    "x-goog-credential", "x-goog-signature",  # Google Cloud Storage signed URLs
-})
 
 # Why a record keyed on credentials is not vouched for by this installation (a reason of the import's summary).
 UNSEALED = "credentialed, with no seal of this installation: an older export or a file made by hand"

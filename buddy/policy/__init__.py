@@ -20,6 +20,7 @@ from buddy.policy.keys import (
     invalidated_urls,
     kept_for,
     namespaced,
+    partition,
     response_vary,
     stored_request,
     variant_digest,
@@ -55,7 +56,7 @@ __all__ = [
     "ASK", "CACHEABLE_METHODS", "NOT_SHARED", "SAFE_METHODS", "CacheControl", "RequestControl", "Reuse", "Storage",
     "Use", "age", "as_not_modified", "cache_control", "cacheable_request", "conditions", "entry_for", "failed",
     "field_value", "follower_may_take", "freshened", "freshness_lifetime", "has_validator", "invalidated_urls",
-    "kept_for", "namespaced", "not_modified", "request_control", "response_vary", "retry_after_seconds", "reuse",
-    "rules_of", "staleness", "storage", "stored_request", "ttl_for", "upstream_fields", "usable", "validators",
+    "kept_for", "namespaced", "not_modified", "partition", "request_control", "response_vary", "retry_after_seconds",
+    "reuse", "rules_of", "staleness", "storage", "stored_request", "ttl_for", "upstream_fields", "usable", "validators",
     "variant_digest",
 ]

@@ -13,6 +13,7 @@ from typing import Iterable, Mapping
 from urllib.parse import urljoin, urlsplit
 
 from buddy.fingerprint import RequestShape, credentials_digest, fingerprint, normalize_method, vary_values
+from buddy.fingerprint import partition as credentials_partition
 from buddy.messages import STORED_BODY_LIMIT, ProxyRequest, ProxyResult, StoredRequest
 from buddy.policy.directives import _TOKEN
 from buddy.redis_keys import EntryId
@@ -67,6 +68,15 @@ def entry_for(request: ProxyRequest, credentials: str | None = None) -> EntryId:
         credentials="" if domain.share_across_credentials else credentials,
     )
     return EntryId(domain.name, namespaced(request.namespace, fingerprint(shape)))
+
+
+def partition(request: ProxyRequest) -> str:
+    """The upstream credentials the request carries ('' for none): an upstream's pause after a 429 or 503 applies to
+    the requests that carry the same (or, for requests with none, to the whole mapping), and a mapping with
+    `rate_limit_per_credential` limits each partition on its own."""
+    domain = request.domain
+    return credentials_partition(request.forwarded.items(), request.query, domain.credential_headers,
+                                 domain.credential_params)
 
 
 def stored_request(request: ProxyRequest, url: str, vary: Iterable[str] = ()) -> StoredRequest:

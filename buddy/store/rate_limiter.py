@@ -27,7 +27,9 @@ class Decision(NamedTuple):
     limit: int = 0
     window: float = 0.0
     level: int = 0
-    slot: str = ""  # what release() needs to give the reserved start back
+    slot: str = ""  # what release() needs to give the reserved start back: the member ...
+    starts: str = ""  # ... of this sorted set
+    reserved: bool = True  # False: paused, nothing reserved; after `delay`, ask again
 
 
 def windows(domain: DomainSettings) -> list[tuple[int, int]]:
@@ -52,51 +54,63 @@ class RateLimiter:
         self._penalize = client.register_script(load_script("penalize"))
         self._reset = client.register_script(load_script("reset_penalty"))
 
-    def plan(self, domain: DomainSettings) -> tuple[list[str], list[int | str]]:
+    def plan(self, domain: DomainSettings, partition: str = "") -> tuple[list[str], list[int | str]]:
         """The KEYS and ARGV of one throttle call for `domain` (throttle.lua; lead.lua runs it too), with a
-        fresh slot name as the first argument."""
+        fresh slot name as the first argument. `partition`: the credentials the request carries (see
+        fingerprint.partition): their pause applies to it besides the mapping's, and with per-credential limits
+        their own windows."""
         args: list[int | str] = [secrets.token_hex(8), self.max_delay_ms, GUARD_MS, QUIET_MS]
         for window_ms, limit in windows(domain):
             args += [window_ms, limit]
-        return [self.keys.rate_starts(domain.name), self.keys.rate_penalty(domain.name)], args
+        own = partition if domain.rate_limit_per_credential else ""
+        keys = [self.keys.rate_starts(domain.name, own), self.keys.rate_penalty(domain.name, partition),
+                self.keys.rate_penalty(domain.name)]
+        return keys, args
 
     @staticmethod
-    def decision(verdict: list, args: list[int | str]) -> Decision:
-        """The Decision for what throttle.lua returned when called with `args` (from `plan`)."""
-        accepted, delay, limit, window, level = verdict
-        return Decision(bool(accepted), int(delay) / 1000, int(limit), int(window) / 1000, int(level), str(args[0]))
+    def decision(verdict: list, keys: list[str], args: list[int | str]) -> Decision:
+        """The Decision for what throttle.lua returned when called with `keys` and `args` (from `plan`)."""
+        accepted, delay, limit, window, level, reserved = verdict
+        return Decision(bool(accepted), int(delay) / 1000, int(limit), int(window) / 1000, int(level), str(args[0]),
+                        keys[0], bool(reserved))
 
-    def acquire(self, domain: DomainSettings) -> Decision:
-        keys, args = self.plan(domain)
+    def acquire(self, domain: DomainSettings, partition: str = "") -> Decision:
+        keys, args = self.plan(domain, partition)
         verdict = self.guard.run(lambda: self._throttle(keys=keys, args=args), keys[0])
-        return self.decision(verdict, args)
+        return self.decision(verdict, keys, args)
 
     def release(self, domain: DomainSettings, decision: Decision) -> None:
         """Give a reserved start back (its request was refused after all, or its client left)."""
-        key = self.keys.rate_starts(domain.name)
+        if not decision.reserved:
+            return
+        key = decision.starts or self.keys.rate_starts(domain.name)
         self.guard.run(lambda: self.client.zrem(key, decision.slot), key)
 
-    def penalize(self, domain: DomainSettings, retry_after: float | None) -> None:
+    def penalize(self, domain: DomainSettings, retry_after: float | None, partition: str = "") -> None:
+        """Pause the requests of `partition` (the credentials that got the 429 or 503), or the whole mapping."""
         retry_ms = -1 if retry_after is None else int(retry_after * 1000)
-        keys = [self.keys.rate_penalty(domain.name)]
+        keys = [self.keys.rate_penalty(domain.name, partition)]
         self.guard.run(lambda: self._penalize(keys=keys, args=[retry_ms, self.max_delay_ms, QUIET_MS]))
 
-    def paused(self, domain: DomainSettings) -> float:
-        """Seconds until the mapping's pause (an upstream's Retry-After, or the backoff after refusals) ends, by
-        Redis's clock; 0 when it is not paused."""
-        key = self.keys.rate_penalty(domain.name)
+    def paused(self, domain: DomainSettings, partition: str = "") -> float:
+        """Seconds until the pause that applies to a request of `partition` ends (its own, or the mapping's: an
+        upstream's Retry-After, or the backoff after refusals), by Redis's clock; 0 when there is none."""
+        names = [self.keys.rate_penalty(domain.name)] + ([self.keys.rate_penalty(domain.name, partition)]
+                                                         if partition else [])
 
         def read() -> list:
             pipe = self.client.pipeline(transaction=False)
             pipe.time()
-            pipe.hget(key, "until")
+            for name in names:
+                pipe.hget(name, "until")
             return pipe.execute()
 
-        (seconds, micros), until = self.guard.run(read, key)
-        return max(0, int(until or 0) - (int(seconds) * 1000 + int(micros) // 1000)) / 1000
+        (seconds, micros), *until = self.guard.run(read, names[0])
+        now = int(seconds) * 1000 + int(micros) // 1000
+        return max(0, *(int(u or 0) - now for u in until)) / 1000
 
-    def reset(self, domain: DomainSettings) -> None:
-        self.guard.run(lambda: self._reset(keys=[self.keys.rate_penalty(domain.name)]))
+    def reset(self, domain: DomainSettings, partition: str = "") -> None:
+        self.guard.run(lambda: self._reset(keys=[self.keys.rate_penalty(domain.name, partition)]))
 
 
 class LocalLimiter:

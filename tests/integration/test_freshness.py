@@ -116,11 +116,14 @@ def test_an_expired_entry_answers_for_an_upstream_that_fails(proxy: Gunicorn, fl
     assert [(a.status_code, a.headers["X-Cache"]) for a in answers] == [(200, "STALE")] * 5
     assert all(a.content == first.content for a in answers)
     assert all(int(a.headers["Age"]) >= 1 for a in answers)
-    assert calls(flaky, path) == 2  # the first fetch, then one (failed) call for all five
+    # The first fetch, then one failed call for all five; a drop on the kept-alive connection of the first fetch
+    # looks like an idle close (closed before any answer): that GET is sent once more, on a new connection.
+    failed_calls = 1 if failure == "503" else 2
+    assert calls(flaky, path) == 1 + failed_calls
     flaky.failing = ""
     # A 503 paused the mapping for a second (backoff): meanwhile the expired entry answers at once, with no call.
     again = eventually(lambda: (answer := get(proxy, "/up" + path)).headers["X-Cache"] == "MISS" and answer)
-    assert again and again.content != first.content and calls(flaky, path) == 3
+    assert again and again.content != first.content and calls(flaky, path) == 2 + failed_calls
     assert get(proxy, "/up" + path).headers["X-Cache"] == "HIT"
 
 

@@ -91,3 +91,38 @@ def test_without_redis_each_worker_keeps_its_share_of_the_limit(gunicorn, tmp_pa
     assert {r.headers["X-Cache"] for r in responses} == {"BYPASS"}
     assert most_starts_in_any(1.0, [seen.started for seen in upstream.log]) <= 4
     assert "Redis unavailable" in proxy.log()
+
+
+def test_an_upstreams_429_pauses_only_the_credentials_that_got_it(gunicorn, redis_url, upstream) -> None:
+    """A search or LLM API limits each key: one tenant's exhausted key must not pause the team. Without
+    credentials, a 429 is about the proxy's address: it pauses the whole mapping."""
+    proxy = gunicorn({"domain_mappings": {"llm": {"upstream": upstream.url}},
+                      "throttling": {"progressive_max_delay": 5}}, env={"REDIS_URL": redis_url}, workers=2)
+    tenant_a, tenant_b = {"Authorization": "Bearer key-of-a"}, {"Authorization": "Bearer key-of-b"}
+    pushed_back = requests.get(f"{proxy.url}/llm/status/429?retry_after=120", headers=tenant_a, timeout=10)
+    assert pushed_back.status_code == 429 and upstream.count("/status/429") == 1
+    for i in range(3):  # another key, another URL: straight through to the upstream
+        answer = requests.get(f"{proxy.url}/llm/b/{i}", headers=tenant_b, timeout=10)
+        assert answer.status_code == 200 and answer.headers["X-Cache"] == "MISS"
+    assert upstream.count("/b/") == 3
+    paused = requests.get(f"{proxy.url}/llm/a/again", headers=tenant_a, timeout=10)
+    assert paused.status_code == 429 and paused.json()["error"] == "rate limited" and upstream.count("/a/") == 0
+    anonymous = requests.get(f"{proxy.url}/llm/status/429?retry_after=120&anon=1", timeout=10)
+    assert anonymous.status_code == 429  # from the upstream, to a request with no credentials: everyone waits
+    assert requests.get(f"{proxy.url}/llm/b/after", headers=tenant_b, timeout=10).status_code == 429
+    assert upstream.count("/b/after") == 0
+
+
+def test_per_credential_limits_give_each_key_its_own_windows(gunicorn, redis_url, upstream) -> None:
+    config = {"domain_mappings": {
+        "shared": {"upstream": upstream.url, "max_requests_per_second": 1},
+        "own": {"upstream": upstream.url, "max_requests_per_second": 1, "rate_limit_per_credential": True}}}
+    proxy = gunicorn(config, env={"REDIS_URL": redis_url}, workers=2)
+    keys = [{"X-API-Key": "key-of-a"}, {"X-API-Key": "key-of-b"}]
+    for mapping, held in (("own", 0), ("shared", 1)):
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda i: requests.get(f"{proxy.url}/{mapping}/x/{i}", headers=keys[i],
+                                                           timeout=20), range(2)))
+        assert [a.status_code for a in answers] == [200, 200]
+        # Two keys at once: each in its own second with per-credential limits; one waits for the other without.
+        assert sum("X-Throttle-Delay" in a.headers for a in answers) == held, mapping

@@ -35,7 +35,7 @@ class Parts:
 
     def plan(self, per_hour: int = 1000) -> tuple[LeadPlan, list]:
         keys, args = self.limiter.plan(domain(per_hour))
-        return LeadPlan(KEYS.cache(ENTRY.domain, ENTRY.digest), keys, args), args
+        return LeadPlan(KEYS.cache(ENTRY.domain, ENTRY.digest), keys, args), [keys, args]
 
     def reserved(self) -> int:
         return self.client.zcard(KEYS.rate_starts("up"))
@@ -51,7 +51,7 @@ def test_a_new_leader_of_a_missing_entry_reserves_exactly_one_start(parts: Parts
     won, holder, ahead = parts.lock.lead(ENTRY, "leader", 10_000, plan)
     assert (won, holder) == (True, "leader")
     assert ahead is not None and ahead.blob is None and ahead.verdict is not None
-    decision = parts.limiter.decision(ahead.verdict, args)
+    decision = parts.limiter.decision(ahead.verdict, *args)
     assert decision.accepted and decision.delay == 0
     assert parts.reserved() == 1
     assert parts.client.zscore(KEYS.rate_starts("up"), decision.slot) is not None  # release() can give it back
@@ -77,12 +77,12 @@ def test_a_refusal_takes_the_lock_but_consumes_no_slot(any_redis) -> None:
     parts = Parts(any_redis, max_delay=2)
     plan, args = parts.plan(per_hour=1)
     won, _, ahead = parts.lock.lead(ENTRY, "first", 10_000, plan)
-    assert won and ahead is not None and parts.limiter.decision(ahead.verdict, args).accepted
+    assert won and ahead is not None and parts.limiter.decision(ahead.verdict, *args).accepted
     parts.lock.release(ENTRY, "first")
     plan, args = parts.plan(per_hour=1)
     won, _, ahead = parts.lock.lead(ENTRY, "second", 10_000, plan)
     assert won and ahead is not None
-    refused = parts.limiter.decision(ahead.verdict, args)
+    refused = parts.limiter.decision(ahead.verdict, *args)
     assert not refused.accepted and refused.delay > 2
     assert parts.reserved() == 1  # the first start only
     assert any_redis.hget(KEYS.rate_penalty("up"), "level") == b"1"  # a refusal raises the penalty, as before

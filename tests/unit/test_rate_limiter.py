@@ -106,3 +106,13 @@ def test_local_fallback_keeps_this_processes_share() -> None:
     assert got[:2] == [0, 0] and abs(got[2] - (1 + GUARD_MS / 1000)) < 0.25
     tight = LocalLimiter(max_delay=0.5, workers=1)
     assert [tight.acquire(domain(per_second=1)).accepted for _ in range(2)] == [True, False]
+
+
+def test_a_pause_applies_to_its_credential_partition_and_the_mappings_to_all(limiter) -> None:
+    d = domain()
+    limiter.penalize(d, retry_after=60, partition="key-a")
+    assert limiter.acquire(d, "key-a").delay > 55 and limiter.paused(d, "key-a") > 55
+    assert limiter.acquire(d, "key-b").delay == 0 and limiter.paused(d, "key-b") == 0
+    assert limiter.acquire(d).delay == 0 and limiter.paused(d) == 0  # no credentials: the mapping's own
+    limiter.penalize(d, retry_after=30)  # a pause of the mapping holds every partition
+    assert limiter.acquire(d, "key-b").delay > 25 and limiter.paused(d, "key-c") > 25

@@ -5,8 +5,7 @@
 -- KEYS[1]  the lock key
 -- KEYS[2]  the successor key of the leader the caller was following (unused when ARGV[3] is '')
 -- KEYS[3]  the cache key the request looked up (its primary entry)
--- KEYS[4]  the domain's sorted set of reserved start times (throttle.lua's KEYS[1])
--- KEYS[5]  the domain's penalty hash (throttle.lua's KEYS[2])
+-- KEYS[4..6]  throttle.lua's KEYS[1..3]: the reserved start times, the partition's and the domain's penalty hashes
 -- ARGV[1..4]  as acquire_lock.lua: token, lock TTL ms, the vanished leader's token or '', successor TTL ms
 -- ARGV[5..]   as throttle.lua's ARGV[1..]: slot member, longest delay, guard, quiet period, window/limit pairs
 -- Every key carries the mapping's hash tag, so on a Redis Cluster they all live in one slot.
@@ -22,4 +21,4 @@ local entry = redis.call('GET', KEYS[3])
 if entry then
   return {1, ARGV[1], entry}
 end
-return {1, ARGV[1], false, throttle(KEYS[4], KEYS[5], ARGV, 5)}
+return {1, ARGV[1], false, throttle(KEYS[4], KEYS[5], KEYS[6], ARGV, 5)}
