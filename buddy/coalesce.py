@@ -1,6 +1,11 @@
-"""Request coalescing across every worker and host on one Redis: one leader fetches, the others wait for its result."""
+"""Request coalescing across every worker and host on one Redis: one leader fetches, the others wait for its result.
+
+The leader's side is a Fill (one per fill of an entry: its lock, and how the fill ends); the followers' side is
+Coalescer._follow (wait for a wake-up, then read the entry, the leader's shared result or its relay).
+"""
 from __future__ import annotations
 
+import enum
 import secrets
 import time
 from typing import Callable, Iterable, Iterator
@@ -45,7 +50,7 @@ Accept = Callable[[ProxyResult], bool]
 
 
 class Coalescer:
-    """`run(entry, lead)`: become the leader and call `lead(token)`, or follow whoever leads and return its result."""
+    """`run(entry, lead)`: become the leader and call `lead(fill)`, or follow whoever leads and return its result."""
 
     def __init__(
         self,
@@ -78,10 +83,9 @@ class Coalescer:
     ) -> ProxyResult:
         """Lead, or wait up to `timeout` for the leader's answer and return it if `accept` says it is ours.
 
-        With a `plan`, taking the lock also reads the entry again and reserves the upstream start in the same
-        round trip (FillLock.lead), and `lead` is called with what that found: `lead(token, ahead)`.
-
-        A follower also takes the entry from the cache once it is there, if `usable` says it may (an expired
+        The leader gets its Fill: `lead(fill)`, or with a `plan`, where taking the lock also reads the entry again
+        and reserves the upstream start in the same round trip (FillLock.lead), `lead(fill, ahead)` with what that
+        found. A follower also takes the entry from the cache once it is there, if `usable` says it may (an expired
         entry kept for stale-if-error is no answer to wait for). StoreUnavailable before anything was fetched
         propagates, so the caller can serve without Redis; NotShared when the leader's answer may not be given
         to this request.
@@ -97,7 +101,8 @@ class Coalescer:
                 won, holder, ahead = self.lock.lead(entry, token, lock_ttl_ms, plan, vanished)
             if won:
                 self.keeper.hold(entry, token, lock_ttl_ms, timeout)
-                return lead(token) if plan is None else lead(token, ahead)
+                fill = Fill(self, entry, token)
+                return lead(fill) if plan is None else lead(fill, ahead)
             if holder:
                 if self.waiting is not None and not self.waiting.enter(entry.domain, per_mapping=False):
                     raise WaitingFull(entry.domain)
@@ -112,14 +117,14 @@ class Coalescer:
             if time.monotonic() >= deadline:
                 raise CoalesceTimeout(entry.domain, time.monotonic() - started)
 
-    def try_lead(self, entry: EntryId, lock_ttl_ms: int, timeout: float) -> str | None:
-        """Take the lock if nobody holds it (a background refresh): the token to lead with, else None."""
+    def try_lead(self, entry: EntryId, lock_ttl_ms: int, timeout: float) -> Fill | None:
+        """Take the lock if nobody holds it (a background refresh): the Fill to lead with, else None."""
         token = secrets.token_hex(12)
         won, _ = self.lock.acquire(entry, token, lock_ttl_ms)
         if not won:
             return None
         self.keeper.hold(entry, token, lock_ttl_ms, timeout)
-        return token
+        return Fill(self, entry, token)
 
     def _follow(
         self, entry: EntryId, holder: str, deadline: float, idle_timeout: float, accept: Accept, usable: Accept
@@ -189,53 +194,133 @@ class Coalescer:
                 return ProxyResult(status, reason, headers, stream=chunks, cache="COALESCED"), lock_holder
         return None, lock_holder
 
-    def hand_off(self, entry: EntryId, token: str, shared: ProxyResult | None, private: bool = False) -> None:
-        """The leader is done. Its followers read the cache entry, else `shared` (a copy of its answer with
-        nothing private in it), else nothing (they fetch for themselves); `private`: tell them so at once.
-        (A leader that stored its answer at `entry` lets go in the store's own call: ResponseCache.put.)"""
-        self.keeper.drop(entry, token)
-        blob = codec.NOT_SHARED if private else codec.encode(shared) if shared is not None else b""
-        self.lock.release(entry, token, blob, SHARED_RESULT_TTL_MS)
+
+class Ending(enum.Enum):
+    """How a fill ended: what its followers get, and who let go of the lock."""
+
+    STORED = "stored"  # the answer is in the cache; the store's own script let go of the lock and woke them
+    SHARED = "shared"  # an answer not to keep (an error, no-store...): a copy for the followers, then the lock goes
+    PRIVATE = "private"  # an answer not to share: each follower asks for itself
+    ABANDONED = "abandoned"  # the leader left without an answer (its client hung up, a fault): a follower leads
+
+
+class Fill:
+    """One leader's fill of an entry, from its lock to the end: exactly one ending, and one place that lets go.
+
+    The lock is let go of when the fill ends, however it ends (see Ending): by the store's script for an answer
+    stored at the entry (`stored`), else here (`share`, `private`, `abandon`). A streamed body ends later: `relay`
+    hands the ending to the stream, which ends the fill when the body has been read to its end or broke off (and,
+    for a body kept once whole, stores it then). Ending twice does nothing: a `finally: fill.abandon()` is safe.
+    """
+
+    def __init__(self, coalescer: Coalescer, entry: EntryId, token: str) -> None:
+        self.coalescer = coalescer
+        self.entry = entry
+        self.token = token
+        self.ending: Ending | None = None
+        self.streaming = False  # a relay ends it
+
+    @property
+    def lock(self) -> tuple[str, str]:
+        """What a store script that lets go of the lock needs: its key and this leader's token."""
+        return self.coalescer.keys.lock(self.entry), self.token
+
+    @property
+    def open(self) -> bool:
+        return self.ending is None and not self.streaming
+
+    def storing(self) -> None:
+        """The store about to run lets go of the lock in its own call: nothing extends it from now on."""
+        self.coalescer.keeper.drop(self.entry, self.token)
+
+    def stored(self) -> None:
+        """The answer is stored at the entry, and the store let go of the lock."""
+        self._end(Ending.STORED, None)
+
+    def share(self, result: ProxyResult | None) -> None:
+        """The followers get `result` (a copy, with nothing private in it), or, for None, read the entry."""
+        self._end(Ending.SHARED, result)
+
+    def private(self) -> None:
+        self._end(Ending.PRIVATE, None)
+
+    def abandon(self) -> None:
+        """Let go with no answer (a follower leads); for a fill that has ended already, nothing."""
+        try:
+            self._end(Ending.ABANDONED, None)
+        except StoreUnavailable:
+            pass  # the lock expires by itself
+
+    def _end(self, ending: Ending, shared: ProxyResult | None) -> None:
+        if self.ending is not None or self.streaming and ending is Ending.ABANDONED:
+            return
+        self.ending = ending
+        self.coalescer.keeper.drop(self.entry, self.token)
+        if ending is Ending.STORED:
+            return
+        blob = codec.NOT_SHARED if ending is Ending.PRIVATE else codec.encode(shared) if shared is not None else b""
+        self.coalescer.lock.release(self.entry, self.token, blob, SHARED_RESULT_TTL_MS)
 
     def relay(
-        self, entry: EntryId, token: str, result: ProxyResult, drop: frozenset[str] = frozenset()
+        self, result: ProxyResult, drop: frozenset[str] = frozenset(), keep: Keep | None = None
     ) -> Iterable[bytes]:
-        """An over-size body: relay it to the requests waiting on this leader, if there are any.
+        """A streamed body: relay it to the requests waiting on this leader (followers), and end the fill when the
+        body ends. `keep`: a body that may be kept once whole (a live stream, small enough): it is relayed even
+        with nobody waiting yet (a later identical request follows it from its start), and when it ends whole,
+        `keep(body)` stores it and so ends the fill (True), or does not (False: then it ends here).
 
-        With nobody waiting, nothing is copied into Redis and the lock goes at once (a request that comes
-        later fetches for itself). Otherwise the body goes into a Redis stream as it arrives, at most
-        `relay_limit` bytes of it, and the relay goes on even if the leader's own client stops reading.
-        The followers get the leader's headers less `drop` (fields the upstream called private).
+        Without `keep` and with nobody waiting, nothing is copied into Redis and the lock goes at once (a request
+        that comes later fetches for itself). Otherwise the body goes into a Redis stream as it arrives, at most
+        `relay_limit` bytes of it, and the relay goes on even if the leader's own client stops reading. The
+        followers get the leader's headers less `drop` (fields the upstream called private).
         """
         assert isinstance(result.stream, BodyStream)
-        waiting = self.guard.run(lambda: self.client.get(self.keys.followers(entry, token)))
+        coalescer = self.coalescer
+        waiting = keep is not None or coalescer.guard.run(
+            lambda: coalescer.client.get(coalescer.keys.followers(self.entry, self.token)))
         if not waiting:
-            self.hand_off(entry, token, None)
+            self.share(None)
             return result.stream
-        writer = RelayWriter(self.client, self.guard, self.keys.relay(entry, token), self.relay_limit)
+        writer = RelayWriter(coalescer.client, coalescer.guard, coalescer.keys.relay(self.entry, self.token),
+                             coalescer.relay_limit)
         writer.start(result.status, result.reason, storable_headers(result.headers, drop))
-        self.lock.announce(entry)
-        return RelayedBody(result.stream, writer, lambda: self.hand_off(entry, token, None))
+        coalescer.lock.announce(self.entry)
+        self.streaming = True
+        return RelayedBody(result.stream, writer, self, keep)
+
+
+Keep = Callable[[bytes], bool]
 
 
 class RelayedBody:
-    """The leader's streamed body, copied chunk by chunk into the relay; finishing releases the lock.
+    """The leader's streamed body, copied chunk by chunk into the relay; its end (whole or not) ends the fill.
 
     If the leader's client goes away (or asked with HEAD), `close()` keeps reading the upstream into the
-    relay, so that the followers still get the whole body.
+    relay, so that the followers still get the whole body. With `keep`, the body is also gathered (up to the
+    relay's limit) and handed to `keep` when it ended whole.
     """
 
-    def __init__(self, source: BodyStream, writer: RelayWriter, release: Callable[[], None]) -> None:
+    def __init__(self, source: BodyStream, writer: RelayWriter, fill: Fill, keep: Keep | None = None) -> None:
         self.source = source
         self.writer = writer
-        self.release = release
+        self.fill = fill
+        self.keep = keep
+        self._kept: list[bytes] | None = [] if keep is not None else None
         self._chunks = iter(source)
         self._finished = False
+
+    def _take(self, chunk: bytes) -> None:
+        self.writer.chunk(chunk)
+        if self._kept is not None:
+            if self.writer.written > self.writer.limit:
+                self._kept = None  # too big to keep
+            else:
+                self._kept.append(chunk)
 
     def __iter__(self) -> Iterator[bytes]:
         try:
             for chunk in self._chunks:
-                self.writer.chunk(chunk)
+                self._take(chunk)
                 yield chunk
         except BrokenBody:
             self._finish()  # the relay ends unfinished too, then the leader's client is cut off
@@ -248,7 +333,7 @@ class RelayedBody:
         try:
             if not self.writer.broken:
                 for chunk in self._chunks:
-                    self.writer.chunk(chunk)
+                    self._take(chunk)
                     if self.writer.broken:
                         break
         except BrokenBody:
@@ -260,8 +345,13 @@ class RelayedBody:
         if self._finished:
             return
         self._finished = True
-        self.writer.finish(complete=not self.source.failed and not self.writer.broken)
+        whole = not self.source.failed and not self.writer.broken
+        self.writer.finish(complete=whole)
+        fill = self.fill
+        fill.streaming = False
         try:
-            self.release()
+            if whole and self.keep is not None and self._kept is not None and self.keep(b"".join(self._kept)):
+                return  # stored, and the store let go of the lock
+            fill.share(None)
         except StoreUnavailable:
             pass  # the lock expires by itself; the body is already out

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from buddy import answers, policy
 from buddy.answers import from_cache, json_result
-from buddy.coalesce import Coalescer, NotShared, WaitingFull
+from buddy.coalesce import Coalescer, Fill, NotShared, WaitingFull
 from buddy.codec import VaryPointer
 from buddy.errors import ClientGone, CoalesceTimeout, StoreUnavailable
 from buddy.fetcher import Fetcher
@@ -173,7 +173,7 @@ class ProxyService:
             try:
                 result = self.coalescer.run(
                     found.entry, LOCK_TTL_MS, domain.read_timeout + LOCK_MARGIN_SECONDS, domain.coalesce_timeout,
-                    lambda token, ahead: self._lead(request, found, token, control, asked, ahead, plan),
+                    lambda fill, ahead: self._lead(request, found, fill, control, asked, ahead, plan),
                     lambda result: policy.follower_may_take(result, primary.digest, request.forwarded),
                     lambda entry: policy.usable(domain, entry, control, asked),
                     plan,
@@ -245,17 +245,17 @@ class ProxyService:
             return
         started = False
         try:
-            token = self.coalescer.try_lead(found.entry, LOCK_TTL_MS, request.domain.coalesce_timeout)
-            if token is not None:
+            fill = self.coalescer.try_lead(found.entry, LOCK_TTL_MS, request.domain.coalesce_timeout)
+            if fill is not None:
                 detached = replace(request, client_gone=lambda: False)  # nobody waits on it to hang up
                 thread = threading.Thread(
-                    target=self._refresh, args=(detached, found, token), name="buddy-refresh", daemon=True
+                    target=self._refresh, args=(detached, found, fill), name="buddy-refresh", daemon=True
                 )
                 try:
                     thread.start()
                 except RuntimeError:  # no thread to be had: let go at once, so that no request waits on it
                     log.warning("no thread for a background refresh of '%s'", request.domain.name)
-                    self._let_go(found.entry, token, None)
+                    fill.abandon()
                 else:
                     started = True
         except StoreUnavailable:
@@ -264,10 +264,10 @@ class ProxyService:
             if not started:
                 self._refreshes.release()
 
-    def _refresh(self, request: ProxyRequest, found: Lookup, token: str) -> None:
+    def _refresh(self, request: ProxyRequest, found: Lookup, fill: Fill) -> None:
         domain = request.domain
         try:
-            result = self._lead(request, found, token, policy.RequestControl(), time.time())
+            result = self._lead(request, found, fill, policy.RequestControl(), time.time())
             result.close_stream()  # an over-size body: followers read it from the relay, which keeps going
             if result.cache in ("HIT", "STALE"):
                 return  # refreshed meanwhile by another request: nothing was fetched
@@ -287,18 +287,18 @@ class ProxyService:
         self,
         request: ProxyRequest,
         found: Lookup,
-        token: str,
+        fill: Fill,
         control: policy.RequestControl,
         asked: float,
         ahead: Ahead | None = None,
         plan: LeadPlan | None = None,
     ) -> ProxyResult:
-        """Fetch as the one leader; whatever happens, followers are handed a result or the lock is let go.
+        """Fetch as the one leader; whatever happens, the fill ends (see Fill): its followers are handed a result,
+        or the lock is let go.
 
         `ahead`: what taking the lock found (FillLock.lead, run with `plan`): the entry as it is now, and the
         upstream start already reserved when there was none."""
-        domain, entry = request.domain, found.entry
-        handed_off = False
+        domain = request.domain
         result: ProxyResult | None = None
         try:
             # The previous leader may have stored the entry between our miss and our lock.
@@ -317,10 +317,9 @@ class ProxyService:
                 conditional = policy.validators(stored) if stored is not None and not control.no_store else ()
                 result = self.fetcher.call(request, reserved, conditional)
                 if conditional:
-                    result, handed_off = self._after_conditional(request, found, token, stored, result, control)
-                    if handed_off:
-                        return result
-                handed_off = self._settle(request, found, token, result, store=not control.no_store)
+                    result = self._after_conditional(request, found, fill, stored, result, control)
+                if fill.open:
+                    self._settle(request, found, fill, result, store=not control.no_store)
                 self._invalidate(request, result)
                 return result
             except StoreUnavailable:
@@ -335,31 +334,29 @@ class ProxyService:
                 if result is not None:
                     result.close_stream()
                 failed = answers.internal_error(domain)
-                if not handed_off:
-                    self._let_go(entry, token, failed)
-                    handed_off = True
+                if fill.open:
+                    fill.share(failed)
                 return failed
         finally:
-            if not handed_off:
-                self._let_go(entry, token, None)
+            fill.abandon()  # (nothing, once it has ended, or while a relay ends it)
 
     def _after_conditional(
-        self, request: ProxyRequest, found: Lookup, token: str, stored: ProxyResult | None, result: ProxyResult,
+        self, request: ProxyRequest, found: Lookup, fill: Fill, stored: ProxyResult | None, result: ProxyResult,
         control: policy.RequestControl,
-    ) -> tuple[ProxyResult, bool]:
-        """The upstream's answer to the leader's conditional request. A 304 freshens the stored answer (True: stored
-        and handed off); a 304 about another representation is asked again, whole; anything else is the new answer,
-        to settle as any other (False)."""
+    ) -> ProxyResult:
+        """The upstream's answer to the leader's conditional request. A 304 freshens the stored answer (stored, the
+        fill ended); a 304 about another representation is asked again, whole; anything else is the new answer,
+        for the caller to settle as any other."""
         domain = request.domain
         if result.status != 304 or stored is None:
             if result.status == 200:
                 self.metrics.count(domain.name, "revalidated_changed")
-            return result, False
+            return result
         merged = policy.freshened(stored, result, result.headers)
         if merged is None:
             log.info("'%s' answered 304 about another representation than the stored one; asking again, whole",
                      domain.name)
-            return self.fetcher.call(request), False
+            return self.fetcher.call(request)
         storage = policy.storage(domain, merged, took=result.fetch_ms / 1000)
         kept = replace(merged, headers=storable_headers(merged.headers, storage.drop), fresh_for=storage.ttl,
                        rules=storage.rules, upstream_headers=None)
@@ -367,16 +364,14 @@ class ProxyService:
                                               "revalidation_bytes_saved": len(stored.body or b"")})
         if storage.ttl is None or control.no_store:
             self.cache.forget(found.entry)  # no longer to be kept (private, no-store now): nor to answer stale
-            self.coalescer.hand_off(found.entry, token, kept if storage.shareable else None,
-                                    private=not storage.shareable)
-        elif not self._store(domain, found.primary, found.entry, kept, storage, (found.entry, token),
-                             url=self._url_if_get(request)):
-            self.coalescer.hand_off(found.entry, token, kept)
-        return from_cache(kept.copy(), "REVALIDATED"), True
+            fill.share(kept) if storage.shareable else fill.private()
+        elif not self._store(domain, found.primary, found.entry, kept, storage, fill, url=self._url_if_get(request)):
+            fill.share(kept)
+        return from_cache(kept.copy(), "REVALIDATED")
 
-    def _settle(self, request: ProxyRequest, found: Lookup, token: str, result: ProxyResult, store: bool) -> bool:
-        """Store the leader's answer as policy (and the client's no-store) allows and hand it to the followers;
-        True once handed off."""
+    def _settle(self, request: ProxyRequest, found: Lookup, fill: Fill, result: ProxyResult, store: bool) -> None:
+        """Store the leader's answer as policy (and the client's no-store) allows, and end the fill: its followers
+        get the stored entry, a copy, or the relay of a streamed body."""
         domain, entry = request.domain, found.entry
         storage = policy.storage(domain, result)
         if not store:
@@ -387,10 +382,10 @@ class ProxyService:
             self.cache.forget(found.entry)
         if result.stream is not None:
             if not storage.shareable or storage.vary:  # a relay cannot tell who may take a varying body
-                self.coalescer.hand_off(entry, token, None, private=True)
-                return True
-            result.stream = self.coalescer.relay(entry, token, result, storage.drop)
-            return True  # the relay (or relay()) lets go of the lock
+                fill.private()
+                return
+            result.stream = fill.relay(result, storage.drop)  # the relay ends the fill when the body ends
+            return
         target = found.primary
         if storage.vary:
             target = EntryId(domain.name, policy.variant_digest(found.primary.digest, storage.vary, request.forwarded))
@@ -403,42 +398,38 @@ class ProxyService:
         )
         # Followers of this entry read it from the cache when it is stored there (and the store lets go of the
         # lock and wakes them, in the same call), else a copy of it.
-        release = (entry, token) if target == entry and storage.shareable else None
-        stored = storage.ttl is not None and self._store(domain, found.primary, target, kept, storage, release,
-                                                         url=self._url_if_get(request))
-        if not (stored and release):
-            self.coalescer.hand_off(entry, token, None if stored and target == entry else kept,
-                                    private=not storage.shareable)
+        ends_fill = target == entry and storage.shareable
+        stored = storage.ttl is not None and self._store(domain, found.primary, target, kept, storage,
+                                                         fill if ends_fill else None, url=self._url_if_get(request))
+        if fill.open:
+            if not storage.shareable:
+                fill.private()
+            else:
+                fill.share(None if stored and target == entry else kept)
         if storage.ttl is not None and not stored:
             result.cache = "BYPASS"
-        return True
-
-    def _let_go(self, entry: EntryId, token: str, shared: ProxyResult | None) -> None:
-        try:
-            self.coalescer.hand_off(entry, token, shared)
-        except StoreUnavailable:
-            pass  # the lock expires by itself
 
     def _store(
         self, domain: DomainSettings, primary: EntryId, target: EntryId, kept: ProxyResult, storage: policy.Storage,
-        release: tuple[EntryId, str] | None = None, url: str | None = None,
+        fill: Fill | None = None, url: str | None = None,
     ) -> bool:
         """Store `kept` under `target`; a varying answer also leaves a pointer to its variants at `primary`.
-        `release`: the fill lock (entry, token) that the same call lets go of, once stored (not when it fails);
+        `fill`: the fill the same call ends, letting go of its lock, once stored (not when storing fails);
         `url`: a GET answer's upstream URL, in whose index it is noted (for invalidation)."""
         assert storage.ttl is not None
         pointer = None
         if storage.vary:
             longest = policy.kept_for(domain, max(domain.ttl_seconds, domain.negative_ttl_seconds))
             pointer = (primary, VaryPointer(storage.vary), longest)
-        lock = None
-        if release is not None:
-            self.coalescer.keeper.drop(*release)  # nothing extends it from now on
-            lock = (self.keys.lock(release[0]), release[1])
+        if fill is not None:
+            fill.storing()
         try:
-            self.cache.put(target, kept, policy.kept_for(domain, storage.ttl), pointer, lock, url=url)
+            self.cache.put(target, kept, policy.kept_for(domain, storage.ttl), pointer,
+                           fill.lock if fill is not None else None, url=url)
         except StoreUnavailable:
             return False
+        if fill is not None:
+            fill.stored()
         return True
 
     @staticmethod

@@ -4,12 +4,13 @@ from __future__ import annotations
 import threading
 import time
 from importlib import resources
+from typing import Any
 
 import fakeredis
 import pytest
 
 from buddy import coalesce
-from buddy.coalesce import Coalescer
+from buddy.coalesce import Coalescer, Fill
 from buddy.errors import CoalesceTimeout
 from buddy.messages import ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
@@ -45,11 +46,11 @@ def answer(body: bytes, status: int = 200) -> ProxyResult:
 
 
 def lead_with(coalescer: Coalescer, result: ProxyResult, calls: list[str], gate: threading.Event | None = None):
-    def lead(token: str) -> ProxyResult:
-        calls.append(token)
+    def lead(fill: Fill) -> ProxyResult:
+        calls.append(fill.token)
         if gate is not None:
             gate.wait(10)
-        coalescer.hand_off(ENTRY, token, result)
+        fill.share(result)
         return result
 
     return lead
@@ -99,7 +100,7 @@ def test_no_lost_wake_up_when_the_result_lands_between_miss_and_subscribe(make, 
     original = follower.hub.register
 
     def register_after_the_result_landed(entry: EntryId):
-        leader.hand_off(ENTRY, token, answer(b"raced"))  # published before anyone listens
+        Fill(leader, ENTRY, token).share(answer(b"raced"))  # published before anyone listens
         return original(entry)
 
     monkeypatch.setattr(follower.hub, "register", register_after_the_result_landed)
@@ -134,10 +135,10 @@ def test_a_leader_that_fails_lets_go_so_a_waiter_leads(make) -> None:
     gate = threading.Event()
     calls: list[str] = []
 
-    def failing(token: str) -> ProxyResult:
-        calls.append(token)
+    def failing(fill: Fill) -> ProxyResult:
+        calls.append(fill.token)
         gate.wait(5)
-        first.lock.release(ENTRY, token)  # what the service's finally does on an unexpected error
+        fill.abandon()  # what the service's finally does on an unexpected error
         raise RuntimeError("bug in the leader")
 
     def crash() -> None:
@@ -188,10 +189,10 @@ def test_a_slow_leader_keeps_its_lock_past_the_ttl(make) -> None:
     calls: list[str] = []
     gate = threading.Event()
 
-    def slow(token: str) -> ProxyResult:
-        calls.append(token)
+    def slow(fill: Fill) -> ProxyResult:
+        calls.append(fill.token)
         gate.wait(10)  # far longer than the 400 ms lock TTL: only the keeper holds the lock meanwhile
-        leader.hand_off(ENTRY, token, answer(b"slow but sure"))
+        fill.share(answer(b"slow but sure"))
         return answer(b"slow but sure")
 
     first = threading.Thread(target=lambda: leader.run(ENTRY, 400, 5.0, 10.0, slow))
@@ -200,7 +201,7 @@ def test_a_slow_leader_keeps_its_lock_past_the_ttl(make) -> None:
         time.sleep(0.01)
     results: list[ProxyResult] = []
     second = threading.Thread(target=lambda: results.append(
-        follower.run(ENTRY, 400, 5.0, 10.0, lambda t: calls.append(t) or answer(b"second fetch"))))
+        follower.run(ENTRY, 400, 5.0, 10.0, lambda f: calls.append(f.token) or answer(b"second fetch"))))
     second.start()
     time.sleep(1.5)
     gate.set()
@@ -245,3 +246,67 @@ def test_the_lock_keeper_comes_back_if_its_thread_dies(make, client, monkeypatch
     leader.keeper.hold(other, "second", 300)  # a new hold starts a new keeper thread
     time.sleep(0.6)
     assert client.get(KEYS.lock(other)) == b"second"
+
+
+class Upstream:
+    """What a BodyStream closes when it is done: a stand-in for requests' Response."""
+
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("ending", ["stored", "shared", "private", "abandoned", "relayed", "relayed-and-kept"])
+def test_every_ending_of_a_fill_lets_go_of_its_lock_once_and_tells_the_followers(make, client, ending: str) -> None:
+    from buddy.store.response_cache import ResponseCache
+    from buddy.upstream import BodyStream
+
+    leader, follower = make(), make()
+    fill = leader.try_lead(ENTRY, 10_000, 10.0)
+    assert fill is not None and leader.keeper.held() == 1 and client.get(KEYS.lock(ENTRY)) == fill.token.encode()
+    got: list[Any] = []
+
+    def follow() -> None:
+        try:
+            got.append(follower.run(ENTRY, 10_000, 5.0, 10.0, lambda f: f.share(None) or answer(b"led by follower")))
+        except coalesce.NotShared as exc:
+            got.append(exc)
+
+    waiting = threading.Thread(target=follow)
+    waiting.start()
+    deadline = time.monotonic() + 10
+    while follower.hub.waiting() < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    relayed: list[bytes] = []
+    if ending == "stored":
+        fill.storing()
+        ResponseCache(client, StoreGuard(), KEYS).put(ENTRY, answer(b"kept"), 60, release=fill.lock)
+        fill.stored()
+    elif ending == "shared":
+        fill.share(answer(b"not kept", 503))
+    elif ending == "private":
+        fill.private()
+    elif ending == "abandoned":
+        fill.abandon()
+    else:
+        stream = BodyStream(b"", iter([b"a", b"b"]), Upstream(), "up")  # type: ignore[arg-type]
+        kept: list[bytes] = []
+        keep = (lambda body: kept.append(body) or False) if ending == "relayed-and-kept" else None
+        body = fill.relay(ProxyResult(200, "OK", [], stream=stream), keep=keep)  # a follower waits: relayed
+        fill.abandon()  # the leader's own `finally`: the relay owns the ending now
+        assert client.get(KEYS.lock(ENTRY)) is not None and fill.open is False
+        relayed = list(body)
+        assert kept == ([b"ab"] if keep else [])
+    waiting.join(10)
+    assert client.get(KEYS.lock(ENTRY)) is None and leader.keeper.held() == 0
+    fill.abandon()  # ending twice does nothing
+    assert fill.ending is not None
+    [result] = got
+    if ending == "private":
+        assert isinstance(result, coalesce.NotShared)  # told to ask for itself
+    elif ending.startswith("relayed"):
+        assert relayed == [b"a", b"b"] and b"".join(result.stream) == b"ab" and result.cache == "COALESCED"
+    else:
+        expected = {"stored": b"kept", "shared": b"not kept", "abandoned": b"led by follower"}[ending]
+        assert result.body == expected
