@@ -262,12 +262,14 @@ class Fill:
         self.coalescer.lock.release(self.entry, self.token, blob, SHARED_RESULT_TTL_MS)
 
     def relay(
-        self, result: ProxyResult, drop: frozenset[str] = frozenset(), keep: Keep | None = None
+        self, result: ProxyResult, drop: frozenset[str] = frozenset(), keep: Keep | None = None,
+        keep_limit: int | None = None,
     ) -> Iterable[bytes]:
         """A streamed body: relay it to the requests waiting on this leader (followers), and end the fill when the
         body ends. `keep`: a body that may be kept once whole (a live stream, small enough): it is relayed even
-        with nobody waiting yet (a later identical request follows it from its start), and when it ends whole,
-        `keep(body)` stores it and so ends the fill (True), or does not (False: then it ends here).
+        with nobody waiting yet (a later identical request follows it from its start), and when it ends whole
+        within `keep_limit` bytes (by default, the relay's own limit), `keep(body)` stores it and so ends the fill
+        (True), or does not (False: it ends here).
 
         Without `keep` and with nobody waiting, nothing is copied into Redis and the lock goes at once (a request
         that comes later fetches for itself). Otherwise the body goes into a Redis stream as it arrives, at most
@@ -286,7 +288,7 @@ class Fill:
         writer.start(result.status, result.reason, storable_headers(result.headers, drop))
         coalescer.lock.announce(self.entry)
         self.streaming = True
-        return RelayedBody(result.stream, writer, self, keep)
+        return RelayedBody(result.stream, writer, self, keep, keep_limit)
 
 
 Keep = Callable[[bytes], bool]
@@ -300,11 +302,13 @@ class RelayedBody:
     relay's limit) and handed to `keep` when it ended whole.
     """
 
-    def __init__(self, source: BodyStream, writer: RelayWriter, fill: Fill, keep: Keep | None = None) -> None:
+    def __init__(self, source: BodyStream, writer: RelayWriter, fill: Fill, keep: Keep | None = None,
+                 keep_limit: int | None = None) -> None:
         self.source = source
         self.writer = writer
         self.fill = fill
         self.keep = keep
+        self.keep_limit = writer.limit if keep_limit is None else keep_limit
         self._kept: list[bytes] | None = [] if keep is not None else None
         self._chunks = iter(source)
         self._finished = False
@@ -312,8 +316,8 @@ class RelayedBody:
     def _take(self, chunk: bytes) -> None:
         self.writer.chunk(chunk)
         if self._kept is not None:
-            if self.writer.written > self.writer.limit:
-                self._kept = None  # too big to keep
+            if self.writer.written > self.keep_limit:
+                self._kept = None  # too big to keep: relayed (up to the relay's own limit), never stored
             else:
                 self._kept.append(chunk)
 

@@ -30,11 +30,17 @@ def _decompressor(coding: str, first: bytes) -> "zlib._Decompress":
     return zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
 
 
-def body_chunks(response: requests.Response, coding: str | None, size: int) -> Iterator[bytes]:
-    """The body in chunks of about `size` bytes, decoded when `coding` is given."""
+def body_chunks(response: requests.Response, coding: str | None, size: int, eager: bool = False) -> Iterator[bytes]:
+    """The body in chunks of about `size` bytes, decoded when `coding` is given. `eager`: each piece as soon as it
+    arrives (a live stream's events), not once `size` bytes have (a chunked body comes a chunk at a time anyway)."""
     decoder = None
+    raw_stream = response.raw
+    if eager and not raw_stream.chunked:
+        pieces: Iterator[bytes] = iter(lambda: raw_stream.read1(size, decode_content=False), b"")
+    else:
+        pieces = raw_stream.stream(size, decode_content=False)
     try:
-        for raw in response.raw.stream(size, decode_content=False):
+        for raw in pieces:
             if coding is None:
                 yield raw
                 continue

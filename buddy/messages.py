@@ -112,6 +112,7 @@ class ProxyResult:
     fresh_for: float | None = None  # a stored entry's freshness (s) from stored_at; None: fresh while kept
     request: StoredRequest | None = None  # a stored entry's request
     rules: StoredRules | None = None  # a stored entry's rules for when it is stale; None: stored by an older version
+    live: bool = False  # `stream` is a live stream (events as the upstream makes them): kept once whole, if small
 
     def copy(self) -> ProxyResult:
         """A twin to hand out (a kept entry stays as it is): its own header lists, the same body."""

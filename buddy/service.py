@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import replace
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from buddy import answers, policy
 from buddy.answers import from_cache, json_result
@@ -384,7 +384,9 @@ class ProxyService:
             if not storage.shareable or storage.vary:  # a relay cannot tell who may take a varying body
                 fill.private()
                 return
-            result.stream = fill.relay(result, storage.drop)  # the relay ends the fill when the body ends
+            keep = self._keeper(request, found, fill, result) if result.live and store else None
+            # The relay ends the fill when the body ends (with a live stream kept once whole, by storing it).
+            result.stream = fill.relay(result, storage.drop, keep, self.settings.cache["max_cache_response_size"])
             return
         target = found.primary
         if storage.vary:
@@ -408,6 +410,26 @@ class ProxyService:
                 fill.share(None if stored and target == entry else kept)
         if storage.ttl is not None and not stored:
             result.cache = "BYPASS"
+
+    def _keeper(self, request: ProxyRequest, found: Lookup, fill: Fill, result: ProxyResult
+                ) -> Callable[[bytes], bool] | None:
+        """For a live stream (an LLM's events) that policy would keep were it whole: what stores it once it has
+        ended whole (True: stored, the fill ended by the store), for later requests to replay as a hit."""
+        domain = request.domain
+        headers = [(name, value) for name, value in result.headers if name.lower() != "content-length"]
+        whole = policy.storage(domain, replace(result, body=b"", stream=None))
+        if whole.ttl is None or whole.vary or not whole.shareable:
+            return None
+
+        def keep(body: bytes) -> bool:
+            kept = ProxyResult(
+                result.status, result.reason, storable_headers(headers, whole.drop), body, fetch_ms=result.fetch_ms,
+                stored_at=result.stored_at, fresh_for=whole.ttl, rules=whole.rules,
+                request=policy.stored_request(request, build_url(domain, request.path, request.query)),
+            )
+            return self._store(domain, found.primary, found.primary, kept, whole, fill, url=self._url_if_get(request))
+
+        return keep
 
     def _store(
         self, domain: DomainSettings, primary: EntryId, target: EntryId, kept: ProxyResult, storage: policy.Storage,

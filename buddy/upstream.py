@@ -313,6 +313,18 @@ def socket_of(response: requests.Response) -> socket.socket | None:
     return sock if isinstance(sock, socket.socket) else None
 
 
+# Content types an upstream sends as it produces them (an LLM's tokens, a feed's events): a client reads each piece
+# as it comes, so the proxy passes them on as they arrive. A JSON document (even chunked) is one value, useless
+# until whole: it is read whole first, so that one broken off is a clean 502, not a cut connection.
+LIVE_TYPES = frozenset({"text/event-stream", "application/x-ndjson", "application/jsonl", "application/jsonlines",
+                        "application/json-seq"})
+
+
+def is_live(content_type: str) -> bool:
+    """Is an answer of this Content-Type a live stream (see LIVE_TYPES)?"""
+    return content_type.split(";", 1)[0].strip().lower() in LIVE_TYPES
+
+
 def is_interim(status: int) -> bool:
     """An interim answer (RFC 9110 15.2) that a final one follows on the same connection: skipped, never used."""
     return 100 <= status < 200 and status != 101
@@ -474,6 +486,13 @@ class UpstreamClient:
                 if sent is not None:
                     result.headers.append((name, sent))
         declared = response.headers.get("Content-Length", "")
+        if is_live(response.headers.get("Content-Type", "")):
+            # Passed on as it arrives, event by event; kept once whole, if it ends within max_body (the service).
+            chunks = body_chunks(response, coding, CHUNK, eager=True)
+            result.stream, result.live = BodyStream(b"", chunks, response, domain.name, alarm), True
+            if not decoded and _DIGITS.fullmatch(declared):
+                result.headers.append(("Content-Length", declared))
+            return result
         chunks = body_chunks(response, coding, CHUNK)
         if not decoded and _DIGITS.fullmatch(declared) and int(declared) > self.max_body:
             result.stream = BodyStream(b"", chunks, response, domain.name, alarm)
