@@ -13,6 +13,7 @@ from flask import Flask
 
 from buddy.access import AccessControl
 from buddy.coalesce import Coalescer
+from buddy.counters import Counters
 from buddy.embedded import EmbeddedRedis
 from buddy.errors import StoreUnavailable
 from buddy.fetcher import Fetcher
@@ -146,7 +147,7 @@ def create_app(
     memory = MemoryCache(settings.cache["l1_max_bytes"], hub)  # used while the hub's subscription holds
     cache = ResponseCache(redis_client, guard, keys, {name: d.grace for name, d in settings.domains.items()}, memory)
     hub.listeners.append(cache.heard)  # a write or removal anywhere drops this worker's copy
-    cache.on_memory_hit = lambda domain: metrics.count(domain, "memory_hits")
+    cache.on_memory_hit = lambda domain: metrics.count(domain, Counters.MEMORY_HITS)
     max_delay = settings.throttling["progressive_max_delay"]
     waiting = WaitingRoom(int(os.environ.get("BUDDY_THREADS", "64")))  # sleepers and followers alike
     offline = OfflineSwitch(redis_client, guard, keys, settings.cache["offline"])

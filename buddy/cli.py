@@ -16,6 +16,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup, ScriptInfo
 
+from buddy.counters import COLUMNS, Tally, Unit
 from buddy.embedded import NotRunning, join_only
 from buddy.errors import ConfigError, StoreUnavailable
 from buddy.monitoring import redacted_url
@@ -138,10 +139,12 @@ def offline_command(state: str) -> None:
 
 @group.command("stats")
 def stats_command() -> None:
-    """A table per domain: entries, size, hit rate, upstream calls, calls avoided."""
+    """A table per domain: entries, size, hit rate, upstream calls, calls avoided; then the counters the
+    dashboard's table shows, for the whole proxy."""
     monitoring = current_app.extensions["buddy"].monitoring
     try:
         cache, upstream = monitoring.get_cache_stats(), monitoring.get_upstream_stats()
+        total = Tally.sum(monitoring.tallies().values())
     except StoreUnavailable as exc:
         raise _redis_down(exc) from exc
     rows = [("domain", "entries", "size", "hit rate", "upstream calls", "avoided", "saved")]
@@ -156,8 +159,15 @@ def stats_command() -> None:
         cells = (cell.ljust(w) if i == 0 else cell.rjust(w)
                  for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
         click.echo("  ".join(cells))
-    click.echo(f"\n{cache['hit_count']} hits, {cache['miss_count']} misses, {cache['coalesced_count']} coalesced; "
-               f"{_size(cache['bytes_saved'])} and {cache['seconds_saved']:.1f} s of upstream time saved")
+    for i, column in enumerate(COLUMNS):
+        figures = " · ".join(f"{_figure(total.shown(c), c.unit)} {c.label}" for c in column.counters)
+        click.echo(("\nin all: " if i == 0 else "        ") + figures)
+
+
+def _figure(value: float, unit: Unit) -> str:
+    if unit is Unit.BYTES:
+        return _size(value)
+    return f"{value:.1f} s" if unit is Unit.MS else str(value)
 
 
 def _size(n: float) -> str:

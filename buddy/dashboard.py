@@ -14,14 +14,16 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from buddy import admin
 from buddy.access import Target, Unauthorized
+from buddy.counters import COLUMNS, PER_MINUTE, Section, Unit
 from buddy.errors import StoreUnavailable
 
 bp = Blueprint("dashboard", __name__, static_folder="templates/assets", static_url_path="/admin/assets")
 REFRESH_SECONDS = 5
 RECENT_ERRORS_SHOWN = 10
 CHART = {"width": 640, "height": 170, "left": 40, "right": 10, "top": 10, "bottom": 22}
-SERIES = (("hits", "hits", "#2e7d32"), ("misses", "misses", "#c62828"), ("upstream_requests", "upstream calls",
-                                                                         "#1565c0"))
+PALETTE = ("#2e7d32", "#c62828", "#1565c0", "#6a1b9a", "#ef6c00", "#00838f")
+# The chart's lines: every per-minute counter, as (field, label, colour).
+SERIES = tuple((c.field, c.label, PALETTE[i % len(PALETTE)]) for i, c in enumerate(PER_MINUTE))
 # Every page says where its parts may come from: this origin only, no inline script, no framing.
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -132,6 +134,7 @@ def _build_view() -> dict[str, Any]:
             "name": name,
             "upstream": domain.upstream,
             "cache": cache.get("by_domain", {}).get(name),
+            "figures": counter_figures(metrics, name),
             "entries": cache.get("entries_per_domain", {}).get(name),
             "size_bytes": cache.get("cache_size_per_domain", {}).get(name),
             "upstream_calls": upstream.get("by_domain", {}).get(name, {}).get("total_requests"),
@@ -147,6 +150,7 @@ def _build_view() -> dict[str, Any]:
         "now": time.time(),
         "errors": errors,
         "mappings": mappings,
+        "columns": COLUMNS,
         "cache": cache,
         "upstream_calls": upstream.get("overall", {}).get("total_requests"),
         "requests": sum(m["cache"]["requests"] for m in mappings if m["cache"]),
@@ -159,6 +163,17 @@ def _build_view() -> dict[str, Any]:
         "offline": offline,
         "offline_source": offline_source,
     }
+
+
+def counter_figures(metrics: dict[str, Any], name: str) -> dict[str, Any]:
+    """The counters of the table's COLUMNS for one mapping, by field, as /admin/metrics shows them (None where
+    its section could not be read)."""
+    per_mapping = {
+        Section.CACHE: metrics["cache"].get("by_domain", {}).get(name) or {},
+        Section.UPSTREAM: metrics["upstream"].get("by_domain", {}).get(name) or {},
+        Section.THROTTLING: metrics["throttling"].get(name) or {},
+    }
+    return {c.field: per_mapping[c.section].get(c.name) for column in COLUMNS for c in column.counters}
 
 
 def throttle_view(stats: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -244,6 +259,12 @@ def duration_filter(seconds: Any) -> str:
     if seconds < 86400:
         return f"{hours} h {minutes % 60} min"
     return f"{days} d {hours % 24} h"
+
+
+@bp.app_template_filter("figure")
+def figure_filter(value: Any, unit: Unit) -> str:
+    """A counter's figure as its unit reads: bytes as a size, (milli)seconds as a duration, else a count."""
+    return {Unit.BYTES: size_filter, Unit.MS: duration_filter}.get(unit, count_filter)(value)
 
 
 @bp.app_template_filter("money")

@@ -1,6 +1,6 @@
 """Every Redis key and channel name the proxy uses, with the configured prefix and per-domain hash tags.
 
-KEY_KINDS declares what each kind holds and whether it expires; STATS_FIELDS the counters.
+KEY_KINDS declares what each kind holds and whether it expires; buddy.counters the fields of `stats:{<name>}`.
 """
 from __future__ import annotations
 
@@ -40,13 +40,14 @@ KEY_KINDS = (
     KeyKind("bug", True, "the latest error reply any worker got from Redis (a bug, not an outage), for health; 60 s"),
     KeyKind("session", True, "a dashboard session (its id, from a login); 12 h, deleted at sign-out"),
     KeyKind("health", True, "written by each /admin/health check (a full Redis refuses it); 10 s"),
-    KeyKind("minutes", True, "one mapping's hits, misses and upstream calls in one minute (hash of at most 3 "
-            "fields), for the dashboard's chart; expires 62 minutes after its minute ended"),
+    KeyKind("minutes", True, "one mapping's counters in one minute (hash of the counters.PER_MINUTE fields: hits, "
+            "misses, upstream calls), for the dashboard's chart; expires 62 minutes after its minute ended"),
     KeyKind("uri", True, "the stored GET answers of one upstream URL (their cache keys, variants and vary pointers), "
             "so that an unsafe request to it removes them all; as long as the longest-lived of them"),
     KeyKind("ack", True, "how many workers heard an invalidation (a barrier before the unsafe request is answered); "
             "10 s"),
-    KeyKind("stats", False, "the mapping's counters: a fixed set of fields (STATS_FIELDS, status:<outcome>)"),
+    KeyKind("stats", False, "the mapping's counters: a fixed set of fields (counters.DECLARED: each counter, and "
+            "status:<outcome> per HTTP status or failure kind)"),
     KeyKind("errors", False, "the 50 latest upstream errors (JSON events), newest first; trimmed on every push"),
     KeyKind("workers", False, "proxy processes seen lately (host:pid -> time); trimmed to the last 15 s at each flush"),
     KeyKind("secure_key", False, "the generated access key: kept across restarts, never evicted"),
@@ -57,20 +58,6 @@ KEY_KINDS = (
             "exports (HMAC-SHA256), so that an import takes only its own; generated once (SET NX) by the first "
             "export that needs it, never exported or logged; one key"),
 )
-# The counters of `stats:{<name>}`, besides one `status:<outcome>` per upstream status code or failure kind.
-STATS_FIELDS = frozenset({
-    "hits", "misses", "coalesced", "passthrough", "coalesce_timeouts", "sets", "bytes_saved", "ms_saved",
-    "upstream_requests", "upstream_ms", "throttle_refused", "throttle_delayed", "throttle_delay_ms", "client_gone",
-    "stale", "stale_if_error", "background_refreshes", "refresh_failures", "offline_refusals", "not_cached",
-    "memory_hits", "revalidated_unchanged", "revalidated_changed", "revalidation_bytes_saved", "invalidations",
-})
-
-
-def stats_field(field: str) -> bool:
-    """Is this a declared counter of `stats:{<name>}`?"""
-    return field in STATS_FIELDS or field.startswith("status:")
-
-
 @dataclass(frozen=True)
 class RedisKeys:
     """Key names in one place; `{domain}` hash tags keep a domain's keys in one Redis Cluster slot."""
@@ -132,7 +119,7 @@ class RedisKeys:
         return f"{self.prefix}penalty:{{{domain}}}" + (f":{partition}" if partition else "")
 
     def minute_counts(self, domain: str, minute: int) -> str:
-        """Hash of the domain's per-minute counters (store.metrics.MINUTE_FIELDS) in one minute (Unix time // 60)."""
+        """Hash of the domain's per-minute counters (counters.PER_MINUTE) in one minute (Unix time // 60)."""
         return f"{self.prefix}minutes:{{{domain}}}:{minute}"
 
     @property

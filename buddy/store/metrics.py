@@ -6,20 +6,22 @@ dashboard's chart of the last hour), in keys that expire by themselves.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
 import socket
 import threading
 import time
-from collections import Counter
+from typing import Mapping, TypeVar
 
 import redis
 from redis.exceptions import AskError, ClusterError, TryAgainError
 
 from buddy.background import ProcessThread
+from buddy.counters import PER_MINUTE, Counter, Outcome, UndeclaredCounter, declared
 from buddy.errors import StoreUnavailable
-from buddy.redis_keys import STATS_FIELDS, RedisKeys, stats_field
+from buddy.redis_keys import RedisKeys
 from buddy.redis_memory import out_of_memory
 from buddy.store.guard import StoreGuard
 
@@ -27,7 +29,7 @@ log = logging.getLogger("buddy.metrics")
 RECENT_ERRORS = 50
 WORKER_SEEN_SECONDS = 15
 IN_WORKER = False  # set in a gunicorn worker right after the fork (buddy.serve); `flask buddy` commands are none
-MINUTE_FIELDS = ("hits", "misses", "upstream_requests")  # also counted per minute, in `minutes:{<name>}:<minute>`
+MINUTE_FIELDS = tuple(c.field for c in PER_MINUTE)  # also counted in `minutes:{<name>}:<minute>`
 TIMELINE_MINUTES = 60  # how many minutes the dashboard shows; a per-minute key outlives its minute by a bit more
 MINUTE_KEEP_SECONDS = (TIMELINE_MINUTES + 2) * 60
 # The most one flush adds to a counter. Redis counts in signed 64-bit integers and refuses an HINCRBY past them
@@ -48,36 +50,59 @@ def _ran(error: BaseException | None) -> bool:
         error, (redis.ReadOnlyError, ClusterError, AskError, TryAgainError)) and not out_of_memory(error)
 
 
+Countable = Counter | Outcome | str  # a declared counter or outcome, or its field ("hits", "status:200")
+C = TypeVar("C", bound=Countable)
+
+
 class MetricsRecorder:
-    """`count(domain, field, n)` and `error(...)` cost a dict update; a thread flushes them in one pipeline."""
+    """`count(domain, counter, n)` and `error(...)` cost a dict update; a thread flushes them in one pipeline.
+
+    What it counts must be declared in buddy.counters: an undeclared counter raises UndeclaredCounter (a bug in
+    the caller), an undeclared upstream outcome (`status:<anything else>`) is logged and not counted, so that no
+    answer an upstream sends can add a field to a hash without a TTL, nor fail the request that got it.
+    """
 
     def __init__(self, client: redis.Redis, guard: StoreGuard, keys: RedisKeys, interval: float = 1.0) -> None:
         self.client = client
         self.guard = guard
         self.keys = keys
         self.interval = interval
-        self._counts: Counter[tuple[str, str]] = Counter()
-        self._minutes: Counter[tuple[str, int, str]] = Counter()  # (domain, Unix minute, field) -> n
+        self._counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        # (domain, Unix minute, field) -> n
+        self._minutes: collections.Counter[tuple[str, int, str]] = collections.Counter()
         self._errors: list[str] = []
         self._lock = threading.Lock()
         self.thread = ProcessThread("buddy-metrics", self._run, fresh=self._fresh)  # a child tallies anew
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.serving = IN_WORKER  # else set by the first request this process counts
+        self._unheard: set[str] = set()  # undeclared outcomes already logged
 
-    def count(self, domain: str, field: str, n: int = 1) -> None:
-        self.count_many(domain, {field: n})
+    def count(self, domain: str, counter: Countable, n: int = 1) -> None:
+        self.count_many(domain, {counter: n})
 
-    def count_many(self, domain: str, fields: dict[str, int]) -> None:
-        assert STATS_FIELDS.issuperset(fields) or all(map(stats_field, fields)), f"undeclared counter: {sorted(fields)}"
+    def count_many(self, domain: str, fields: Mapping[C, int]) -> None:
+        found = [(kind, n) for kind, n in ((self._declared(name), n) for name, n in fields.items()) if kind]
         if not self.thread.running:
             self.thread.ensure()
         self.serving = True
-        minute = int(time.time() // 60) if any(field in MINUTE_FIELDS for field in fields) else 0
         with self._lock:
-            for field, n in fields.items():
-                self._counts[(domain, field)] += n
-                if field in MINUTE_FIELDS:
-                    self._minutes[(domain, minute, field)] += n
+            for kind, n in found:
+                self._counts[(domain, kind.field)] += n
+                if isinstance(kind, Counter) and kind.per_minute:
+                    self._minutes[(domain, int(time.time() // 60), kind.field)] += n
+
+    def _declared(self, name: Countable) -> Counter | Outcome | None:
+        """What `name` counts; an undeclared counter raises, an undeclared outcome is logged (once) and None."""
+        kind = declared(name)
+        if kind is not None:
+            return kind
+        field = name if isinstance(name, str) else name.field
+        if not field.startswith("status:"):
+            raise UndeclaredCounter(f"undeclared counter {field!r}: declare it in buddy.counters.Counters")
+        if field not in self._unheard:
+            self._unheard.add(field)
+            log.error("upstream outcome %r is not declared in buddy.counters: not counted", field[len("status:"):])
+        return None
 
     def error(self, domain: str, status: str, message: str, retry_after: str | None = None) -> None:
         """Remember an upstream failure (and, for a 429/503, the Retry-After it sent, if any) for health."""
@@ -91,8 +116,8 @@ class MetricsRecorder:
 
     def flush(self) -> None:
         with self._lock:
-            counts, self._counts = self._counts, Counter()
-            minutes, self._minutes = self._minutes, Counter()
+            counts, self._counts = self._counts, collections.Counter()
+            minutes, self._minutes = self._minutes, collections.Counter()
             errors, self._errors = self._errors, []
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 

@@ -82,7 +82,8 @@ def test_after_a_mixed_workload_every_key_is_declared_and_none_lives_forever_unl
 
     import psutil
 
-    from buddy.redis_keys import KEY_KINDS, RedisKeys, stats_field
+    from buddy.counters import declared
+    from buddy.redis_keys import KEY_KINDS, RedisKeys
 
     config = {"domain_mappings": {"up": {"upstream": upstream.url, "read_timeout": 5},
                                   "slow": {"upstream": upstream.url, "max_requests_per_second": 1}},
@@ -122,7 +123,7 @@ def test_after_a_mixed_workload_every_key_is_declared_and_none_lives_forever_unl
             assert ttl > 0, f"{name} should expire but has no TTL"
         if kind == "stats":
             fields = [f.decode() for f in client.hkeys(key)]
-            assert all(stats_field(f) for f in fields), fields
+            assert all(declared(f) for f in fields), fields
     assert {"cache", "stats", "rate", "workers"} <= seen
 
 
