@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
-from buddy import answers, policy
+from buddy import answers, counters, policy
 from buddy.errors import ClientGone, StoreUnavailable, UpstreamError
 from buddy.messages import ProxyRequest, ProxyResult
 from buddy.settings import DomainSettings, Settings
@@ -141,7 +141,8 @@ class Fetcher:
         """An upstream 429/503 pauses the requests with the same credentials as the one that got it, or the whole
         mapping when it carried none (its Retry-After, else exponential); success resets the level."""
         try:
-            if result.status in (429, 503):
+            answered = counters.outcome(str(result.status))
+            if answered is not None and answered.pushes_back:
                 pause = policy.retry_after_seconds(result.header("Retry-After"), time.time())
                 if pause is not None:
                     pause = min(pause, self.settings.throttling["max_upstream_pause"])
@@ -163,19 +164,20 @@ class Fetcher:
         except UpstreamError as exc:
             # The cause's text would carry the URL, and with it any credentials in the query: name its type only.
             log.warning("%s (%s)", exc, type(exc.__cause__).__name__)
-            outcome = exc.kind if exc.kind in ("timeout", "malformed") else "unreachable"
-            self._count_upstream(domain.name, outcome, started)
-            self.metrics.error(domain.name, outcome, str(exc))
+            failure = counters.outcome(exc.kind) or counters.OUTCOMES["unreachable"]  # a broken body among them
+            self._count_upstream(domain.name, failure, started)
+            self.metrics.error(domain.name, failure.name, str(exc))
             error = "upstream timeout" if exc.status == 504 else "upstream unavailable"
             reason = "Gateway Timeout" if exc.status == 504 else "Bad Gateway"
             return answers.json_result(exc.status, reason, error=error, domain=domain.name, message=str(exc))
-        result.fetch_ms = self._count_upstream(domain.name, str(result.status), started)
-        if result.status >= 500 or result.status == 429:
+        answered = counters.outcome(str(result.status)) or counters.OUTCOMES["malformed"]
+        result.fetch_ms = self._count_upstream(domain.name, answered, started)
+        if answered.is_error:
             self.metrics.error(domain.name, str(result.status), f"upstream '{domain.name}' answered {result.status}",
                                retry_after=result.header("Retry-After") or None)
         return result
 
-    def _count_upstream(self, domain: str, outcome: str, started: float) -> int:
+    def _count_upstream(self, domain: str, outcome: counters.Outcome, started: float) -> int:
         elapsed_ms = int((time.monotonic() - started) * 1000)
-        self.metrics.count_many(domain, {"upstream_requests": 1, "upstream_ms": elapsed_ms, f"status:{outcome}": 1})
+        self.metrics.count_many(domain, {"upstream_requests": 1, "upstream_ms": elapsed_ms, outcome.field: 1})
         return elapsed_ms
