@@ -11,10 +11,13 @@ this script measures cache hits (each on a new connection, and on one kept-alive
   4. beside 400 connections that send a POST body one byte a second: the proxy reads it, and a thread
      waits for it until body_timeout,
   5. the same with `security.require_secure_key` on and the slow bodies sent without the key (the hits
-     carry it): refused before their bodies are read.
+     carry it): refused before their bodies are read,
+  6. beside 300 connections that each ask for a cached 8 MB answer and never read it (a small receive
+     buffer, as a slow client far away has): each answer is left to the worker's loop (server.send_buffer),
+     where gthread's threads each block on one.
 A hit that takes longer than the client timeout (5 s) counts as failed and as 5 s in the percentiles.
 
-Run: python bench/slow_clients.py [--classes default,gthread] [--seconds 12] [--clients 400]
+Run: python bench/slow_clients.py [--classes default,gthread] [--seconds 12] [--clients 400] [--scenario 'never read']
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ TIMEOUT = 5.0
 
 
 KEY = "bench-slow-clients-key-0123456789"
+BIG = f"/up/big/{8 * 1024 * 1024}"
 
 
 def start_proxy(workdir: Path, redis_url: str, upstream: str, worker_class: str,
@@ -74,8 +78,8 @@ class Hostile:
     """`count` connections kept open by one thread; `opening` sends what a connection sends first, and
     `trickle` (if any) is sent one byte a second after it. A connection the proxy closes is replaced."""
 
-    def __init__(self, port: int, count: int, opening: bytes, trickle: bytes = b"") -> None:
-        self.port, self.opening, self.trickle = port, opening, trickle
+    def __init__(self, port: int, count: int, opening: bytes, trickle: bytes = b"", receive: int = 0) -> None:
+        self.port, self.opening, self.trickle, self.receive = port, opening, trickle, receive
         self.replaced = 0
         self.socks: list[tuple[socket.socket, int]] = [self._open() for _ in range(count)]
         self._stop = threading.Event()
@@ -83,7 +87,11 @@ class Hostile:
         self._thread.start()
 
     def _open(self) -> tuple[socket.socket, int]:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        sock = socket.socket()
+        if self.receive:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive)
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", self.port))
         sock.sendall(self.opening)
         return sock, 0
 
@@ -152,14 +160,20 @@ def scenarios(clients: int) -> list[tuple[str, bool, Callable[[int], Hostile | N
         head = f"POST /up/post HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 100000\r\n\r\n".encode()
         return Hostile(port, clients, head, b"x" * 100000)
 
+    def never_read(port: int) -> Hostile:
+        requests.get(f"http://127.0.0.1:{port}{BIG}", timeout=30).raise_for_status()  # cached now
+        request = f"GET {BIG} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+        return Hostile(port, clients * 3 // 4, request, receive=16 * 1024)
+
     return [("idle", False, lambda port: None), (f"{clients} slow heads", False, slow_heads),
             (f"{clients} never close", False, never_close), (f"{clients} slow bodies", False, slow_bodies),
-            (f"{clients} slow bodies, no key", True, slow_bodies)]
+            (f"{clients} slow bodies, no key", True, slow_bodies),
+            (f"{clients * 3 // 4} never read 8 MB", False, never_read)]
 
 
 def run_class(worker_class: str, seconds: float, clients: int, workdir: Path, redis: RedisServer,
-              upstream: UpstreamStub, only: int | None = None) -> None:
-    for name, keyed, start_hostile in scenarios(clients)[:only]:
+              upstream: UpstreamStub, only: int | None = None, matching: str = "") -> None:
+    for name, keyed, start_hostile in [one for one in scenarios(clients)[:only] if matching in one[0]]:
         redis.client().flushall()  # a fresh proxy per scenario: a starved one from before must not count
         process, base, port = start_proxy(workdir, redis.url, upstream.url, worker_class, keyed)
         hostile = None
@@ -184,6 +198,7 @@ def main() -> None:
     parser.add_argument("--classes", default="default,gthread", help="default = gunicorn.conf.py's worker_class")
     parser.add_argument("--seconds", type=float, default=12.0, help="hits measured per scenario (half each style)")
     parser.add_argument("--clients", type=int, default=400)
+    parser.add_argument("--scenario", default="", help="only the scenarios whose name contains this ('never read')")
     parser.add_argument("--smoke", action="store_true", help="tiny counts (bench/smoke.py): check that it runs")
     args = parser.parse_args()
     only = None
@@ -196,7 +211,7 @@ def main() -> None:
             print(f"{'class':8} {'beside':28} {'hits on':10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
                   f"{'hits':>6} {'failed':>6}", flush=True)
             for worker_class in args.classes.split(","):
-                run_class(worker_class, args.seconds, args.clients, Path(tmp), redis, upstream, only)
+                run_class(worker_class, args.seconds, args.clients, Path(tmp), redis, upstream, only, args.scenario)
         finally:
             redis.stop()
             upstream.stop()

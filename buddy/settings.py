@@ -137,6 +137,8 @@ class ServerSchema(_Section):
     max_request_body = _positive_int(load_default=10 * 1024 * 1024)
     body_timeout = _positive_number(load_default=30.0)  # for the whole request body, not for each read
     header_timeout = _positive_number(load_default=10.0)  # for the request line and headers, like nginx's
+    send_timeout = _positive_number(load_default=60.0)  # a client that takes nothing of its answer for this long
+    send_buffer = _non_negative_int(load_default=128 * 1024 * 1024)  # bytes one worker holds for slow readers
     total_timeout = _positive_number(load_default=120.0)  # for a whole upstream call, however it trickles
 
 

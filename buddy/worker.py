@@ -11,6 +11,13 @@ connection. The thread reads the rest through a `DeadlineReader`: all reads of o
 left unread (a 401 before reading it, say), the thread drains only what has already arrived, never waiting.
 (A body the app does read still holds its thread while it arrives, up to body_timeout.)
 
+gthread's threads also write each answer themselves, blocking until the client has read it: a few hundred
+clients that ask for a large answer and never read it hold every thread. Here a thread writes through its
+connection's `Outbox` (buddy.outbox): what the client does not take at once is left to this loop, which sends it
+as the client reads and closes a client that takes nothing for `server.send_timeout` seconds; the thread goes
+back to the pool. The connection's next step (keep-alive, the next pipelined request, the close) waits until its
+answer has gone.
+
 gthread also closes each finished connection in its main loop, waiting up to 2 s for the client to close
 first (RFC 9112 9.6): a client that never closes stalls every connection of the worker for 2 s. Here that
 lingering close is one more thing the loop watches, without blocking.
@@ -26,7 +33,8 @@ Overridden from ThreadWorker: `enqueue_req` (every way into the thread pool: acc
 leftovers), `handle_request` (sets the body and drain deadlines), `finish_request` (the lingering close),
 `murder_pending` (the loop's sweep of expired connections, also during graceful shutdown),
 `wait_for_and_dispatch_events` (wakes at the next deadline), `run` and `handle_quit` (how it leaves); and
-gunicorn's Response class is replaced in the worker's process by one that sends the app's own Date.
+gunicorn's Response class is replaced in the worker's process by one that sends the app's own Date and writes
+through the connection's outbox.
 Everything else (keep-alive, max_requests, graceful shutdown, worker_connections, which counts these connections
 too) is gthread's own.
 """
@@ -37,6 +45,7 @@ import os
 import re
 import selectors
 import socket
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future
@@ -47,6 +56,7 @@ from gunicorn.http import wsgi
 from gunicorn.http.message import DEFAULT_MAX_HEADERFIELD_SIZE, MAX_HEADERS, MAX_REQUEST_LINE
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
+from buddy.outbox import Outbox, SendBudget
 from buddy.settings import load_settings
 
 READ_SIZE = 64 * 1024
@@ -61,6 +71,7 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 64 * 1024
 
 Action = Callable[[TConn], None]
+_handling = threading.local()  # .conn: the connection whose request this thread is answering
 
 
 class DeadlineReader:
@@ -98,6 +109,16 @@ class DatedResponse(wsgi.Response):
 
     app_date: str | None = None
 
+    def __init__(self, req: Any, sock: socket.socket, cfg: Any) -> None:
+        super().__init__(req, sock, cfg)
+        conn = getattr(_handling, "conn", None)
+        if conn is not None and conn.sock is sock and conn.outbox is not None:
+            self.sock = conn.outbox  # what the client does not take at once, the worker's loop sends
+
+    def sendfile(self, respiter: Any) -> bool:
+        # Straight to the socket, a file would overtake bytes still in the outbox: gunicorn then writes it in parts.
+        return not isinstance(self.sock, Outbox) and bool(super().sendfile(respiter))
+
     def process_headers(self, headers: list[tuple[str, str]]) -> None:
         dated = [value for name, value in headers if name.lower() == "date"]
         super().process_headers([(name, value) for name, value in headers if name.lower() != "date"])
@@ -120,6 +141,9 @@ class DeadlineWorker(ThreadWorker):
         server = load_settings().server
         self.header_timeout: float = server["header_timeout"]
         self.body_timeout: float = server["body_timeout"]
+        self.send_timeout: float = server["send_timeout"]
+        self.send_budget = SendBudget(server["send_buffer"])
+        self.writing: dict[TConn, None] = {}  # connections whose answers the loop is sending
         self.head_limit = head_limit(self.cfg)
         self.head_bytes = 0
         self.heads: deque[TConn] = deque()  # reading a head; deadlines in order, as they are now + a constant
@@ -158,13 +182,29 @@ class DeadlineWorker(ThreadWorker):
         if not isinstance(reader, DeadlineReader):
             return super().handle_request(req, conn)
         reader.deadline = time.monotonic() + self.body_timeout
-        keepalive = super().handle_request(req, conn)
+        if getattr(conn, "outbox", None) is None:
+            conn.outbox = Outbox(conn.sock, self.send_budget, self.send_timeout,
+                                 partial(self.method_queue.defer, self._start_writing, conn))
+        _handling.conn = conn
+        try:
+            keepalive = super().handle_request(req, conn)
+        finally:
+            _handling.conn = None
         # gthread then drains a body the app left unread (a 401 before reading it, say) to keep the connection.
         # Only what has arrived already: a client still sending it is closed instead (by this loop, see _linger).
         reader.deadline = time.monotonic()
         return keepalive
 
     def finish_request(self, conn: TConn, fs: Future) -> None:
+        outbox: Outbox | None = getattr(conn, "outbox", None)
+        if outbox is not None and outbox.closed:  # closed by this loop while its thread was still writing
+            self.nr_conns -= 1
+            conn.close()
+            return
+        if outbox is not None and outbox.pending:  # the rest of its answer first: then this, from _on_writable
+            conn.finished = fs
+            self._start_writing(conn)
+            return
         if not fs.cancelled() and fs.exception() is None and not fs.result():
             self._linger(conn)  # gthread would close it gracefully here, blocking this loop up to 2 s
         else:
@@ -172,8 +212,12 @@ class DeadlineWorker(ThreadWorker):
 
     def murder_pending(self) -> None:
         """gthread's sweep of idle connections, plus heads and closes past their deadline (all of them once the
-        worker is stopping: none carries a request to finish)."""
+        worker is stopping: none carries a request to finish), and clients that stopped reading their answers."""
         super().murder_pending()
+        now = time.monotonic()
+        for conn in [conn for conn in self.writing if conn.outbox.deadline <= now]:
+            self.log.debug("closing %s: it took nothing of its answer in %g s", conn.client, self.send_timeout)
+            self._stop_writing(conn)
         now = time.monotonic() if self.alive else float("inf")
         for queue in (self.heads, self.closing):
             while queue and queue[0].deadline <= now:
@@ -298,6 +342,42 @@ class DeadlineWorker(ThreadWorker):
         if self._drain(conn):
             self._unwatch(self.closing, conn)
             self._close(conn)
+
+    # -- writing answers to slow readers -----------------------------------------------------------------
+
+    def _start_writing(self, conn: TConn) -> None:
+        """The thread left bytes in the outbox (it asks through the method queue): send them as the client reads."""
+        if conn in self.writing or conn.outbox.closed or not conn.outbox.pending:
+            return
+        self.writing[conn] = None
+        self.poller.register(conn.sock, selectors.EVENT_WRITE, partial(self._on_writable, conn))
+
+    def _on_writable(self, conn: TConn, _sock: Any) -> None:
+        try:
+            done = conn.outbox.flush()
+        except OSError:  # the client is gone
+            self._stop_writing(conn)
+            return
+        if done:
+            self.poller.unregister(conn.sock)
+            del self.writing[conn]
+            fs = conn.__dict__.pop("finished", None)
+            if fs is not None:  # its thread is done too: on to keep-alive, the next request, or the close
+                self.finish_request(conn, fs)
+
+    def _stop_writing(self, conn: TConn) -> None:
+        """The client stopped reading (or left): drop the rest, close the connection once its thread is done."""
+        conn.outbox.abort()
+        self.poller.unregister(conn.sock)
+        del self.writing[conn]
+        if conn.__dict__.pop("finished", None) is not None:
+            self.nr_conns -= 1
+            conn.close()
+        else:  # its thread still writes (a stream): its next write fails, then finish_request closes it
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _close(self, conn: TConn) -> None:
         self._forget_head(conn)

@@ -221,3 +221,95 @@ def test_keep_alive_pipelined_split_and_odd_but_valid_requests_still_work(gunico
         sock.sendall(b"GET /up/k HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 8000) for i in range(110)))
         assert sock.recv(100).startswith(b"HTTP/1.1 431") and time.monotonic() - started < 1
     assert [p for p in upstream.paths() if p.startswith("/p")] == ["/p"]
+
+
+# -- clients that read their answers slowly, or never (issue 22, item 2) -----------------------------------------
+
+BIG = 8 * 1024 * 1024  # more than the kernel buffers hold (Linux: up to 4 MB sending, 4 KB here receiving)
+
+
+def big_body(size: int) -> bytes:
+    """The upstream stub's /big/<size> body."""
+    return (b"0123456789abcdef" * (size // 16 + 1))[:size]
+
+
+def slow_reader(port: int, request: bytes) -> socket.socket:
+    """A client with a small receive buffer that sends `request` and then reads only when told."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(request)
+    return sock
+
+
+def read_all(sock: socket.socket, limit: float, pause: float = 0.0, size: int = 65536) -> tuple[bytes, bool]:
+    """Everything the server sends until it closes, read `size` bytes at a time with `pause` between reads;
+    (bytes, True if the server closed before `limit` seconds)."""
+    got = bytearray()
+    deadline = time.monotonic() + limit
+    sock.settimeout(1)
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(size)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:
+            return bytes(got), True
+        if not chunk:
+            return bytes(got), True
+        got += chunk
+        time.sleep(pause)
+    return bytes(got), False
+
+
+def test_clients_that_never_read_a_large_answer_hold_no_thread_and_are_closed_after_send_timeout(
+    gunicorn, redis_url, upstream
+) -> None:
+    proxy = gunicorn(config(upstream, send_timeout=2), env={"REDIS_URL": redis_url}, workers=1,
+                     extra_args=("--threads", "4"))
+    warm(proxy.url, "/up/hit")
+    warm(proxy.url, f"/up/big/{BIG}")
+    stalled = [slow_reader(proxy.port, head(proxy.port, f"/up/big/{BIG}", "Accept: */*")) for _ in range(12)]
+    try:
+        time.sleep(0.5)  # each of them has its answer, three times more of them than threads
+        hits = [requests.get(f"{proxy.url}/up/hit", timeout=5, headers={"Connection": "close"}) for _ in range(10)]
+        assert {(r.status_code, r.headers["X-Cache"]) for r in hits} == {(200, "HIT")}
+        time.sleep(3)  # past send_timeout: each has taken nothing since its receive buffer filled
+        for sock in stalled:
+            got, closed = read_all(sock, limit=10)
+            assert closed and got.startswith(b"HTTP/1.1 200") and len(got) < BIG  # cut short, then closed
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert upstream.paths() == ["/hit", f"/big/{BIG}"]  # they were hits
+
+
+def test_a_slow_reader_gets_every_byte_of_each_pipelined_answer_and_its_connection_stays_usable(
+    gunicorn, redis_url, upstream
+) -> None:
+    # Over max_cache_response_size, /big/3145728 streams from the upstream as the client reads; /big/2097152 is a
+    # cached answer left to the worker's loop; one thread, busy with neither while the client dawdles.
+    cached, streamed = 2 * 1024 * 1024, 3 * 1024 * 1024
+    proxy = gunicorn({**config(upstream), "cache": {"max_cache_response_size": cached}}, env={"REDIS_URL": redis_url},
+                     workers=1, extra_args=("--threads", "2"))
+    warm(proxy.url, "/up/hit")
+    warm(proxy.url, f"/up/big/{cached}")
+    sock = slow_reader(proxy.port, head(proxy.port, f"/up/big/{cached}", "Accept: */*")
+                       + head(proxy.port, f"/up/big/{streamed}", "Accept: */*"))
+    try:
+        time.sleep(0.3)
+        hit = requests.get(f"{proxy.url}/up/hit", timeout=5, headers={"Connection": "close"})
+        assert hit.headers["X-Cache"] == "HIT"
+        stream = sock.makefile("rb")
+        sock.settimeout(30)
+        answers = []
+        for _ in range(2):
+            status, headers, body = read_response(stream)
+            answers.append((status, headers["x-cache"], body))
+            time.sleep(0.2)
+        assert answers == [(200, "HIT", big_body(cached)), (200, "MISS", big_body(streamed))]
+        sock.sendall(head(proxy.port, "/up/hit", "Accept: */*"))  # the same connection, kept alive
+        status, headers, body = read_response(stream)
+        assert (status, headers["x-cache"]) == (200, "HIT") and body == hit.content
+    finally:
+        sock.close()
