@@ -23,7 +23,7 @@ from buddy.redis_keys import RedisKeys
 from buddy.service import ProxyService
 from buddy.settings import Settings, load_settings
 from buddy.store import metrics as store_metrics
-from buddy.store.connect import connect
+from buddy.store.connect import LazyCluster, connect
 from buddy.store.guard import BUG_TTL_SECONDS, StoreGuard
 from buddy.store.memory_cache import MemoryCache
 from buddy.store.metrics import MetricsRecorder
@@ -139,6 +139,7 @@ def create_app(
     keys = RedisKeys(settings.redis["prefix"])
     guard = StoreGuard(
         probe=redis_client.ping,
+        nodes=redis_client if isinstance(redis_client, LazyCluster) else None,  # a circuit per primary
         on_bug=lambda text: redis_client.set(keys.last_bug, text, ex=BUG_TTL_SECONDS),
     )
     metrics = MetricsRecorder(redis_client, guard, keys)

@@ -15,6 +15,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
 from redis.connection import Encoder
+from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCoveredError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
@@ -68,8 +69,9 @@ class LazyCluster:
     reached. Everything else is the RedisCluster's own (attribute access goes through to it); the few calls the
     app makes before any Redis work (register_script, ping as the outage probe, close) work without it.
 
-    `ping()` is the guard's outage probe: the cluster counts as back only when it says its state is ok (every slot
-    served) and every primary answers.
+    For the guard (a circuit per primary: guard.NodeMap), `node_of(key)` names the primary that serves a key, from the
+    client's current view, and `probe(node)` finds out whether a node whose circuit is open serves again.
+    `ping()` says whether the whole cluster serves: its state is ok (every slot served) and every primary answers.
     """
 
     def __init__(self, build: Callable[[], RedisCluster], seeds: str) -> None:
@@ -107,6 +109,32 @@ class LazyCluster:
 
     def get_encoder(self) -> Encoder:
         return self._client.get_encoder() if self._client is not None else Encoder("utf-8", "strict", False)
+
+    def node_of(self, key: str) -> str:
+        """host:port of the primary that serves `key`'s slot as this client last learned it (no round trip); '' while
+        the cluster has not been reached, or the slot has no primary."""
+        client = self._client
+        if client is None:
+            return ""
+        nodes = client.nodes_manager.slots_cache.get(key_slot(key.encode()))
+        return nodes[0].name if nodes else ""
+
+    def probe(self, node: str) -> None:
+        """The guard's probe of an open circuit: an outage error while `node` cannot serve. The cluster is asked
+        first which node serves which slots (this client's view is updated): a node that serves no slot any more
+        (a replica took over) passes, and its keys go to their new primary. A node serves if it answers and says the
+        cluster's state is ok (with cluster-require-full-coverage yes, no node serves any key while a slot has no
+        primary). `node` '' is the cluster as a whole: some node answers."""
+        cluster = self.connect()
+        refresh_topology(cluster)
+        if not node:
+            return
+        owners = {nodes[0].name: nodes[0] for nodes in list(cluster.nodes_manager.slots_cache.values()) if nodes}
+        if node not in owners:
+            return
+        state = cluster.cluster_info(target_nodes=owners[node]).get("cluster_state")
+        if state != "ok":
+            raise ClusterDownError(f"CLUSTERDOWN node {node} says the cluster is in state {state}")
 
     def ping(self, **kwargs: Any) -> bool:
         cluster = self.connect()

@@ -68,18 +68,18 @@ class RateLimiter:
 
     def acquire(self, domain: DomainSettings) -> Decision:
         keys, args = self.plan(domain)
-        verdict = self.guard.run(lambda: self._throttle(keys=keys, args=args), keys[0])
+        verdict = self.guard.run(lambda: self._throttle(keys=keys, args=args), key=keys[0])
         return self.decision(verdict, args)
 
     def release(self, domain: DomainSettings, decision: Decision) -> None:
         """Give a reserved start back (its request was refused after all, or its client left)."""
         key = self.keys.rate_starts(domain.name)
-        self.guard.run(lambda: self.client.zrem(key, decision.slot), key)
+        self.guard.run(lambda: self.client.zrem(key, decision.slot), key=key)
 
     def penalize(self, domain: DomainSettings, retry_after: float | None) -> None:
         retry_ms = -1 if retry_after is None else int(retry_after * 1000)
         keys = [self.keys.rate_penalty(domain.name)]
-        self.guard.run(lambda: self._penalize(keys=keys, args=[retry_ms, self.max_delay_ms, QUIET_MS]))
+        self.guard.run(lambda: self._penalize(keys=keys, args=[retry_ms, self.max_delay_ms, QUIET_MS]), key=keys[0])
 
     def paused(self, domain: DomainSettings) -> float:
         """Seconds until the mapping's pause (an upstream's Retry-After, or the backoff after refusals) ends, by
@@ -92,11 +92,12 @@ class RateLimiter:
             pipe.hget(key, "until")
             return pipe.execute()
 
-        (seconds, micros), until = self.guard.run(read, key)
+        (seconds, micros), until = self.guard.run(read, key=key)
         return max(0, int(until or 0) - (int(seconds) * 1000 + int(micros) // 1000)) / 1000
 
     def reset(self, domain: DomainSettings) -> None:
-        self.guard.run(lambda: self._reset(keys=[self.keys.rate_penalty(domain.name)]))
+        key = self.keys.rate_penalty(domain.name)
+        self.guard.run(lambda: self._reset(keys=[key]), key=key)
 
 
 class LocalLimiter:

@@ -37,7 +37,7 @@ class RelayWriter:
             pipe.execute()
 
         try:
-            self.guard.run(write)
+            self.guard.run(write, key=self.key)
         except StoreUnavailable:
             self.broken = True
             log.warning("relay of an over-size body to coalesced requests stopped: Redis failed")
@@ -64,7 +64,7 @@ class RelayWriter:
 
 def read_meta(client: redis.Redis, guard: StoreGuard, key: str) -> tuple[bytes, int, str, list[tuple[str, str]]] | None:
     """The relay's first entry (id, status, reason, headers), or None when there is no relay."""
-    entries = guard.run(lambda: client.xrange(key, count=1))
+    entries = guard.run(lambda: client.xrange(key, count=1), key=key)
     if not entries:
         return None
     entry_id, fields = entries[0]
@@ -84,7 +84,7 @@ def follow_chunks(
     last, quiet_since = after, time.monotonic()
     while True:
         try:
-            batches = guard.run(lambda: client.xread({key: last}, count=64, block=1000))
+            batches = guard.run(lambda: client.xread({key: last}, count=64, block=1000), key=key)
         except StoreUnavailable as exc:
             log.warning("relay of an over-size body broke off: Redis failed")
             raise BrokenBody("the relay of the leader's body broke off") from exc
