@@ -23,7 +23,7 @@ from buddy.redis_keys import RedisKeys
 from buddy.service import ProxyService
 from buddy.settings import Settings, load_settings
 from buddy.store import metrics as store_metrics
-from buddy.store.connect import LazyCluster, connect
+from buddy.store.connect import COMMAND_TIMEOUT_SECONDS, LazyCluster, close_client, connect
 from buddy.store.guard import BUG_TTL_SECONDS, StoreGuard
 from buddy.store.memory_cache import MemoryCache
 from buddy.store.metrics import MetricsRecorder
@@ -80,7 +80,7 @@ class Buddy:
         self.service.metrics.stop()
         self.service.fetcher.upstream.watchdog.stop()
         self.service.cache.guard.stop()
-        self.redis.close()
+        close_client(self.redis)
         if self.embedded is not None:
             self.embedded.stop()
 
@@ -115,8 +115,10 @@ def connect_redis(settings: Settings) -> tuple[redis.Redis, str, EmbeddedRedis |
         embedded = EmbeddedRedis(settings.data_dir, settings.redis["maxmemory"])
         embedded.ensure()  # the app's shutdown() leaves it again; the last process to leave stops it
         url = embedded.url
-    # One server, a Redis Cluster (made on first use) or Sentinel's primary, as the URL's scheme says.
-    return connect(url, settings.redis["socket_timeout"]), url, embedded
+    # One server, a Redis Cluster (made on first use) or Sentinel's primary, as the URL's scheme says; its commands
+    # give up after the short command timeout, a blocking read after socket_timeout (see store.connect).
+    command_timeout = settings.redis.get("command_timeout", COMMAND_TIMEOUT_SECONDS)
+    return connect(url, settings.redis["socket_timeout"], command_timeout), url, embedded
 
 
 def create_app(

@@ -13,7 +13,7 @@ error replies kept apart from outages.
   server, the only one). While it is open, every call for it fails at once with StoreUnavailable, without
   touching Redis, and one probe per open circuit (from a background thread every `retry_after` seconds, or without
   one a single call let through) finds out when it is back; the first that succeeds closes it. A hung Redis thus
-  costs one socket timeout per process and node, not one per request. On a
+  costs one (short: see connect.COMMAND_TIMEOUT_SECONDS) timeout per process and node, not one per request. On a
   cluster the probe first asks the cluster which node serves which slots now: once a replica has taken over, the
   failed node serves none, its circuit closes, and its mappings' keys go to their new primary.
 - An error reply (Redis answered) is not an outage and never opens a circuit: that call fails with
