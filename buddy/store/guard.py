@@ -34,33 +34,18 @@ import time
 from typing import Callable, Protocol, TypeVar
 
 import redis
-from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    ClusterError,
-    RedisClusterException,
-    SlotNotCoveredError,
-    TryAgainError,
-)
+from redis.exceptions import RedisClusterException
 
 from buddy.background import ProcessThread
 from buddy.errors import StoreUnavailable
 from buddy.redis_memory import out_of_memory
+from buddy.store.outages import PASSING, is_outage, node_named_by, unreachable
+
+__all__ = ["StoreGuard", "NodeMap", "WHOLE", "BUG_TTL_SECONDS", "is_outage"]
 
 log = logging.getLogger("buddy.store")
 T = TypeVar("T")
 RECENT_SECONDS = 60.0  # a refusal or bug older than this no longer makes health 'degraded'
-# Redis (or the part of a cluster that a call needs) cannot serve now. MasterDownError is a ClusterDownError.
-OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError, ClusterDownError, SlotNotCoveredError)
-# A slot in migration: TRYAGAIN (a script's keys half moved, or all new while the slot is being imported), a MOVED
-# or ASK not followed, or redis-py's "TTL exhausted" ClusterError after 16 of those. (AskError includes MovedError;
-# ClusterDownError, also a ClusterError, is an outage and is told apart first.)
-PASSING = (TryAgainError, AskError, ClusterError)
-# redis-py's own RedisClusterException (no RedisError) for a cluster it cannot reach or map; others are bugs
-CLUSTER_OUTAGE_TEXTS = ("cannot be connected", "cannot be reached", "not covered", "could not agree",
-                        "No targets were found")
-# ... of which these (and connect.LazyCluster's "cannot be reached") mean no node of the cluster answers at all
-UNREACHABLE_TEXTS = ("cannot be connected", "cannot be reached", "could not agree", "No targets were found")
 BUG_SHARE_SECONDS = 5.0
 BUG_TTL_SECONDS = 60
 WHOLE = ""  # the name of the circuit of the whole store: the one server, Sentinel's primary, a cluster as a whole
@@ -164,8 +149,9 @@ class StoreGuard:
     def problems(self) -> list[str]:
         """What is wrong with Redis now, for health: an outage (per node on a cluster), writes refused, a recent bug."""
         now, found = time.monotonic(), []
-        for circuit in sorted(self._open.values(), key=lambda c: c.name):
-            found.append(f"unavailable: {circuit.describe()}")
+        with self._lock:
+            circuits = sorted(self._open.values(), key=lambda c: c.name)
+        found += [f"unavailable: {circuit.describe()}" for circuit in circuits]
         if self.refused_at is not None and now - self.refused_at < RECENT_SECONDS:
             found.append(f"writes refused: {self.last_refusal}")
         if self.bug_at is not None and now - self.bug_at < RECENT_SECONDS:
@@ -251,7 +237,9 @@ class StoreGuard:
     def _probe_until_back(self, stopping: threading.Event) -> None:
         """The background prober: once started, one probe of each open circuit every `retry_after` seconds."""
         while not stopping.wait(self.retry_after):
-            for name in list(self._open):
+            with self._lock:
+                names = list(self._open)
+            for name in names:
                 try:
                     if self.nodes is not None:
                         self.nodes.probe(name)
@@ -302,31 +290,3 @@ class StoreGuard:
             else:
                 log.warning("Redis Cluster node %s is back (or no longer serves any slot), cache in use again for "
                             "its mappings", circuit.name)
-
-
-def is_outage(exc: BaseException) -> bool:
-    """Does this error mean Redis (or a part of the cluster) cannot serve now, rather than a bug?"""
-    if isinstance(exc, OUTAGES):
-        return True
-    return isinstance(exc, RedisClusterException) and any(text in str(exc) for text in CLUSTER_OUTAGE_TEXTS)
-
-
-def unreachable(exc: BaseException) -> bool:
-    """Does this outage mean that no node of a cluster answers (rather than one node, or one slot)?"""
-    if isinstance(exc, SlotNotCoveredError):
-        return False
-    if isinstance(exc, RedisClusterException) or (
-            isinstance(exc, redis.ConnectionError) and getattr(exc, "connection", None) is None):
-        return any(text in str(exc) for text in UNREACHABLE_TEXTS)
-    return False
-
-
-def node_named_by(exc: BaseException) -> str:
-    """host:port of the node a cluster call failed on, as redis-py records it on the error (`connection`: the
-    connection or the ClusterNode it used); '' when it does not say."""
-    for error in (exc, exc.__cause__):
-        where = getattr(error, "connection", None)
-        host, port = getattr(where, "host", None), getattr(where, "port", None)
-        if host and port:
-            return f"{host}:{port}"
-    return ""
