@@ -7,7 +7,8 @@ hit latency in one run:
      slot), then hangs those clients up and counts how many of them still reach the upstream afterwards;
   3. with the Redis server stopped by SIGSTOP (hung: it accepts connections and never answers). Hits
      cannot be read then; every request goes upstream as BYPASS. In each worker the first call waits
-     out `redis.socket_timeout`; after that, requests should answer at upstream speed instead of each
+     out the short command timeout (buddy.store.connect.COMMAND_TIMEOUT_SECONDS, not `redis.socket_timeout`,
+     which is for blocking reads); after that, requests should answer at upstream speed instead of each
      waiting on Redis again.
 
 Run: python bench/stalls.py [--misses 300] [--seconds 3] [--smoke]
@@ -114,8 +115,8 @@ def main() -> None:
                   f"({reached_before} before the hang-up)", flush=True)
 
             os.kill(redis.process.pid, signal.SIGSTOP)
-            try:  # each worker's first Redis call waits out redis.socket_timeout (5 s); then the circuit is open
-                first = 1.5 if args.smoke else 6.0
+            try:  # each worker's first Redis call waits out the command timeout (0.5 s); then the circuit is open
+                first = 1.5
                 print(row(f"Redis hung (SIGSTOP), first {first:g} s", *hit_latencies(base, first)), flush=True)
                 print(row("Redis hung, the next seconds", *hit_latencies(base, seconds)), flush=True)
             finally:

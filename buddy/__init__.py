@@ -24,7 +24,7 @@ from buddy.redis_keys import RedisKeys
 from buddy.service import ProxyService
 from buddy.settings import Settings, load_settings
 from buddy.store import metrics as store_metrics
-from buddy.store.connect import connect
+from buddy.store.connect import LazyCluster, close_client, connect
 from buddy.store.guard import BUG_TTL_SECONDS, StoreGuard
 from buddy.store.memory_cache import MemoryCache
 from buddy.store.metrics import MetricsRecorder
@@ -81,7 +81,7 @@ class Buddy:
         self.service.metrics.stop()
         self.service.fetcher.upstream.watchdog.stop()
         self.service.cache.guard.stop()
-        self.redis.close()
+        close_client(self.redis)
         if self.embedded is not None:
             self.embedded.stop()
 
@@ -116,8 +116,9 @@ def connect_redis(settings: Settings) -> tuple[redis.Redis, str, EmbeddedRedis |
         embedded = EmbeddedRedis(settings.data_dir, settings.redis["maxmemory"])
         embedded.ensure()  # the app's shutdown() leaves it again; the last process to leave stops it
         url = embedded.url
-    # One server, a Redis Cluster (made on first use) or Sentinel's primary, as the URL's scheme says.
-    return connect(url, settings.redis["socket_timeout"]), url, embedded
+    # One server, a Redis Cluster (made on first use) or Sentinel's primary, as the URL's scheme says; its commands
+    # give up after the short command timeout, a blocking read after socket_timeout (see store.connect).
+    return connect(url, settings.redis["socket_timeout"], settings.redis["command_timeout"]), url, embedded
 
 
 def create_app(
@@ -140,6 +141,7 @@ def create_app(
     keys = RedisKeys(settings.redis["prefix"])
     guard = StoreGuard(
         probe=redis_client.ping,
+        nodes=redis_client if isinstance(redis_client, LazyCluster) else None,  # a circuit per primary
         on_bug=lambda text: redis_client.set(keys.last_bug, text, ex=BUG_TTL_SECONDS),
     )
     metrics = MetricsRecorder(redis_client, guard, keys)

@@ -172,7 +172,7 @@ class Coalescer:
             pipe.exists(relay_key)
             return pipe.execute()[-4:]
 
-        lock_holder, cached, shared, relaying = self.guard.run(read)
+        lock_holder, cached, shared, relaying = self.guard.run(read, key=self.keys.lock(entry))
         lock_holder = lock_holder.decode() if lock_holder else ""
         if shared == codec.NOT_SHARED:
             raise NotShared("private")
@@ -278,8 +278,8 @@ class Fill:
         """
         assert isinstance(result.stream, BodyStream)
         coalescer = self.coalescer
-        waiting = keep is not None or coalescer.guard.run(
-            lambda: coalescer.client.get(coalescer.keys.followers(self.entry, self.token)))
+        followers = coalescer.keys.followers(self.entry, self.token)
+        waiting = keep is not None or coalescer.guard.run(lambda: coalescer.client.get(followers), key=followers)
         if not waiting:
             self.share(None)
             return result.stream

@@ -207,6 +207,8 @@ class RedisSchema(_Section):
         validate=validate.Regexp(r"^\d+(b|kb|mb|gb)?$", flags=re.I, error="must be a size such as 512mb or 2gb"),
     )
     socket_timeout = _positive_number(load_default=5.0)
+    # Ordinary commands and the outage probe give up sooner (at most socket_timeout): a hung Redis costs that.
+    command_timeout = _positive_number(load_default=0.5)
 
     @validates_schema
     def _check_url(self, data: dict[str, Any], **_: Any) -> None:

@@ -3,11 +3,20 @@ own clients (Redis, RedisCluster, Sentinel); and the few things that differ on a
 
 A cluster client is made on first use (`LazyCluster`): redis-py's RedisCluster connects when it is made, and a
 proxy must start, and serve without the cache, while its cluster is down.
+
+Two timeouts. Ordinary commands (GET, EVALSHA, SET, a pipeline) and the guard's probe give up after a short
+`command_timeout` (COMMAND_TIMEOUT_SECONDS): a Redis that hangs costs a worker that long before its circuit opens,
+not `redis.socket_timeout`. Connecting (TCP, and the TLS handshake) keeps `redis.socket_timeout`: a hung server still
+accepts connections, and a handshake over a long path must not be cut short. A blocking read waits on the server
+on purpose, so it goes through `for_blocking_reads(client)`: the same Redis, with `redis.socket_timeout` for every
+read (XREAD BLOCK in relay.py). The wake-up subscription needs no client of its own: each of its reads waits as long
+as `get_message(timeout=...)` says, whatever the socket timeout.
 """
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterator
 
 import redis
@@ -15,6 +24,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
 from redis.connection import Encoder
+from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCoveredError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
@@ -24,6 +34,11 @@ from buddy.store.redis_url import TLS_OPTIONS, RedisTarget, parse_redis_url
 SLOTS = 16384
 CLUSTER_RETRIES = 1  # after a node fails: refresh the topology, try once more (a failover done), then give up
 REBUILD_SECONDS = 1.0  # a cluster that could not be reached is not tried again sooner than this
+# Ordinary commands and the guard's probe give up after this many seconds (at most redis.socket_timeout), unless
+# redis.command_timeout says otherwise. Commands take well under a millisecond on a local
+# network; a fork for a snapshot of a large Redis can stall it for a tenth of a second.
+COMMAND_TIMEOUT_SECONDS = 0.5
+_BLOCKING: "weakref.WeakKeyDictionary[Any, list[Any]]" = weakref.WeakKeyDictionary()  # client -> [make, made]
 
 
 def _tls_kwargs(target: RedisTarget) -> dict[str, Any]:
@@ -37,10 +52,38 @@ def _tls_kwargs(target: RedisTarget) -> dict[str, Any]:
     return kwargs
 
 
-def connect(url: str, timeout: float) -> Any:
-    """The client for `url`: redis.Redis (one server, or Sentinel's current primary) or a LazyCluster."""
+def connect(url: str, timeout: float, command_timeout: float | None = None) -> Any:
+    """The client for `url`: redis.Redis (one server, or Sentinel's current primary) or a LazyCluster. Its commands
+    give up after `command_timeout` seconds (COMMAND_TIMEOUT_SECONDS if not given; at most `timeout`), connecting
+    after `timeout`; `for_blocking_reads(client)` gives the same Redis with `timeout` for every read."""
+    short = min(timeout, COMMAND_TIMEOUT_SECONDS if command_timeout is None else command_timeout)
+    client = _client(url, short, timeout)
+    _BLOCKING[client] = [lambda: _client(url, timeout, timeout), None]
+    return client
+
+
+def for_blocking_reads(client: Any) -> Any:
+    """The client for a read that blocks on the server (XREAD BLOCK): `client`'s Redis with the long timeout,
+    made on first use; `client` itself if connect() did not make it (a test's fakeredis)."""
+    entry = _BLOCKING.get(client)
+    if entry is None:
+        return client
+    if entry[1] is None:
+        entry[1] = entry[0]()
+    return entry[1]
+
+
+def close_client(client: Any) -> None:
+    """Close `client` and its client for blocking reads, if one was made."""
+    entry = _BLOCKING.pop(client, None)
+    if entry is not None and entry[1] is not None:
+        entry[1].close()
+    client.close()
+
+
+def _client(url: str, socket_timeout: float, connect_timeout: float) -> Any:
     target = parse_redis_url(url)
-    timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": connect_timeout}
     if target.kind == "single":
         return redis.Redis.from_url(url, health_check_interval=30, **timeouts)
     auth = {"username": target.username, "password": target.password}
@@ -56,7 +99,7 @@ def connect(url: str, timeout: float) -> Any:
         return LazyCluster(build, ",".join(f"{h}:{p}" for h, p in target.nodes))
     sentinel_auth = {"username": target.options.get("sentinel_username"),
                      "password": target.options.get("sentinel_password")}
-    sentinel = Sentinel(
+    sentinel = Sentinel(  # asking the sentinels who leads is an ordinary command too
         list(target.nodes), sentinel_kwargs={**timeouts, **sentinel_auth, **_tls_kwargs(target)},
         **auth, **_tls_kwargs(target), **timeouts,
     )
@@ -68,8 +111,9 @@ class LazyCluster:
     reached. Everything else is the RedisCluster's own (attribute access goes through to it); the few calls the
     app makes before any Redis work (register_script, ping as the outage probe, close) work without it.
 
-    `ping()` is the guard's outage probe: the cluster counts as back only when it says its state is ok (every slot
-    served) and every primary answers.
+    For the guard (a circuit per primary: guard.NodeMap), `node_of(key)` names the primary that serves a key, from the
+    client's current view, and `probe(node)` finds out whether a node whose circuit is open serves again.
+    `ping()` says whether the whole cluster serves: its state is ok (every slot served) and every primary answers.
     """
 
     def __init__(self, build: Callable[[], RedisCluster], seeds: str) -> None:
@@ -107,6 +151,32 @@ class LazyCluster:
 
     def get_encoder(self) -> Encoder:
         return self._client.get_encoder() if self._client is not None else Encoder("utf-8", "strict", False)
+
+    def node_of(self, key: str) -> str:
+        """host:port of the primary that serves `key`'s slot as this client last learned it (no round trip); '' while
+        the cluster has not been reached, or the slot has no primary."""
+        client = self._client
+        if client is None:
+            return ""
+        nodes = client.nodes_manager.slots_cache.get(key_slot(key.encode()))
+        return nodes[0].name if nodes else ""
+
+    def probe(self, node: str) -> None:
+        """The guard's probe of an open circuit: an outage error while `node` cannot serve. The cluster is asked
+        first which node serves which slots (this client's view is updated): a node that serves no slot any more
+        (a replica took over) passes, and its keys go to their new primary. A node serves if it answers and says the
+        cluster's state is ok (with cluster-require-full-coverage yes, no node serves any key while a slot has no
+        primary). `node` '' is the cluster as a whole: some node answers."""
+        cluster = self.connect()
+        refresh_topology(cluster)
+        if not node:
+            return
+        owners = {nodes[0].name: nodes[0] for nodes in list(cluster.nodes_manager.slots_cache.values()) if nodes}
+        if node not in owners:
+            return
+        state = cluster.cluster_info(target_nodes=owners[node]).get("cluster_state")
+        if state != "ok":
+            raise ClusterDownError(f"CLUSTERDOWN node {node} says the cluster is in state {state}")
 
     def ping(self, **kwargs: Any) -> bool:
         cluster = self.connect()

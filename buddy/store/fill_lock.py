@@ -78,7 +78,7 @@ class FillLock:
         """
         keys = [self.keys.lock(entry), self.keys.successor(entry, vanished)]
         args = [token, ttl_ms, vanished, ttl_ms + SUCCESSOR_GRACE_MS]
-        won, holder = self.guard.run(lambda: self._acquire(keys=keys, args=args), keys[0])
+        won, holder = self.guard.run(lambda: self._acquire(keys=keys, args=args), key=keys[0])
         return bool(won), holder.decode() if isinstance(holder, bytes) else str(holder)
 
     def lead(
@@ -88,7 +88,7 @@ class FillLock:
         token, what was found) or (False, the token of the leader to follow, None)."""
         keys = [self.keys.lock(entry), self.keys.successor(entry, vanished), plan.cache_key, *plan.throttle_keys]
         args = [token, ttl_ms, vanished, ttl_ms + SUCCESSOR_GRACE_MS, *plan.throttle_args]
-        found = self.guard.run(lambda: self._lead(keys=keys, args=args), keys[0])
+        found = self.guard.run(lambda: self._lead(keys=keys, args=args), key=keys[0])
         holder = found[1].decode() if isinstance(found[1], bytes) else str(found[1])
         if not found[0]:
             return False, holder, None
@@ -96,13 +96,14 @@ class FillLock:
         return True, holder, Ahead(blob or None, found[3] if len(found) > 3 else None)
 
     def extend(self, entry: EntryId, token: str, ttl_ms: int) -> bool:
-        return bool(self.guard.run(lambda: self._extend(keys=[self.keys.lock(entry)], args=[token, ttl_ms])))
+        key = self.keys.lock(entry)
+        return bool(self.guard.run(lambda: self._extend(keys=[key], args=[token, ttl_ms]), key=key))
 
     def release(self, entry: EntryId, token: str, shared: bytes = b"", shared_ttl_ms: int = 30_000) -> None:
         """Leave `shared` for this leader's followers (if given), drop the lock if still ours, wake everyone."""
         keys = [self.keys.lock(entry), self.keys.shared_result(entry, token)]
         args = [token, self.keys.fill_channel, entry_message(entry), shared, shared_ttl_ms]
-        self.guard.run(lambda: self._release(keys=keys, args=args))
+        self.guard.run(lambda: self._release(keys=keys, args=args), key=keys[0])
 
     def announce(self, entry: EntryId) -> None:
         """Wake the followers without releasing (a relay has started)."""

@@ -36,7 +36,7 @@ class OfflineSwitch:
         with self._lock:  # one read per process and interval; the other threads use the value it got
             if time.monotonic() - self._read_at >= READ_EVERY:
                 try:
-                    self._value = self._decide(self.guard.run(lambda: self.client.get(self.name)))
+                    self._value = self._decide(self.guard.run(lambda: self.client.get(self.name), key=self.name))
                 except StoreUnavailable:
                     pass
                 self._read_at = time.monotonic()
@@ -44,16 +44,16 @@ class OfflineSwitch:
 
     def state(self) -> tuple[bool, str]:
         """(on, where that comes from: "switched at run time" or "configured"), read from Redis now."""
-        raw = self.guard.run(lambda: self.client.get(self.name))
+        raw = self.guard.run(lambda: self.client.get(self.name), key=self.name)
         return self._decide(raw), "configured" if raw is None else "switched at run time"
 
     def set(self, on: bool) -> None:
-        self.guard.run(lambda: self.client.set(self.name, b"1" if on else b"0"))
+        self.guard.run(lambda: self.client.set(self.name, b"1" if on else b"0"), key=self.name)
         self._read_at = -READ_EVERY
 
     def reset(self) -> None:
         """Back to the configured value (cache.offline, BUDDY_OFFLINE)."""
-        self.guard.run(lambda: self.client.delete(self.name))
+        self.guard.run(lambda: self.client.delete(self.name), key=self.name)
         self._read_at = -READ_EVERY
 
     def _decide(self, raw: bytes | None) -> bool:

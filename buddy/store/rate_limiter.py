@@ -76,7 +76,7 @@ class RateLimiter:
 
     def acquire(self, domain: DomainSettings, partition: str = "") -> Decision:
         keys, args = self.plan(domain, partition)
-        verdict = self.guard.run(lambda: self._throttle(keys=keys, args=args), keys[0])
+        verdict = self.guard.run(lambda: self._throttle(keys=keys, args=args), key=keys[0])
         return self.decision(verdict, keys, args)
 
     def release(self, domain: DomainSettings, decision: Decision) -> None:
@@ -84,13 +84,13 @@ class RateLimiter:
         if not decision.reserved:
             return
         key = decision.starts or self.keys.rate_starts(domain.name)
-        self.guard.run(lambda: self.client.zrem(key, decision.slot), key)
+        self.guard.run(lambda: self.client.zrem(key, decision.slot), key=key)
 
     def penalize(self, domain: DomainSettings, retry_after: float | None, partition: str = "") -> None:
         """Pause the requests of `partition` (the credentials that got the 429 or 503), or the whole mapping."""
         retry_ms = -1 if retry_after is None else int(retry_after * 1000)
         keys = [self.keys.rate_penalty(domain.name, partition)]
-        self.guard.run(lambda: self._penalize(keys=keys, args=[retry_ms, self.max_delay_ms, QUIET_MS]))
+        self.guard.run(lambda: self._penalize(keys=keys, args=[retry_ms, self.max_delay_ms, QUIET_MS]), key=keys[0])
 
     def paused(self, domain: DomainSettings, partition: str = "") -> float:
         """Seconds until the pause that applies to a request of `partition` ends (its own, or the mapping's: an
@@ -105,12 +105,13 @@ class RateLimiter:
                 pipe.hget(name, "until")
             return pipe.execute()
 
-        (seconds, micros), *until = self.guard.run(read, names[0])
+        (seconds, micros), *until = self.guard.run(read, key=names[0])
         now = int(seconds) * 1000 + int(micros) // 1000
         return max(0, *(int(u or 0) - now for u in until)) / 1000
 
     def reset(self, domain: DomainSettings, partition: str = "") -> None:
-        self.guard.run(lambda: self._reset(keys=[self.keys.rate_penalty(domain.name, partition)]))
+        key = self.keys.rate_penalty(domain.name, partition)
+        self.guard.run(lambda: self._reset(keys=[key]), key=key)
 
 
 class LocalLimiter:

@@ -9,10 +9,12 @@ from typing import Iterator
 import redis
 
 from buddy.errors import BrokenBody, StoreUnavailable
+from buddy.store.connect import for_blocking_reads
 from buddy.store.guard import StoreGuard
 
 log = logging.getLogger("buddy.coalesce")
 RELAY_TTL_SECONDS = 60
+BLOCK_MS = 1000  # how long one XREAD of a follower waits for the leader's next chunk
 
 
 class RelayWriter:
@@ -37,7 +39,7 @@ class RelayWriter:
             pipe.execute()
 
         try:
-            self.guard.run(write)
+            self.guard.run(write, key=self.key)
         except StoreUnavailable:
             self.broken = True
             log.warning("relay of an over-size body to coalesced requests stopped: Redis failed")
@@ -64,7 +66,7 @@ class RelayWriter:
 
 def read_meta(client: redis.Redis, guard: StoreGuard, key: str) -> tuple[bytes, int, str, list[tuple[str, str]]] | None:
     """The relay's first entry (id, status, reason, headers), or None when there is no relay."""
-    entries = guard.run(lambda: client.xrange(key, count=1))
+    entries = guard.run(lambda: client.xrange(key, count=1), key=key)
     if not entries:
         return None
     entry_id, fields = entries[0]
@@ -79,12 +81,14 @@ def follow_chunks(
 
     A relay that the leader marks unfinished (its upstream broke off, the body passed the relay limit),
     that stalls, or that Redis loses raises BrokenBody: the follower's client must see a cut body, never a
-    short one that ends cleanly.
+    short one that ends cleanly. XREAD BLOCK waits on the server on purpose: it goes through the client with the long
+    socket timeout (redis.socket_timeout), not the short one of ordinary commands.
     """
     last, quiet_since = after, time.monotonic()
+    reader = for_blocking_reads(client)
     while True:
         try:
-            batches = guard.run(lambda: client.xread({key: last}, count=64, block=1000))
+            batches = guard.run(lambda: reader.xread({key: last}, count=64, block=BLOCK_MS), key=key)
         except StoreUnavailable as exc:
             log.warning("relay of an over-size body broke off: Redis failed")
             raise BrokenBody("the relay of the leader's body broke off") from exc

@@ -91,13 +91,13 @@ class ResponseCache:
         key = self.keys.cache(entry.domain, entry.digest)
         memory = self.memory
         ticket = None
-        if memory is not None and not self.guard.open:  # Redis down or hung: a store or clear may go unheard
+        if memory is not None and not self.guard.open_for(key):  # its Redis down or hung: a store may go unheard
             copy = memory.get(key)
             if copy is not None:
                 self.on_memory_hit(entry.domain)
                 return copy
             ticket = memory.ticket(key, entry.domain)
-        value = self.decode(self.guard.run(lambda: self.client.get(key)))
+        value = self.decode(self.guard.run(lambda: self.client.get(key), key=key))
         if value is None:
             return None
         if ticket is not None:
@@ -128,7 +128,7 @@ class ResponseCache:
                 pipe.expire(key, 10)
                 pipe.execute()
 
-            self.guard.run(count, what=key)
+            self.guard.run(count, key=key)
             return
         if EVERYTHING in (message, digest):
             self._census = None
@@ -183,10 +183,11 @@ class ResponseCache:
             what += "i"
         args = [blob, ttl_seconds * 1000, self.keys.fill_channel, messages[0], what, *also]
         if d not in self._legacy_dropped:
-            self.guard.run(lambda: self._drop_legacy(keys=self._legacy_keys(d)), what="prune_index.lua")
+            legacy = self._legacy_keys(d)
+            self.guard.run(lambda: self._drop_legacy(keys=legacy), what="prune_index.lua", key=legacy[0])
             self._legacy_dropped.add(d)
         try:
-            _, released = self.guard.run(lambda: self._store(keys=keys, args=args), what=key)
+            _, released = self.guard.run(lambda: self._store(keys=keys, args=args), key=key)
         finally:
             for written in messages:  # this worker at once (a copy admitted meanwhile may be the old value); the
                 self.heard(written)  # others when they hear the script's PUBLISH
@@ -200,7 +201,7 @@ class ResponseCache:
         for url in urls:
             index = self.keys.url_index(domain, url_digest(url))
             gone = self.guard.run(lambda: self._invalidate(keys=[index], args=[self.keys.fill_channel, prefix, domain]),
-                                  what=index)
+                                  key=index)
             for key in gone:  # this worker's copies at once; the others' when they hear the script's messages
                 name = key.decode() if isinstance(key, bytes) else str(key)
                 self.heard(f"{domain}\n{name[len(prefix):]}")
@@ -218,14 +219,15 @@ class ResponseCache:
         key = self.keys.ack(token)
         deadline = time.monotonic() + ACK_WAIT_SECONDS
         while time.monotonic() < deadline:
-            if int(self.guard.run(lambda: self.client.get(key)) or 0) >= receivers:
+            if int(self.guard.run(lambda: self.client.get(key), key=key) or 0) >= receivers:
                 return
             time.sleep(0.002)
         log.info("not every worker of '%s' said it heard an invalidation within %g s", domain, ACK_WAIT_SECONDS)
 
     def forget(self, entry: EntryId) -> None:
         """Remove one entry (a vary pointer's variants stay, each with its own TTL), from every worker's memory too."""
-        self.guard.run(lambda: self.client.unlink(self.keys.cache(entry.domain, entry.digest)))
+        key = self.keys.cache(entry.domain, entry.digest)
+        self.guard.run(lambda: self.client.unlink(key), key=key)
         self._announce(wake_message(entry))
 
     def census(self, max_age: float = CENSUS_MAX_AGE) -> Census:
@@ -306,7 +308,8 @@ class ResponseCache:
         responses, size, buckets = 0, 0, [0] * len(TTL_BUCKETS)
         for start in range(0, len(names), BATCH):
             chunk = names[start : start + BATCH]
-            counted = self.guard.run(lambda: self._measure(keys=chunk, args=bounds), what="measure_entries.lua")
+            counted = self.guard.run(lambda: self._measure(keys=chunk, args=bounds), what="measure_entries.lua",
+                                     key=chunk[0].decode())
             responses, size = responses + int(counted[0]), size + int(counted[1])
             buckets = [b + int(n) for b, n in zip(buckets, counted[3:])]
         return responses, size, buckets
@@ -317,13 +320,14 @@ class ResponseCache:
         """Remove every cached response of `domain` (and its vary pointers), or only those in `namespace`, found
         with SCAN MATCH a batch at a time so that Redis is never blocked for long; returns how many keys went.
         SCAN returns every key that exists from start to end of the pass; what is stored meanwhile may stay."""
-        self.guard.run(lambda: self._drop_legacy(keys=self._legacy_keys(domain)))
+        legacy = self._legacy_keys(domain)
+        self.guard.run(lambda: self._drop_legacy(keys=legacy), key=legacy[0])
         pattern = self.keys.cache_pattern(domain, namespace)
         removed = 0
         # On a cluster, SCAN runs on every primary (from a fresh view of the cluster; a cluster with slots down
         # fails the clear rather than leave a part of it); UNLINK goes to the node of the keys' slot.
         for found in scan_batches(self.client, self.guard.run, match=pattern, count=BATCH):
-            removed += int(self.guard.run(lambda: self.client.unlink(*found)))
+            removed += int(self.guard.run(lambda: self.client.unlink(*found), key=found[0].decode()))
             progress(len(found))
         self._census = None
         self._announce(f"{domain}\n{EVERYTHING}")  # every worker drops its copies of the mapping's entries

@@ -46,7 +46,7 @@ class SecureKeyStore:
         if self._key is None:
             with self._lock:
                 if self._key is None:
-                    key = self.guard.run(self._load_or_create)
+                    key = self.guard.run(self._load_or_create, key=self.name)
                     redact_in_logs(key)
                     self._key = key
         return self._key
@@ -59,16 +59,16 @@ class SecureKeyStore:
 
     def stored(self) -> str | None:
         """The generated key as Redis holds it, or None; never generates one (for commands)."""
-        value = self.guard.run(lambda: self.client.get(self.name))
+        value = self.guard.run(lambda: self.client.get(self.name), key=self.name)
         return None if value is None else value.decode() if isinstance(value, bytes) else str(value)
 
     def announce(self, source: KeySource) -> None:
         """Say where the serving proxy's key comes from (no secret: whether it is required, and its origin)."""
-        self.guard.run(lambda: self.client.set(self.source_name, json.dumps(source._asdict())))
+        self.guard.run(lambda: self.client.set(self.source_name, json.dumps(source._asdict())), key=self.source_name)
 
     def announced(self) -> KeySource | None:
         """What the serving proxy said about its key, or None (no proxy has served on this Redis yet)."""
-        value = self.guard.run(lambda: self.client.get(self.source_name))
+        value = self.guard.run(lambda: self.client.get(self.source_name), key=self.source_name)
         try:
             said = json.loads(value) if value else None
             return KeySource(bool(said["required"]), str(said["origin"])) if isinstance(said, dict) else None

@@ -62,11 +62,17 @@ def cluster_state(cluster: Any) -> dict[str, Any]:
 
 
 def state_problem(state: dict[str, Any]) -> str | None:
-    """Why the cluster cannot serve every slot now, for health; None while it can."""
-    if state["state"] == "ok":
+    """Why the cluster cannot serve every slot now, for health; None while it can. In state ok, slots may still lack
+    a working primary (cluster-require-full-coverage no keeps the others serving): only their mappings bypass. (A
+    primary only suspected of failing, PFAIL, is no problem yet: one node's view, often a passing hiccup.)"""
+    if state["state"] == "ok" and state["slots_fail"] <= 0:
         return None
-    lacking = 16384 - state["slots_ok"]
     down = f"; nodes down: {', '.join(state['down'])}" if state["down"] else ""
+    if state["state"] == "ok":
+        return (f"Redis Cluster: {state['slots_fail']} of 16384 slots have a failed primary{down}; requests of the "
+                "mappings whose keys live there are served without the cache (X-Cache: BYPASS) until a replica "
+                "takes over")
+    lacking = 16384 - state["slots_ok"]
     return (f"Redis Cluster is in state {state['state']}: {lacking} of 16384 slots have no working primary{down}; "
             "requests for their keys are served without the cache (X-Cache: BYPASS) until a replica takes over")
 

@@ -218,8 +218,9 @@ def test_a_slot_moved_to_another_primary_under_load_is_followed(proxies: list, c
     time.sleep(1.2)  # the counters flushed: the slot holds entries, counters, rate-limit starts
     slot = key_slot(b"{one}")
     source = cluster.primary_for("{one}")
-    target = next(n for n in cluster.primaries() if n is not source)
-    load = Load(proxies, warm, threads=4, misses="one")  # new entries: a script on a new key and the counters
+    target = cluster.primary_for("{other}")  # not that of 'up': the failover test wants two mappings elsewhere
+    assert target is not source
+    load = Load(proxies, warm, threads=4, misses=("one",))  # new entries: a script on a new key and the counters
     try:
         moved = cluster.migrate_slot(slot, target, pause=0.15)
         time.sleep(1.5)
@@ -238,7 +239,7 @@ class Load:
     """Requests from a few threads at both proxies until stopped: mostly entries cached beforehand, every fifth a
     new miss; each answer is kept with its time, status, X-Cache, and whether its body is the one for its path."""
 
-    def __init__(self, proxies: list, warm: list[str], threads: int = 6, misses: str = "up") -> None:
+    def __init__(self, proxies: list, warm: list[str], threads: int = 6, misses: tuple[str, ...] = ("up",)) -> None:
         self.proxies, self.warm, self.misses = proxies, warm, misses
         self.results: list[dict] = []
         self.stopping = threading.Event()
@@ -251,7 +252,7 @@ class Load:
         while not self.stopping.is_set():
             n += 1
             path = (self.warm[(index * 7 + n) % len(self.warm)] if n % 5 else
-                    f"/{self.misses}/new/{index}/{n}/{uuid.uuid4().hex}")
+                    f"/{self.misses[n // 5 % len(self.misses)]}/new/{index}/{n}/{uuid.uuid4().hex}")
             sent = time.monotonic()
             try:
                 answer = get(self.proxies[(index + n) % 2], path, timeout=20)
@@ -282,18 +283,32 @@ def hub_on(url: str, node_name: str) -> WakeupHub:
     raise AssertionError(f"no subscription landed on {node_name}")
 
 
-def test_a_primary_killed_under_load_means_bypass_for_the_failover_then_hits(
+def require_full_coverage(cluster: LocalCluster, value: str) -> None:
+    """cluster-require-full-coverage on every live node (yes, the default: no node serves any key while a slot has
+    no primary; no: the other primaries keep serving theirs, as deploy/redis-cluster.md recommends)."""
+    for node in cluster.nodes:
+        if node.alive:
+            with node.client() as client:
+                client.config_set("cluster-require-full-coverage", value)
+
+
+def test_a_primary_killed_under_load_means_bypass_for_its_mappings_only_until_a_replica_takes_over(
     proxies: list, cluster: LocalCluster, stub: UpstreamStub, capsys: pytest.CaptureFixture
 ) -> None:
+    """One circuit per primary: while the primary of 'up' is dead, only the requests of 'up' bypass the cache; those
+    of 'one' and 'other' (each on another primary) are answered from it, hits and new misses alike, throughout."""
     victim = cluster.primary_for("{up}")
+    elsewhere = [name for name in MAPPINGS if cluster.primary_for("{" + name + "}") is not victim]
+    assert elsewhere, "every mapping lives on one primary"
     run = uuid.uuid4().hex
     warm = [f"/{name}/w/{run}/{i}" for name in MAPPINGS for i in range(8)]
     assert all(get(proxies[0], p).headers["X-Cache"] == "MISS" for p in warm)
     wait_until(lambda: cluster.replicas_in_sync(victim), 10, "the victim's replica has its entries")
     hub = hub_on(cluster.url, victim.name)  # a subscriber on the node about to die
     publisher = connect(cluster.url, timeout=1.0)
+    require_full_coverage(cluster, "no")
     try:
-        load = Load(proxies, warm)
+        load = Load(proxies, warm, misses=MAPPINGS)
         time.sleep(1.5)
         killed = time.monotonic()
         cluster.kill(victim)
@@ -312,22 +327,30 @@ def test_a_primary_killed_under_load_means_bypass_for_the_failover_then_hits(
         hub.stop()
         hub.client.close()
         publisher.close()
+        require_full_coverage(cluster, "yes")
 
     after = [r for r in results if r["sent"] >= killed]
     bypass = [r for r in after if r["cache"] == "BYPASS"]
     failover = promoted - killed
     last_bypass = max((r["done"] for r in bypass), default=killed) - killed
     errors = [r for r in results if r["status"] >= 500 or r["status"] == 0]
+    others = [r for r in after if r["path"].split("/")[1] in elsewhere]
+    others_meanwhile = [r for r in others if r["sent"] < promoted]
     with capsys.disabled():
         print(f"\n[cluster failover] replica promoted {failover:.2f} s after SIGKILL; {len(bypass)} of {len(after)} "
               f"requests BYPASS, the last {last_bypass:.2f} s after the kill; subscriber re-subscribed after "
-              f"{resubscribed - killed:.2f} s; 5xx/failed: {len(errors)}")
+              f"{resubscribed - killed:.2f} s; 5xx/failed: {len(errors)}; mappings on the other primaries: "
+              f"{dict(Counter(r['cache'] for r in others))}")
     assert all(r["right"] for r in results), "an answer for another request"
     assert errors == [], errors[:5]
+    # the mappings on the primaries that stayed up never went without the cache: hits hit, misses were stored
+    assert all(r["cache"] in ("HIT", "MISS") for r in others), Counter(r["cache"] for r in others)
+    assert Counter(r["cache"] for r in others_meanwhile).keys() == {"HIT", "MISS"}, others_meanwhile
+    assert bypass and all(r["path"].startswith("/up/") for r in bypass)
     assert last_bypass <= failover + 2.5, (last_bypass, failover)  # a probe a second, in each process
     late = [r for r in results if r["sent"] >= promoted + 3.0 and "/up/w/" in r["path"]]
     assert late and all(r["cache"] == "HIT" for r in late), Counter(r["cache"] for r in late)
-    assert any(r["cache"] == "MISS" for r in results if r["sent"] >= promoted + 3.0)
+    assert any(r["cache"] == "MISS" for r in results if r["sent"] >= promoted + 3.0 and r["path"].startswith("/up/"))
 
     health = get(proxies[0], "/admin/health").json()
     assert health["status"] == "ok" and any(victim.name in d for d in health["cluster"]["down"]), health

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,25 @@ def test_redis_going_away_degrades_to_bypass_and_recovers(gunicorn, tmp_path: Pa
         private.stop()
     assert "Traceback" not in proxy.log()
     assert proxy.process.poll() is None
+
+
+def test_a_hung_redis_is_given_up_on_after_the_short_command_timeout_not_socket_timeout(gunicorn, tmp_path: Path,
+                                                                                        upstream) -> None:
+    """redis.socket_timeout (10 s here) is for blocking reads; a GET to a Redis that hangs (SIGSTOP: it accepts
+    connections and never answers) gives up after the command timeout, so even the first requests after the hang, in
+    every worker at once, are answered (without the cache) well before a client's 5 s timeout."""
+    private = RedisServer(tmp_path)
+    proxy = gunicorn({**config_for(upstream), "redis": {"socket_timeout": 10}}, env={"REDIS_URL": private.url},
+                     workers=2)
+    try:
+        assert get(f"{proxy.url}/up/before").headers["X-Cache"] == "MISS"
+        os.kill(private.process.pid, signal.SIGSTOP)
+        try:
+            with ThreadPoolExecutor(8) as pool:  # misses on new connections: every worker's first look is at Redis
+                answers = list(pool.map(lambda i: requests.get(f"{proxy.url}/up/hung/{i}", timeout=5,
+                                                               headers={"Connection": "close"}), range(8)))
+        finally:
+            os.kill(private.process.pid, signal.SIGCONT)
+        assert [(a.status_code, a.headers["X-Cache"]) for a in answers] == [(200, "BYPASS")] * 8
+    finally:
+        private.stop()

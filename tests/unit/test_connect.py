@@ -2,6 +2,8 @@
 guard takes a cluster's errors, and that every script's keys share one slot (so that it runs on a cluster)."""
 from __future__ import annotations
 
+import threading
+import uuid
 from typing import Any
 
 import fakeredis
@@ -27,10 +29,12 @@ from buddy import create_app
 from buddy.errors import ConfigError, StoreUnavailable
 from buddy.monitoring import redacted_url
 from buddy.settings import load_settings
-from buddy.store.connect import LazyCluster, connect
+from buddy.store import connect as store_connect
+from buddy.store.connect import COMMAND_TIMEOUT_SECONDS, LazyCluster, connect, for_blocking_reads
 from buddy.store.fill_lock import lead_script, load_script
 from buddy.store.guard import StoreGuard
 from buddy.store.redis_url import parse_redis_url, redacted
+from buddy.store.relay import RelayWriter, follow_chunks, read_meta
 from tests.support.ports import free_port
 from tests.support.upstream_stub import UpstreamStub
 
@@ -159,6 +163,56 @@ def test_a_sentinel_url_gives_the_primary_of_its_service() -> None:
     assert isinstance(pool, SentinelConnectionPool) and pool.service_name == "mymaster"
     assert pool.connection_kwargs["db"] == 3 and pool.connection_kwargs["password"] == "pw"
     assert [s.connection_pool.connection_kwargs["port"] for s in pool.sentinel_manager.sentinels] == [26379, 26380]
+
+
+def test_commands_give_up_after_the_short_timeout_and_blocking_reads_wait_the_long_one(monkeypatch) -> None:
+    """Ordinary commands and the guard's probe: the command timeout; connecting and blocking reads (XREAD BLOCK):
+    redis.socket_timeout. No network is touched: the clients are only made."""
+    client = connect("redis://127.0.0.1:6379/0", timeout=10)
+    kwargs = client.connection_pool.connection_kwargs
+    assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (COMMAND_TIMEOUT_SECONDS, 10)
+    reader = for_blocking_reads(client)
+    assert reader is not client and reader is for_blocking_reads(client)  # made once, on first use
+    assert reader.connection_pool.connection_kwargs["socket_timeout"] == 10
+    assert connect("redis://h:6379/0", timeout=0.1).connection_pool.connection_kwargs["socket_timeout"] == 0.1
+
+    primary = connect("redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster", timeout=10, command_timeout=0.2)
+    assert primary.connection_pool.connection_kwargs["socket_timeout"] == 0.2
+    sentinels = primary.connection_pool.sentinel_manager.sentinels
+    assert {s.connection_pool.connection_kwargs["socket_timeout"] for s in sentinels} == {0.2}
+    pool = for_blocking_reads(primary).connection_pool
+    assert pool.connection_kwargs["socket_timeout"] == 10 and pool.service_name == "mymaster"
+
+    made: list[dict] = []
+    monkeypatch.setattr(store_connect, "RedisCluster", lambda **kwargs: made.append(kwargs) or object())
+    cluster = connect("redis+cluster://127.0.0.1:7000", timeout=10, command_timeout=0.2)
+    cluster.connect()
+    for_blocking_reads(cluster).connect()
+    assert [(k["socket_timeout"], k["socket_connect_timeout"]) for k in made] == [(0.2, 10), (10, 10)]
+
+    fake = fakeredis.FakeRedis()
+    assert for_blocking_reads(fake) is fake  # a client connect() did not make is its own
+    for made_client in (client, primary):
+        store_connect.close_client(made_client)
+
+
+def test_a_relay_follower_waits_on_its_blocking_read_longer_than_the_command_timeout(redis_server) -> None:
+    """XREAD BLOCK waits on the server for the leader's next chunk (up to relay.BLOCK_MS): with the command timeout
+    as its socket timeout every such wait would be an outage; it reads through for_blocking_reads instead."""
+    client = connect(redis_server.url, timeout=5, command_timeout=0.1)
+    guard, key = StoreGuard(), f"buddy:relay:{{up}}:{uuid.uuid4().hex}"
+    writer = RelayWriter(client, guard, key, limit=1 << 20)
+    try:
+        writer.start(200, "OK", [])
+        after, status, _, _ = read_meta(client, guard, key) or (b"", 0, "", [])
+        chunks = follow_chunks(client, guard, key, after, idle_timeout=5)
+        later = threading.Timer(0.4, lambda: (writer.chunk(b"late"), writer.finish(True)))  # 4 command timeouts
+        later.start()
+        assert (status, list(chunks)) == (200, [b"late"])
+        later.join()
+        assert not guard.open
+    finally:
+        store_connect.close_client(client)
 
 
 OUTAGE, MIGRATION, BUG = "outage", "migration", "bug"

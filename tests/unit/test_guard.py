@@ -116,3 +116,100 @@ def test_with_a_probe_no_request_waits_on_a_hung_redis_and_the_probe_closes_the_
     while guard.open and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not guard.open and guard.run(lambda: "back") == "back"
+
+
+class TwoNodes:
+    """A cluster as the guard sees it (guard.NodeMap): keys tagged {a} live on node a:1, the others on b:2, until a
+    failover moves {a}'s slot to c:3; `down` holds the nodes whose probe fails."""
+
+    def __init__(self) -> None:
+        self.owner_of_a = "a:1"
+        self.down = {"a:1"}
+        self.probed: list[str] = []
+
+    def node_of(self, key: str) -> str:
+        return self.owner_of_a if key.startswith("{a}") else "b:2"
+
+    def probe(self, node: str) -> None:
+        self.probed.append(node)
+        if node in self.down and node in (self.owner_of_a, "b:2"):  # a node that serves no slot passes
+            raise redis.ConnectionError(f"Error 111 connecting to {node}. Connection refused.")
+
+
+def refused(node: str) -> None:
+    raise redis.ConnectionError(f"Error 111 connecting to {node}. Connection refused.")
+
+
+def test_on_a_cluster_a_failed_node_opens_its_own_circuit_and_the_others_keep_going() -> None:
+    nodes = TwoNodes()
+    guard = StoreGuard(retry_after=10, nodes=nodes)
+    try:
+        with pytest.raises(StoreUnavailable):
+            guard.run(lambda: refused("a:1"), key="{a}:k1")
+        tried: list[str] = []
+        for _ in range(5):
+            with pytest.raises(StoreUnavailable, match="node a:1"):
+                guard.run(lambda: tried.append("a"), key="{a}:k2")  # refused without touching Redis
+            assert guard.run(lambda: tried.append("b") or "b", key="{b}:k") == "b"  # another primary: served
+            assert guard.run(lambda: "keyless") == "keyless"  # PUBLISH, say: no node is known to be down for it
+        assert tried == ["b"] * 5
+        assert guard.open and guard.open_for("{a}:x") and not guard.open_for("{b}:x") and not guard.open_for(None)
+        assert guard.problems() == ["unavailable: node a:1: ConnectionError: Error 111 connecting to a:1. "
+                                    "Connection refused."]
+    finally:
+        guard.stop()
+
+
+def test_when_a_replica_takes_over_the_old_node_s_circuit_closes_and_its_keys_follow_the_slot() -> None:
+    nodes = TwoNodes()
+    guard = StoreGuard(retry_after=0.05, nodes=nodes)
+    try:
+        with pytest.raises(StoreUnavailable):
+            guard.run(lambda: refused("a:1"), key="{a}:k")
+        deadline = time.monotonic() + 2
+        while len(nodes.probed) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert guard.open_for("{a}:k") and set(nodes.probed) == {"a:1"}  # one probe per open circuit
+        nodes.owner_of_a = "c:3"  # the failover: the slot's new primary, as the probe's fresh view of the cluster says
+        assert guard.run(lambda: "new primary", key="{a}:k") == "new primary"  # the key follows its slot at once
+        while guard.open and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not guard.open  # a:1 serves no slot any more: its circuit is gone, though a:1 is still down
+    finally:
+        guard.stop()
+
+
+def test_the_node_redis_py_names_in_the_error_is_the_one_that_failed() -> None:
+    """A MOVED followed to a node that is down: the error names where the call went, not where the key mapped to."""
+    guard = StoreGuard(retry_after=10, nodes=TwoNodes())
+    error = redis.ConnectionError("Connection refused")
+    error.connection = redis.cluster.ClusterNode("b", 2)  # as redis-py records it (see guard.node_named_by)
+    try:
+        with pytest.raises(StoreUnavailable):
+            guard.run(lambda: (_ for _ in ()).throw(error), key="{a}:k")
+        assert guard.open_for("{b}:k") and not guard.open_for("{a}:k")
+        keyless = redis.TimeoutError("Timeout reading from b:2")
+        keyless.connection = redis.cluster.ClusterNode("a", 1)
+        with pytest.raises(StoreUnavailable):
+            guard.run(lambda: (_ for _ in ()).throw(keyless))  # a call without a key that says where it went
+        assert guard.open_for("{a}:k")
+    finally:
+        guard.stop()
+
+
+def test_a_cluster_that_cannot_be_reached_at_all_opens_the_whole_cluster_circuit() -> None:
+    guard = StoreGuard(retry_after=10, nodes=TwoNodes())
+    try:
+        with pytest.raises(StoreUnavailable):
+            guard.run(lambda: refused("somewhere"))  # a call without a key that names no node: no circuit opens
+        assert not guard.open
+        unreachable = redis.ConnectionError("Redis Cluster at a:1,b:2 cannot be reached: refused")  # LazyCluster's
+        with pytest.raises(StoreUnavailable):
+            guard.run(lambda: (_ for _ in ()).throw(unreachable), key="{b}:k")
+        for key in ("{a}:k", "{b}:k", None):
+            with pytest.raises(StoreUnavailable, match="cannot be reached"):
+                guard.run(lambda: "not tried", key=key)
+        assert guard.problems() == ["unavailable: ConnectionError: Redis Cluster at a:1,b:2 cannot be reached: "
+                                    "refused"]
+    finally:
+        guard.stop()
