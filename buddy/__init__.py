@@ -16,6 +16,7 @@ from buddy.coalesce import Coalescer
 from buddy.embedded import EmbeddedRedis
 from buddy.errors import StoreUnavailable
 from buddy.fetcher import Fetcher
+from buddy.hosts import HostCheck
 from buddy.http_errors import register_error_handlers
 from buddy.logs import configure_logging
 from buddy.monitoring import MonitoringManager
@@ -50,6 +51,7 @@ class Buddy:
     access: AccessControl
     secure_key: SecureKeyStore
     monitoring: MonitoringManager
+    hosts: HostCheck
     embedded: EmbeddedRedis | None = None
     key_origin: str = GENERATED  # where a configured access key was set (see key_origin)
 
@@ -165,7 +167,8 @@ def create_app(
         settings.security["require_secure_key"], secure_key.get, settings.security["log_security_events"]
     )
     monitoring = MonitoringManager(redis_client, guard, keys, settings, cache, url, __version__, service.offline)
-    buddy = Buddy(settings, redis_client, service, access, secure_key, monitoring, embedded,
+    hosts = HostCheck(settings, log_events=settings.security["log_security_events"])
+    buddy = Buddy(settings, redis_client, service, access, secure_key, monitoring, hosts, embedded,
                   key_origin=key_origin(settings, os.environ if environ is None else environ, config))
     app.extensions["buddy"] = buddy
     _LIVE.add(buddy)
@@ -181,7 +184,8 @@ def create_app(
     app.register_blueprint(views.bp)
     from buddy.fastpath import HitPath
 
-    app.wsgi_app = HitPath(app, app.wsgi_app)  # type: ignore[method-assign]  # fresh hits skip Flask's request handling
+    # The Host check, then fresh hits, skip Flask's request handling.
+    app.wsgi_app = HitPath(app, app.wsgi_app)  # type: ignore[method-assign]
     app.cli.add_command(cli.group)
     return app
 

@@ -1,5 +1,8 @@
 """The hit path: a thin WSGI layer in front of the Flask app that answers fresh cache hits itself.
 
+First of all, for every request (proxy, admin, metrics, dashboard), the Host check (buddy.hosts): a request
+for a name that is not the proxy's own is refused here, before anything else looks at it.
+
 A GET or HEAD without a body (`views.has_body`, the view's own test) for a mapping goes through the same steps
 as in the proxy view, with the same functions: the access check, the mapping, the cache key, the lookup (L1,
 then Redis) and the client's Cache-Control. When the answer is a fresh hit, it is sent from here, with exactly
@@ -40,11 +43,17 @@ class HitPath:
     def __init__(self, app: Flask, wrapped: WSGIApp) -> None:
         self.app = app
         self.wrapped = wrapped
+        self.hosts = app.extensions["buddy"].hosts
         self._mapped: dict[tuple, tuple[ProxyRequest, EntryId]] = {}  # a request's bytes -> what they map to
         self._mapped_bytes = 0  # about what _mapped holds
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD")
+        refused = self.hosts.refusal(environ)
+        if refused is not None:
+            status, headers, body = refused
+            start_response(status, headers)
+            return [b"" if method == "HEAD" else body]
         if (method == "GET" or method == "HEAD") and not has_body(environ):
             try:
                 answer = self.hit(environ, method)
