@@ -26,6 +26,7 @@ from buddy.settings import Settings, load_settings
 from buddy.store import metrics as store_metrics
 from buddy.store.connect import connect
 from buddy.store.guard import BUG_TTL_SECONDS, StoreGuard
+from buddy.store.key_failures import KeyFailures
 from buddy.store.memory_cache import MemoryCache
 from buddy.store.metrics import MetricsRecorder
 from buddy.store.offline import OfflineSwitch
@@ -82,6 +83,7 @@ class Buddy:
         self.service.metrics.stop()
         self.service.fetcher.upstream.watchdog.stop()
         self.service.cache.guard.stop()
+        self.access.failures.stop()
         self.redis.close()
         if self.embedded is not None:
             self.embedded.stop()
@@ -163,9 +165,10 @@ def create_app(
         limiter, metrics, offline,
     )
     secure_key = SecureKeyStore(redis_client, guard, keys, settings.security["secure_key"])
-    access = AccessControl(
-        settings.security["require_secure_key"], secure_key.get, settings.security["log_security_events"]
-    )
+    security = settings.security
+    failures = KeyFailures(security["max_key_failures"], security["key_lockout_max_seconds"], client=redis_client,
+                           guard=guard, keys=keys, log_events=security["log_security_events"])
+    access = AccessControl(security["require_secure_key"], secure_key.get, security["log_security_events"], failures)
     monitoring = MonitoringManager(redis_client, guard, keys, settings, cache, url, __version__, service.offline)
     hosts = HostCheck(settings, log_events=settings.security["log_security_events"])
     buddy = Buddy(settings, redis_client, service, access, secure_key, monitoring, hosts, embedded,

@@ -70,6 +70,8 @@ class HitPath:
         """(status, headers, body) of a fresh hit, or None to let the app answer."""
         buddy = self.app.extensions["buddy"]
         service = buddy.service
+        if buddy.access.required and buddy.access.failures.locked(environ.get("REMOTE_ADDR")):
+            return None  # locked out: a remembered request must not let the right key in; the view refuses it
         # The same bytes (method, target, every header) map to the same request, and were admitted the same way
         # (under the same access key): a hot request is mapped once per worker, then looked up by its bytes.
         sent = [(k, v) for k, v in environ.items() if k[:5] == "HTTP_"]

@@ -159,6 +159,9 @@ class SecuritySchema(_Section):
         load_default=None, allow_none=True, validate=validate.Length(min=16, error="must be at least 16 characters")
     )
     log_security_events = _boolean(load_default=True)
+    # Wrong keys in a row from one client address before it must wait (0: never); the waits double, up to:
+    max_key_failures = _non_negative_int(load_default=10)
+    key_lockout_max_seconds = _positive_number(load_default=60.0)
     # The older, narrower form of server.allowed_hosts (names for the dashboard's buttons): still read, as
     # names added to server.allowed_hosts, so that a configuration that listed them keeps working.
     admin_hosts = fields.List(_string(), load_default=list)
