@@ -74,7 +74,7 @@ def flood(port: int, count: int) -> list[socket.socket]:
     conns = []
     for i in range(count):
         conn = socket.create_connection(("127.0.0.1", port), timeout=5)
-        conn.sendall(f"GET /slow/flood/{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        conn.sendall(f"GET /slow/flood/{i} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
         conns.append(conn)
     return conns
 

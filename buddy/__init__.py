@@ -17,6 +17,7 @@ from buddy.counters import Counters
 from buddy.embedded import EmbeddedRedis
 from buddy.errors import StoreUnavailable
 from buddy.fetcher import Fetcher
+from buddy.hosts import HostCheck
 from buddy.http_errors import register_error_handlers
 from buddy.logs import configure_logging
 from buddy.monitoring import MonitoringManager
@@ -26,6 +27,7 @@ from buddy.settings import Settings, load_settings
 from buddy.store import metrics as store_metrics
 from buddy.store.connect import LazyCluster, close_client, connect
 from buddy.store.guard import BUG_TTL_SECONDS, StoreGuard
+from buddy.store.key_failures import KeyFailures
 from buddy.store.memory_cache import MemoryCache
 from buddy.store.metrics import MetricsRecorder
 from buddy.store.offline import OfflineSwitch
@@ -51,6 +53,7 @@ class Buddy:
     access: AccessControl
     secure_key: SecureKeyStore
     monitoring: MonitoringManager
+    hosts: HostCheck
     embedded: EmbeddedRedis | None = None
     key_origin: str = GENERATED  # where a configured access key was set (see key_origin)
 
@@ -81,6 +84,7 @@ class Buddy:
         self.service.metrics.stop()
         self.service.fetcher.upstream.watchdog.stop()
         self.service.cache.guard.stop()
+        self.access.failures.stop()
         close_client(self.redis)
         if self.embedded is not None:
             self.embedded.stop()
@@ -164,11 +168,13 @@ def create_app(
         limiter, metrics, offline,
     )
     secure_key = SecureKeyStore(redis_client, guard, keys, settings.security["secure_key"])
-    access = AccessControl(
-        settings.security["require_secure_key"], secure_key.get, settings.security["log_security_events"]
-    )
+    security = settings.security
+    failures = KeyFailures(security["max_key_failures"], security["key_lockout_max_seconds"], client=redis_client,
+                           guard=guard, keys=keys, log_events=security["log_security_events"])
+    access = AccessControl(security["require_secure_key"], secure_key.get, security["log_security_events"], failures)
     monitoring = MonitoringManager(redis_client, guard, keys, settings, cache, url, __version__, service.offline)
-    buddy = Buddy(settings, redis_client, service, access, secure_key, monitoring, embedded,
+    hosts = HostCheck(settings, log_events=settings.security["log_security_events"])
+    buddy = Buddy(settings, redis_client, service, access, secure_key, monitoring, hosts, embedded,
                   key_origin=key_origin(settings, os.environ if environ is None else environ, config))
     app.extensions["buddy"] = buddy
     _LIVE.add(buddy)
@@ -184,7 +190,8 @@ def create_app(
     app.register_blueprint(views.bp)
     from buddy.fastpath import HitPath
 
-    app.wsgi_app = HitPath(app, app.wsgi_app)  # type: ignore[method-assign]  # fresh hits skip Flask's request handling
+    # The Host check, then fresh hits, skip Flask's request handling.
+    app.wsgi_app = HitPath(app, app.wsgi_app)  # type: ignore[method-assign]
     app.cli.add_command(cli.group)
     return app
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import logging
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Callable, Collection, overload
@@ -16,14 +16,23 @@ from urllib.parse import unquote, unquote_plus
 
 from buddy.errors import BadProxyRequest
 from buddy.redaction import spellings
+from buddy.store.key_failures import KeyFailures, address_of
 
-log = logging.getLogger("buddy.security")
 KEY_HEADER = "x-api-buddy-key"
 _BEARER = re.compile(r"bearer[ \t]+", re.IGNORECASE)
 
 
 class Unauthorized(Exception):
     """No valid access key: 401, before any cache, throttle or upstream work."""
+
+
+class LockedOut(Unauthorized):
+    """Too many wrong keys from the client's address: 429 with Retry-After, the right key too, until it ends."""
+
+    def __init__(self, retry_after: float, address: str) -> None:
+        super().__init__(f"too many wrong access keys from {address}")
+        self.retry_after = max(1, math.ceil(retry_after))
+        self.address = address
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,18 @@ def strip_key(target: Target, key: str, domains: Collection[str]) -> tuple[Targe
     return replace(target, headers=headers, query="&".join(items), key_param=param), found
 
 
+def offers_a_key(target: Target, domains: Collection[str]) -> bool:
+    """Does the request offer something that could be the key (a guess), rather than none at all? A key header
+    with a value, a bearer token, a `key=` item, or a first path segment that names no mapping."""
+    if target.rest is not None and target.first and target.first not in domains:
+        return True
+    for name, value in target.headers:
+        lower = name.lower()
+        if (lower == KEY_HEADER and value.strip()) or (lower == "authorization" and _BEARER.match(value)):
+            return True
+    return any(unquote_plus(item.partition("=")[0]) == "key" for item in target.query.split("&") if item)
+
+
 def still_carries(target: Target, key: str) -> bool:
     """Is some spelling of the key left in what would go upstream (`?a=1;key=K`, `Bearer<TAB>K` twice...)?"""
     forms = spellings(key)
@@ -92,12 +113,17 @@ def still_carries(target: Target, key: str) -> bool:
 
 
 class AccessControl:
-    """Checks requests when `security.require_secure_key` is on; otherwise only drops X-API-Buddy-Key."""
+    """Checks requests when `security.require_secure_key` is on; otherwise only drops X-API-Buddy-Key.
 
-    def __init__(self, required: bool, key: Callable[[], str], log_events: bool = True) -> None:
+    Refusals are counted per client address (`failures`): wrong keys slow the address down, and the log gets
+    one line per address and minute, with the count."""
+
+    def __init__(self, required: bool, key: Callable[[], str], log_events: bool = True,
+                 failures: KeyFailures | None = None) -> None:
         self.required = required
         self.key = key
         self.log_events = log_events
+        self.failures = failures or KeyFailures(10, 60.0, log_events=log_events)
 
     @overload
     def admit(self, target: Target, domains: Collection[str], client: str) -> Target: ...
@@ -105,18 +131,29 @@ class AccessControl:
     def admit(self, target: Target, domains: Collection[str], client: str, quiet: bool) -> Target | None: ...
 
     def admit(self, target: Target, domains: Collection[str], client: str, quiet: bool = False) -> Target | None:
-        """The target with the key taken out; Unauthorized without a valid key (`quiet`: None, and no log line)."""
+        """The target with the key taken out; Unauthorized without a valid key, LockedOut (untried) while the
+        client's address is locked out (`quiet`: None, and nothing counted or logged)."""
         if not self.required:
             if not any(n.lower() == KEY_HEADER for n, _ in target.headers):
                 return target
             return replace(target, headers=[(n, v) for n, v in target.headers if n.lower() != KEY_HEADER])
+        wait = self.failures.locked(client)
+        if wait:
+            if quiet:
+                return None
+            self.failures.refused(client)
+            raise LockedOut(wait, address_of(client))
         key = self.key()
         stripped, found = strip_key(target, key, domains)
         if not found:
             if quiet:
                 return None
-            if self.log_events:
-                log.warning("refused a request from %s: missing or wrong access key", client)
+            if not offers_a_key(target, domains):
+                self.failures.refused(client)  # no guess: counted for the log, never towards a lock-out
+            else:
+                wait = self.failures.wrong(client)
+                if wait:
+                    raise LockedOut(wait, address_of(client))
             raise Unauthorized()
         if still_carries(stripped, key):
             raise BadProxyRequest(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import re
 import secrets
 import time
@@ -109,33 +108,12 @@ def authorize() -> str:
 def deliberate(how: str) -> None:
     """CSRF: a state change through the browser's cookie, and any POST (which a cross-site form can send), must
     carry ACTION_HEADER; DELETE never leaves a browser cross-origin without a CORS preflight, which is never
-    granted here."""
+    granted here. (DNS rebinding, a page "same-origin" with the proxy through a name of its own, never gets
+    this far: buddy.hosts refuses any Host that is not one of the proxy's names, for every route.)"""
     if request.method in SAFE_METHODS:
         return
     if (how == "cookie" or request.method == "POST") and request.headers.get(ACTION_HEADER) != "1":
         raise Forbidden(f"admin actions from a browser need the header {ACTION_HEADER}: 1")
-    if how == "open" and request.headers.get("Origin") is not None and not trusted_host(request.host):
-        # DNS rebinding: a page on the attacker's name, pointed at this proxy, is "same-origin" with itself.
-        raise Forbidden(
-            f"admin actions from a browser at {request.host!r} are refused without an access key: use the proxy "
-            "by its IP address or localhost, name this host in security.admin_hosts, or require a key "
-            "(security.require_secure_key)"
-        )
-
-
-def trusted_host(host: str) -> bool:
-    """May a browser act on the admin routes through this Host (key-less mode)? An IP address, localhost, the
-    configured server.host, or a name listed in security.admin_hosts: never a name an attacker's DNS controls."""
-    settings = current_app.extensions["buddy"].settings
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    name = name.strip("[]").lower()
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        pass
-    allowed = {"localhost", str(settings.server["host"]).lower(), *map(str.lower, settings.security["admin_hosts"])}
-    return name in allowed
 
 
 @bp.before_request

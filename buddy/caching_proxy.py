@@ -10,6 +10,7 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, get_sockaddr, m
 
 from buddy import Buddy, create_app
 from buddy.access import exposure_warning
+from buddy.hosts import describe
 from buddy.monitoring import MonitoringManager
 
 log = logging.getLogger("buddy")
@@ -79,6 +80,7 @@ class CachingProxy:
                                        fd=listener.fileno())
         finally:
             listener.close()  # the server holds its own copy of the socket
+        log.info("%s", describe(self.buddy.settings))
         if blocking:
             try:
                 self._server.serve_forever()

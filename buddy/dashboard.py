@@ -13,7 +13,7 @@ from flask import Blueprint, Response, current_app, make_response, redirect, ren
 from werkzeug.wrappers import Response as BaseResponse
 
 from buddy import admin
-from buddy.access import Target, Unauthorized
+from buddy.access import LockedOut, Target, Unauthorized
 from buddy.counters import COLUMNS, PER_MINUTE, Section, Unit
 from buddy.errors import StoreUnavailable
 
@@ -47,6 +47,8 @@ def page() -> BaseResponse:
     buddy = current_app.extensions["buddy"]
     try:
         how = admin.authorize()
+    except LockedOut as exc:
+        return locked_page(exc)
     except Unauthorized:
         return login_page("wrong key" if _key_in_query() else None)
     if how in ("key", "cookie") and _key_in_query():  # signed in or not, the key leaves the address bar
@@ -71,7 +73,9 @@ def login() -> BaseResponse:
         return redirect(url_for(".page"), 303)
     target = Target("admin", None, "", [("X-API-Buddy-Key", request.form.get("key", ""))])
     try:
-        buddy.access.admit(target, set(), request.remote_addr or "unknown")  # logged when refused
+        buddy.access.admit(target, set(), request.remote_addr or "unknown")  # counted when refused
+    except LockedOut as exc:
+        return locked_page(exc)
     except Unauthorized:
         return login_page("wrong key")
     return admin.start_session(redirect(url_for(".page"), 303), buddy.access.key())
@@ -91,6 +95,15 @@ def logout() -> Response:
 
 def login_page(error: str | None) -> Response:
     return make_response(render_template("dashboard/login.html", error=error), 401)
+
+
+def locked_page(exc: LockedOut) -> Response:
+    """The login form, refused for now: too many wrong keys came from this address."""
+    response = make_response(render_template(
+        "dashboard/login.html", error=f"Too many wrong keys from {exc.address}: try again in {exc.retry_after} s."
+    ), 429)
+    response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 def _key_in_query() -> bool:

@@ -1,11 +1,15 @@
 """The hit path: a thin WSGI layer in front of the Flask app that answers fresh cache hits itself.
 
-A plain GET or HEAD (no body) for a mapping goes through the same steps as in the proxy view, with the same
-functions: the access check, the mapping, the cache key, the lookup (L1, then Redis) and the client's
-Cache-Control. When the answer is a fresh hit, it is sent from here, with exactly the headers the view would
-send (`views.response_headers`). Anything else, a miss, a stale entry, an unknown mapping, a wrong key, a bad
-path, Redis unreachable, is handed to the Flask app unchanged, which answers it in full (and says why, when it
-refuses). Skipping Flask's request context, routing and Response objects is most of what a hit costs.
+First of all, for every request (proxy, admin, metrics, dashboard), the Host check (buddy.hosts): a request
+for a name that is not the proxy's own is refused here, before anything else looks at it.
+
+A GET or HEAD without a body (`views.has_body`, the view's own test) for a mapping goes through the same steps
+as in the proxy view, with the same functions: the access check, the mapping, the cache key, the lookup (L1,
+then Redis) and the client's Cache-Control. When the answer is a fresh hit, it is sent from here, with exactly
+the headers the view would send (`views.response_headers`). Anything else, a miss, a stale entry, an unknown
+mapping, a wrong key, a bad path, Redis unreachable, is handed to the Flask app unchanged, which answers it in
+full (and says why, when it refuses). Skipping Flask's request context, routing and Response objects is most
+of what a hit costs.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from werkzeug.urls import iri_to_uri
 from buddy import policy
 from buddy.messages import ProxyRequest
 from buddy.redis_keys import EntryId
-from buddy.views import MAPPED, mapped_request, raw_target, response_headers, route
+from buddy.views import MAPPED, has_body, mapped_request, raw_target, response_headers, route
 
 log = logging.getLogger("buddy.fastpath")
 REWRITTEN = frozenset({"location", "content-location"})  # werkzeug turns IRIs in these into URIs
@@ -39,13 +43,18 @@ class HitPath:
     def __init__(self, app: Flask, wrapped: WSGIApp) -> None:
         self.app = app
         self.wrapped = wrapped
+        self.hosts = app.extensions["buddy"].hosts
         self._mapped: dict[tuple, tuple[ProxyRequest, EntryId]] = {}  # a request's bytes -> what they map to
         self._mapped_bytes = 0  # about what _mapped holds
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD")
-        if (method == "GET" or method == "HEAD") and environ.get("CONTENT_LENGTH", "0") in ("", "0") \
-                and "HTTP_TRANSFER_ENCODING" not in environ:
+        refused = self.hosts.refusal(environ)
+        if refused is not None:
+            status, headers, body = refused
+            start_response(status, headers)
+            return [b"" if method == "HEAD" else body]
+        if (method == "GET" or method == "HEAD") and not has_body(environ):
             try:
                 answer = self.hit(environ, method)
             except Exception:  # whatever went wrong, the app answers this request in full (and says why)
@@ -61,6 +70,8 @@ class HitPath:
         """(status, headers, body) of a fresh hit, or None to let the app answer."""
         buddy = self.app.extensions["buddy"]
         service = buddy.service
+        if buddy.access.required and buddy.access.failures.locked(environ.get("REMOTE_ADDR")):
+            return None  # locked out: a remembered request must not let the right key in; the view refuses it
         # The same bytes (method, target, every header) map to the same request, and were admitted the same way
         # (under the same access key): a hot request is mapped once per worker, then looked up by its bytes.
         sent = [(k, v) for k, v in environ.items() if k[:5] == "HTTP_"]

@@ -6,7 +6,7 @@ import logging
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from buddy.access import Unauthorized
+from buddy.access import LockedOut, Unauthorized
 from buddy.errors import BadProxyRequest, ClientGone, StoreUnavailable
 
 log = logging.getLogger("buddy")
@@ -25,6 +25,15 @@ def register_error_handlers(app: Flask) -> None:
                          message="missing or wrong access key: send it as the X-API-Buddy-Key header, "
                                  "Authorization: Bearer <key>, ?key=<key> or a /<key>/<domain>/ path prefix")
         response.headers["WWW-Authenticate"] = 'Bearer realm="reference-api-buddy"'
+        return response
+
+    @app.errorhandler(LockedOut)
+    def locked_out(exc: LockedOut) -> Response:
+        response = _json(429, error="too many wrong access keys", client=exc.address, retry_after=exc.retry_after,
+                         message=f"too many wrong access keys came from {exc.address}: its requests are refused, "
+                                 f"the right key's too, for {exc.retry_after} s more (Retry-After). Each wrong key "
+                                 "after that doubles the wait; a minute without one starts afresh")
+        response.headers["Retry-After"] = str(exc.retry_after)
         return response
 
     @app.errorhandler(StoreUnavailable)

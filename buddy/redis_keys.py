@@ -38,6 +38,8 @@ KEY_KINDS = (
     KeyKind("penalty", True, "the mapping's backoff after an upstream 429/503: until, level, last (`:<partition>`: "
             "one credential partition's)"),
     KeyKind("bug", True, "the latest error reply any worker got from Redis (a bug, not an outage), for health; 60 s"),
+    KeyKind("key_failures", True, "one client address's refused access keys: wrong keys in a row, lock-outs in a "
+            "row and the current one's end, refusals not yet logged; 2 minutes after its last event or lock-out"),
     KeyKind("session", True, "a dashboard session (its id, from a login); 12 h, deleted at sign-out"),
     KeyKind("health", True, "written by each /admin/health check (a full Redis refuses it); 10 s"),
     KeyKind("minutes", True, "one mapping's counters in one minute (hash of the counters.PER_MINUTE fields: hits, "
@@ -146,6 +148,10 @@ class RedisKeys:
     def key_source(self) -> str:
         """Where the serving proxy's key comes from, as JSON (no secret): read by `api-buddy key`."""
         return f"{self.prefix}key_source"
+
+    def key_failures(self, address: str) -> str:
+        """One client address's refused access keys (buddy.store.key_failures): its lock-out and log counts."""
+        return f"{self.prefix}key_failures:{address}"
 
     def session(self, session: str) -> str:
         """A dashboard session, open until it expires or its browser signs out."""

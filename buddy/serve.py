@@ -21,6 +21,7 @@ from buddy import __version__
 from buddy.access import exposure_warning
 from buddy.embedded import EmbeddedRedis
 from buddy.errors import ConfigError
+from buddy.hosts import BINDS_VARIABLE, describe
 from buddy.logs import configure_logging, gunicorn_logconfig
 from buddy.monitoring import redacted_url
 from buddy.settings import Settings, load_settings
@@ -121,6 +122,7 @@ class ServerHooks:
         # each lets at most threads/2 requests wait on one mapping (`--threads` included).
         os.environ["BUDDY_WORKERS"] = str(server.cfg.workers)
         os.environ["BUDDY_THREADS"] = str(server.cfg.threads)
+        os.environ[BINDS_VARIABLE] = ",".join(server.cfg.bind)  # its names are the proxy's own (buddy.hosts)
 
     def post_fork(self, server: Any, worker: Any) -> None:
         """In each worker, before it loads the app: it serves, so it reports itself as a worker from the start
@@ -176,6 +178,7 @@ class ServerHooks:
         url = settings.redis["url"]
         where = f"external {redacted_url(url)}" if url else f"embedded, data in {settings.data_dir}"
         server.log.info("redis: %s", where)
+        server.log.info("%s", describe(settings, cfg.bind))
         for domain in settings.domains.values():
             server.log.info("mapping /%s/ -> %s", domain.name, domain.upstream)
 

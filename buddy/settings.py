@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import os
 import re
@@ -93,6 +94,17 @@ def _check_upstream(value: str) -> None:
         raise ValidationError("has an invalid port") from exc
 
 
+def _check_host(value: str) -> None:
+    if value == "*" or re.fullmatch(r"[A-Za-z0-9._-]+", value):
+        return
+    bare = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    try:
+        ipaddress.IPv6Address(bare)
+    except ValueError:
+        raise ValidationError(f"{value!r} is not a host name: write a name or address without scheme or port "
+                              "(box.example.org, 10.0.0.5, ::1), or \"*\" for any") from None
+
+
 class _Section(Schema):
     class Meta:
         # Unknown keys are errors: a typo must never be silently ignored.
@@ -140,6 +152,9 @@ class ServerSchema(_Section):
     send_timeout = _positive_number(load_default=60.0)  # a client that takes nothing of its answer for this long
     send_buffer = _non_negative_int(load_default=128 * 1024 * 1024)  # bytes one worker holds for slow readers
     total_timeout = _positive_number(load_default=120.0)  # for a whole upstream call, however it trickles
+    # Host names the proxy answers through besides its own (loopback, IP addresses, server.host, the machine's
+    # names); "*" for any, behind a reverse proxy that checks Host itself (see buddy.hosts).
+    allowed_hosts = fields.List(_string(validate=_check_host), load_default=list)
 
 
 class SecuritySchema(_Section):
@@ -148,8 +163,11 @@ class SecuritySchema(_Section):
         load_default=None, allow_none=True, validate=validate.Length(min=16, error="must be at least 16 characters")
     )
     log_security_events = _boolean(load_default=True)
-    # Host names a browser may use the dashboard's buttons through when no key is required (IP addresses,
-    # localhost and server.host always may): a name not listed could be an attacker's, rebound to this proxy.
+    # Wrong keys in a row from one client address before it must wait (0: never); the waits double, up to:
+    max_key_failures = _non_negative_int(load_default=10)
+    key_lockout_max_seconds = _positive_number(load_default=60.0)
+    # The older, narrower form of server.allowed_hosts (names for the dashboard's buttons): still read, as
+    # names added to server.allowed_hosts, so that a configuration that listed them keeps working.
     admin_hosts = fields.List(_string(), load_default=list)
 
 

@@ -33,6 +33,13 @@ def raw_target(environ: dict[str, Any]) -> bytes:
     return raw.split("?", 1)[0].split("#", 1)[0].encode("latin-1")
 
 
+def has_body(environ: Mapping[str, Any]) -> bool:
+    """Does the request carry a body that the view reads, and keys on? Any Transfer-Encoding (chunked, or one the
+    server let through: read_body decides), or a Content-Length other than 0. The one answer the view and the
+    hit path both act on: the hit path answers only a request without a body, as the view would key it."""
+    return "HTTP_TRANSFER_ENCODING" in environ or environ.get("CONTENT_LENGTH") not in (None, "", "0")
+
+
 def read_body(req: Request, server: Mapping[str, Any]) -> bytes:
     """The whole request body, refused with 413 past `server.max_request_body`, also when it arrives chunked.
 
@@ -41,6 +48,8 @@ def read_body(req: Request, server: Mapping[str, Any]) -> bytes:
     deadline, body_timeout after its head was read, and a read past it fails here. Under another worker
     class each read at least gives up after body_timeout.
     """
+    if not has_body(req.environ):
+        return b""  # most GETs: nothing to read, nothing to wait for
     codings = [c.strip().lower() for c in req.environ.get("HTTP_TRANSFER_ENCODING", "").split(",") if c.strip()]
     if codings and codings != ["chunked"]:
         # gunicorn removes the chunking but leaves gzip (or deflate) on: sent on, the body would be wrong, keyed so.
@@ -48,7 +57,7 @@ def read_body(req: Request, server: Mapping[str, Any]) -> bytes:
                          "chunked or with a Content-Length, and say how its content is coded in Content-Encoding")
     chunked = codings == ["chunked"]
     if req.content_length is None and not chunked:
-        return b""  # most GETs: nothing to read, nothing to wait for
+        return b""  # no framing to read a body by
     late = f"the request body did not arrive whole (server.body_timeout: {server['body_timeout']:g} s)"
     sock = req.environ.get("gunicorn.socket")
     if sock is not None:

@@ -17,7 +17,7 @@ from tests.support.upstream_stub import UpstreamStub
 # The tests never depend on the caller's shell, and never touch the caller's own cache: the proxy's
 # variables are dropped, and the default data folder is a fresh one of this run's.
 for _name in ("REDIS_URL", "BUDDY_CONFIG", "BUDDY_DATA_DIR", "BUDDY_SECURE_KEY", "BUDDY_OFFLINE",
-              "BUDDY_WORKERS", "BUDDY_THREADS", "WEB_CONCURRENCY"):
+              "BUDDY_WORKERS", "BUDDY_THREADS", "BUDDY_BINDS", "WEB_CONCURRENCY"):
     os.environ.pop(_name, None)
 os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="buddy-tests-")
 

@@ -131,7 +131,7 @@ def test_an_oversize_body_with_nobody_waiting_is_not_copied_into_redis(proxy, re
 def test_followers_get_the_whole_body_when_the_leaders_client_hangs_up(proxy, upstream) -> None:
     size, url = 1_500_000, "/up/big/1500000?sleep=800"
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as leader:
-        leader.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n".encode())  # same key as requests
+        leader.sendall(f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: */*\r\n\r\n".encode())  # as requests keys it
         while upstream.count() == 0:
             time.sleep(0.02)
         with ThreadPoolExecutor(max_workers=4) as pool:

@@ -91,7 +91,8 @@ def test_missing_or_wrong_key_is_401_before_any_work(client, upstream, fake_redi
     assert "not-the-key" not in response.get_data(as_text=True)
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
     assert upstream.count() == 0
-    assert fake_redis.keys("*") == []  # no cache lookup stored, no lock, no throttle window touched
+    # No cache lookup stored, no lock, no throttle window touched: only the refusal is counted, by address.
+    assert [key.decode() for key in fake_redis.keys("*")] == ["buddy:key_failures:127.0.0.1"]
 
 
 def test_upstream_bearer_tokens_pass_through_and_partition_the_cache(client, upstream) -> None:

@@ -2,6 +2,8 @@
 serves from never outlive a store, a clear or a refresh, in this worker or another one on the same Redis."""
 from __future__ import annotations
 
+import copy
+import io
 import json
 import logging
 import sys
@@ -97,7 +99,7 @@ def test_with_a_key_required_a_hit_needs_it_and_a_refusal_is_logged_once(
     with caplog.at_level(logging.WARNING, logger="buddy.security"):
         refused = client.get("/up/item", headers={"X-API-Buddy-Key": "wrong" * 5})
     assert refused.status_code == 401 and refused.is_json
-    assert len([r for r in caplog.records if "refused a request" in r.getMessage()]) == 1
+    assert len([r for r in caplog.records if "refused 1 request" in r.getMessage()]) == 1
 
 
 def test_namespaces_stay_apart_on_the_hit_path(client: FlaskClient, upstream: UpstreamStub) -> None:
@@ -299,3 +301,23 @@ def test_answers_from_a_worker_s_memory_are_counted_for_the_whole_proxy(app: Fla
     assert counted["by_domain"]["up"]["memory_hits"] == counted["memory_hits"] == len(answered)
     exposed = client.get("/metrics").get_data(as_text=True)
     assert f"buddy_memory_hits_total{{domain=\"up\"}} {len(answered)}.0" in exposed
+
+
+@pytest.mark.parametrize("framing", [
+    {"data": b"hello"},
+    {"input_stream": io.BytesIO(b"hello"), "headers": {"Transfer-Encoding": "chunked"},
+     "environ_overrides": {"wsgi.input_terminated": True}},  # as gunicorn and werkzeug's server frame it
+    {"data": b"hello", "headers": {"Content-Length": "05"}},
+])
+def test_a_request_with_a_body_is_the_view_s_to_answer(app: Flask, client: FlaskClient, upstream: UpstreamStub,
+                                                       framing: dict[str, Any]) -> None:
+    """The hit path and the view take one decision about a body (views.has_body): with one, the view reads it and
+    keys on it, never the body-less entry."""
+    client.get("/up/a")
+    assert client.get("/up/a").headers["X-Cache"] == "HIT"
+    counted = Counted(app)
+    for method in ("GET", "HEAD"):
+        answer = client.open("/up/a", method=method, **copy.deepcopy(framing))
+        assert counted.calls == 1 and answer.headers["X-Upstream-Count"] != "1", method  # not the body-less one
+        counted.calls = 0
+    assert [s.body for s in upstream.log] == [b"", b"hello"]
