@@ -165,6 +165,8 @@ def create_app(
         settings.security["require_secure_key"], secure_key.get, settings.security["log_security_events"]
     )
     monitoring = MonitoringManager(redis_client, guard, keys, settings, cache, url, __version__, service.offline)
+    if embedded is not None:
+        monitoring.embedded_problem = embedded.problem  # health says why it cannot run, in every worker
     buddy = Buddy(settings, redis_client, service, access, secure_key, monitoring, embedded,
                   key_origin=key_origin(settings, os.environ if environ is None else environ, config))
     app.extensions["buddy"] = buddy

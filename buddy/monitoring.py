@@ -5,7 +5,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import redis
 from redis.exceptions import RedisClusterException
@@ -63,6 +63,10 @@ def redacted_url(url: str) -> str:
 
 class MonitoringManager:
     """get_cache_stats / get_upstream_stats / get_database_stats / get_proxy_health / get_throttling_stats."""
+
+    # Why the embedded Redis cannot run, for health (its data folder deleted and not made again, say); create_app
+    # sets it to EmbeddedRedis.problem when the proxy uses one.
+    embedded_problem: Callable[[], str | None] = staticmethod(lambda: None)
 
     def __init__(
         self, client: redis.Redis, guard: StoreGuard, keys: RedisKeys, settings: Settings, cache: ResponseCache,
@@ -391,6 +395,9 @@ class MonitoringManager:
         else:
             info = self._memory_info()
             reasons += self._recent_refusals(info)
+        problem = self.embedded_problem()
+        if problem:
+            reasons.append(problem)
         report: dict[str, Any] = {
             "status": "degraded" if reasons else "ok",
             "redis": state,

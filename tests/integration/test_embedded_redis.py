@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def get(url: str) -> requests.Response:
 
 def embedded_processes(root: Path) -> list[psutil.Process]:
     """Every redis-server working in a folder under `root` (it changes into its --dir), and every keeper
-    (`python .../buddy/embedded.py <data folder> ...`) watching one."""
+    (`python .../buddy/keeper.py <data folder> ...`) watching one."""
     root_text = str(root.resolve())
     found = []
     for process in psutil.process_iter(["name", "cmdline", "cwd"]):
@@ -45,7 +46,7 @@ def embedded_processes(root: Path) -> list[psutil.Process]:
         cmdline = " ".join(info["cmdline"] or ())
         if "redis-server" in (info["name"] or "") and (info["cwd"] or "").startswith(root_text):
             found.append(process)
-        elif "embedded.py" in cmdline and root_text in cmdline:
+        elif "buddy/keeper.py" in cmdline and root_text in cmdline:
             found.append(process)
     return [p for p in found if running(p)]
 
@@ -276,3 +277,52 @@ def test_the_embedded_api_restarts_its_redis_too(nothing_left, upstream, tmp_pat
     seen = json.loads(after_kill)
     assert seen[-1] == "HIT" and set(seen[:-1]) <= {"BYPASS"}, (seen, result.stderr)
     assert upstream.paths().count("/kept") == 1 + seen.count("BYPASS")
+
+
+def test_a_deleted_data_folder_is_made_again_and_the_cache_comes_back(start, upstream, tmp_path) -> None:
+    """Its server still runs on the deleted files, reachable only through connections open already: its keeper
+    stops it, and the master makes the folder again and starts an empty server there."""
+    data_dir = tmp_path / "data"
+    proxy = start(upstream, data_dir)
+    master = psutil.Process(proxy.process.pid)
+    hit_once(proxy, "/up/old")
+    [server] = redis_servers(data_dir)
+    shutil.rmtree(data_dir)
+    deleted_at = time.monotonic()
+    # Until it stops, workers may still hit through the connections they hold: the answers that count come after.
+    assert wait_until(lambda: not running(server), timeout=30), "the server of the deleted folder still runs"
+    seen = answers_until_hits(proxy, "/up/new", streak=8, timeout=30)  # 8 in a row: every worker is back
+    assert seen[-8:] == ["HIT"] * 8, seen[-10:]
+    print(f"every worker hits again {time.monotonic() - deleted_at:.1f} s after the deletion: {seen}")
+    [again] = redis_servers(data_dir)
+    assert master.pid in ancestors(again)
+    assert get(f"{proxy.url}/admin/health").json()["status"] == "ok"
+    assert "was deleted; made it again" in proxy.log()
+
+
+def test_a_data_folder_that_cannot_be_made_again_is_reported_until_it_can_be(start, upstream, tmp_path) -> None:
+    parent = tmp_path / "parent"
+    data_dir = parent / "data"
+    proxy = start(upstream, data_dir)
+    hit_once(proxy, "/up/old")
+    why = f"data folder {data_dir} was deleted and cannot be made again ({parent} is gone)"
+
+    def reported(times: int) -> Callable[[], bool]:
+        def check() -> bool:  # by every worker's health, and by the master's log
+            health = [get(f"{proxy.url}/admin/health") for _ in range(4)]
+            said = all(r.status_code == 503 and why in r.json()["reason"] for r in health)
+            return said and proxy.log().count(why) >= times
+        return check
+
+    shutil.rmtree(parent)
+    assert wait_until(reported(times=1), timeout=30), proxy.log()
+    assert [get(f"{proxy.url}/up/new").headers["X-Cache"] for _ in range(4)] == ["BYPASS"] * 4
+    parent.mkdir()  # back by itself at the supervisor's next try
+    seen = answers_until_hits(proxy, "/up/new", streak=8, timeout=60)
+    assert seen[-8:] == ["HIT"] * 8, seen[-10:]
+    assert get(f"{proxy.url}/admin/health").json()["status"] == "ok"
+
+    shutil.rmtree(parent)  # and stopped while it cannot be made: nothing left running, no word of one left running
+    assert wait_until(reported(times=2), timeout=30), proxy.log()
+    proxy.stop()
+    assert proxy.process.returncode == 0 and "left running" not in proxy.log(), proxy.log()
