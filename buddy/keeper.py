@@ -22,6 +22,7 @@ USERS = "redis.users"  # who uses the server: a shared lock each; exclusive only
 START_STOP = "redis.lock"  # starting a server, and a keeper stopping an idle one: one at a time
 SUPERVISORS = "redis.supervisor"  # who will restart the server: a shared lock each
 CHECK_EVERY = 0.5  # seconds between a keeper's looks at its server, its folder and the users
+SOCKET_PATIENCE = 15.0  # seconds a server has to make its socket: as long as its starter waits for it to answer
 
 
 def held_by_others(path: Path) -> bool:
@@ -114,7 +115,11 @@ class Address:
         self.folder, self.socket_path = folder, socket_path
         self._folder = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # to tell a deleted folder from a moved one
         self._folder_id = identity(folder)
-        self._socket_id: tuple[int, int] | None = None  # the server makes its socket once it runs
+        self._socket_id: tuple[int, int] | None = None  # the server makes it at once (its starter removed the old)
+        self._socket_due = time.monotonic() + SOCKET_PATIENCE
+
+    def knows_socket(self) -> bool:
+        return self._socket_id is not None
 
     def lost(self) -> str | None:
         """Why no new client can reach the server, or None while they can."""
@@ -123,6 +128,8 @@ class Address:
         found = identity(self.socket_path)
         if self._socket_id is None:
             self._socket_id = found
+            if found is None and time.monotonic() > self._socket_due:  # never seen: made and deleted at once?
+                return f"its socket {self.socket_path} is not there"
         elif found != self._socket_id:
             return f"its socket {self.socket_path} is gone"
         return None
@@ -144,8 +151,8 @@ def keep(folder: Path, socket_path: Path, grace: float, server_command: list[str
     server = subprocess.Popen(server_command, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent())
     idle_since: float | None = None
     while True:
-        try:
-            return server.wait(CHECK_EVERY)  # it died, or was stopped by its last user: nothing left to keep
+        try:  # quick looks until the server's socket is known, so that one deleted at once counts too
+            return server.wait(CHECK_EVERY if address.knows_socket() else 0.02)  # it died, or was stopped
         except subprocess.TimeoutExpired:
             pass
         if stop_requested:
