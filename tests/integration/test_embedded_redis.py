@@ -22,7 +22,7 @@ import redis
 import requests
 
 from buddy.embedded import EmbeddedRedis
-from buddy.keeper import USERS, held_by_others
+from buddy.keeper import SUPERVISORS, USERS, held_by_others
 from tests.support.ports import free_port
 from tests.support.processes import ROOT, Gunicorn
 from tests.support.upstream_stub import UpstreamStub
@@ -334,6 +334,8 @@ def test_a_deleted_data_folder_is_made_again_and_the_cache_comes_back(start, ups
     print(f"every worker hits again {time.monotonic() - deleted_at:.1f} s after the deletion: {seen}")
     [again] = redis_servers(data_dir)
     assert master.pid in ancestors(again)
+    # The master holds its locks in the new folder: its keeper sees a user, a command sees a supervisor.
+    assert held_by_others(data_dir / USERS) and held_by_others(data_dir / SUPERVISORS)
     assert get(f"{proxy.url}/admin/health").json()["status"] == "ok"
     assert "was deleted; made it again" in proxy.log()
 
