@@ -3,9 +3,10 @@
 Who may do what (each rule lives in one place, named in brackets):
 
 user        Every process using the server: gunicorn's master and workers, a CachingProxy host, `flask buddy`
-            and `api-buddy` commands. Joins the server that runs. When nothing answers, starts one, unless
-            another process supervises the folder (then it waits a few seconds for that one) or it is a command
-            (then it says that no proxy runs, and creates nothing).             [EmbeddedRedis.ensure, _starts_it]
+            and `api-buddy` commands. Joins the server that runs. When nothing answers, starts one (making the
+            folder if need be), unless another process supervises the folder (then it waits a few seconds for
+            that one; a worker, whose parent supervises it, makes nothing either) or it is a command (then it
+            says that no proxy runs, and creates nothing).                      [EmbeddedRedis.ensure, _starts_it]
 last user   Whichever user leaves last, whoever started the server: saves and stops it, through its keeper if
             this process started it, else over its socket (a server adopted from a process that died). A
             supervisor waits up to 1 s to be the last (its workers leave just before it); anyone else leaves
@@ -54,6 +55,7 @@ IDLE_GRACE = 10.0  # seconds without any user before a keeper stops its server
 WAIT_FOR_SUPERVISOR = 5.0  # how long a plain user waits for a supervisor to bring the server back
 COMPLAIN_EVERY = 60.0  # seconds between a supervisor's log lines about a server it cannot bring back
 READY, BUSY, DOWN = "ready", "busy", "down"
+_SUPERVISING: dict[Path, int] = {}  # data folder -> the process supervising it from here (a fork inherits this)
 
 
 def redis_server_binary() -> str:
@@ -120,17 +122,21 @@ class EmbeddedRedis:
         """Become one of the server's users (until `stop()` or death), starting it if this process may (see
         `_starts_it`); True if this call started it. When the supervisor is to start it, this waits a little
         for it and otherwise goes on without it: clients reconnect once it is back."""
-        join_only = _JOIN_ONLY.get()
+        join_only, supervised = _JOIN_ONLY.get(), self._supervised_by_parent()
         if join_only and not self.in_use():
             raise NotRunning(self.data_dir)  # before joining: a command creates nothing
-        if not join_only:  # only its owner may read the cache (and a generated key) or take the folder's locks
+        if not (join_only or supervised):  # only its owner may read the cache (and a generated key) or lock it
             self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             self._join()
-        except FileNotFoundError:
-            if join_only:  # the folder went since in_use() looked
+        except FileNotFoundError:  # the folder was deleted (since in_use() looked, for a command)
+            if join_only:
                 raise NotRunning(self.data_dir) from None
-            raise
+            if not supervised:
+                raise
+            log.warning("the data folder %s is gone; its supervisor makes it again: going on without Redis for now",
+                        self.data_dir)
+            return False
         with exclusive(self.data_dir / START_STOP):
             state = send(self.socket_path, b"PING")
             if state == DOWN and self._starts_it():
@@ -146,6 +152,7 @@ class EmbeddedRedis:
         started it."""
         if self._supervisor is None:
             self._supervisor = Supervisor(self, timeout, every)
+        _SUPERVISING[self.data_dir] = os.getpid()  # for its forked children: see _supervised_by_parent()
         started = self.ensure(timeout)
         self._supervisor.start()
         return started
@@ -158,6 +165,7 @@ class EmbeddedRedis:
         supervisor, self._supervisor = self._supervisor, None
         if supervisor is not None:
             supervisor.stop(timeout)
+            _SUPERVISING.pop(self.data_dir, None)
         self.supervisors.release()
         process, self.process = self.process, None
         try:
@@ -202,16 +210,22 @@ class EmbeddedRedis:
 
     def _starts_it(self) -> bool:
         """Nothing answers (asked under the start lock): does this process start the server? A supervisor does. A
-        plain user does only while no other process supervises the folder; else it leaves that to the supervisor.
-        A command never does: no proxy uses the folder any more (it stopped since in_use() looked)."""
+        plain user does only while no other process supervises the folder (holds its lock, or is its parent);
+        else it leaves that to the supervisor. A command never does: no proxy uses the folder any more (it stopped
+        since in_use() looked)."""
         if self._supervisor is not None:
             return True
-        if held_by_others(self.data_dir / SUPERVISORS):
+        if self._supervised_by_parent() or held_by_others(self.data_dir / SUPERVISORS):
             return False
         if _JOIN_ONLY.get():
             self.users.release()
             raise NotRunning(self.data_dir)
         return True
+
+    def _supervised_by_parent(self) -> bool:
+        """Is this process a child (a gunicorn worker) of the one supervising the folder? Then it leaves starting
+        the server, and making the folder, to its parent, even while a deleted folder's lock files are missing."""
+        return _SUPERVISING.get(self.data_dir) == os.getppid()
 
     def _join(self) -> None:
         """Hold the locks of this process's roles (a user's, a supervisor's) on the files in the folder now."""

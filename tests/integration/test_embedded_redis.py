@@ -133,6 +133,17 @@ def ancestors(process: psutil.Process) -> set[int]:
     return {p.pid for p in process.parents()}
 
 
+def all_joined(master: psutil.Process, data_dir: Path, workers: int = 2) -> bool:
+    """Every worker has booted and joined the folder's users (a `redis.users` of its own beside the inherited one)."""
+    joined = []
+    for worker in workers_of(master):
+        try:
+            joined.append([f.path for f in worker.open_files()].count(str(data_dir / USERS)) > 1)
+        except psutil.Error:
+            return False
+    return len(joined) == workers and all(joined)
+
+
 def waits_to_start(process: psutil.Process, data_dir: Path, inherited: int) -> bool:
     """The process has joined the folder's users (a `redis.users` of its own beside the `inherited` ones) and
     opened the start lock: it is in EmbeddedRedis.ensure(), which takes that lock before it may start a server."""
@@ -324,6 +335,7 @@ def test_a_deleted_data_folder_is_made_again_and_the_cache_comes_back(start, ups
     proxy = start(upstream, data_dir)
     master = psutil.Process(proxy.process.pid)
     hit_once(proxy, "/up/old")
+    assert wait_until(lambda: all_joined(master, data_dir), timeout=30), "the workers never joined"
     [server] = redis_servers(data_dir)
     shutil.rmtree(data_dir)
     deleted_at = time.monotonic()
@@ -344,7 +356,9 @@ def test_a_data_folder_that_cannot_be_made_again_is_reported_until_it_can_be(sta
     parent = tmp_path / "parent"
     data_dir = parent / "data"
     proxy = start(upstream, data_dir)
+    master = psutil.Process(proxy.process.pid)
     hit_once(proxy, "/up/old")
+    assert wait_until(lambda: all_joined(master, data_dir), timeout=30), "the workers never joined"
     why = f"data folder {data_dir} was deleted and cannot be made again ({parent} is gone)"
 
     def reported(times: int) -> Callable[[], bool]:
@@ -356,7 +370,12 @@ def test_a_data_folder_that_cannot_be_made_again_is_reported_until_it_can_be(sta
 
     shutil.rmtree(parent)
     assert wait_until(reported(times=1), timeout=30), proxy.log()
+    before = workers_of(master)
+    before[0].kill()  # its replacement boots meanwhile: it makes no folder and starts no server, it serves
+    assert wait_until(lambda: len([p for p in workers_of(master) if p not in before]) == 1, timeout=30)
+    assert wait_until(lambda: "going on without Redis for now" in proxy.log(), timeout=30), proxy.log()
     assert [get(f"{proxy.url}/up/new").headers["X-Cache"] for _ in range(4)] == ["BYPASS"] * 4
+    assert not parent.exists() and not redis_servers(tmp_path)
     parent.mkdir()  # back by itself at the supervisor's next try
     seen = answers_until_hits(proxy, "/up/new", streak=8, timeout=60)
     assert seen[-8:] == ["HIT"] * 8, seen[-10:]
