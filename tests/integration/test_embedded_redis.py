@@ -370,18 +370,19 @@ def test_a_data_folder_that_cannot_be_made_again_is_reported_until_it_can_be(sta
 
     shutil.rmtree(parent)
     assert wait_until(reported(times=1), timeout=30), proxy.log()
+    assert [get(f"{proxy.url}/up/new").headers["X-Cache"] for _ in range(4)] == ["BYPASS"] * 4
+    parent.mkdir()  # back by itself at the supervisor's next try
+    seen = answers_until_hits(proxy, "/up/new", streak=8, timeout=60)
+    assert seen[-8:] == ["HIT"] * 8, seen[-10:]
+    assert get(f"{proxy.url}/admin/health").json()["status"] == "ok"
+
+    shutil.rmtree(parent)  # again, and for good
+    assert wait_until(reported(times=2), timeout=30), proxy.log()
     before = workers_of(master)
     before[0].kill()  # its replacement boots meanwhile: it makes no folder and starts no server, it serves
     assert wait_until(lambda: len([p for p in workers_of(master) if p not in before]) == 1, timeout=30)
     assert wait_until(lambda: "going on without Redis for now" in proxy.log(), timeout=30), proxy.log()
     assert [get(f"{proxy.url}/up/new").headers["X-Cache"] for _ in range(4)] == ["BYPASS"] * 4
     assert not parent.exists() and not redis_servers(tmp_path)
-    parent.mkdir()  # back by itself at the supervisor's next try
-    seen = answers_until_hits(proxy, "/up/new", streak=8, timeout=60)
-    assert seen[-8:] == ["HIT"] * 8, seen[-10:]
-    assert get(f"{proxy.url}/admin/health").json()["status"] == "ok"
-
-    shutil.rmtree(parent)  # and stopped while it cannot be made: nothing left running, no word of one left running
-    assert wait_until(reported(times=2), timeout=30), proxy.log()
-    proxy.stop()
+    proxy.stop()  # nothing left running (see nothing_left), and no word of a server left running
     assert proxy.process.returncode == 0 and "left running" not in proxy.log(), proxy.log()
