@@ -173,6 +173,8 @@ def create_app(
                            guard=guard, keys=keys, log_events=security["log_security_events"])
     access = AccessControl(security["require_secure_key"], secure_key.get, security["log_security_events"], failures)
     monitoring = MonitoringManager(redis_client, guard, keys, settings, cache, url, __version__, service.offline)
+    if embedded is not None:
+        monitoring.redis.embedded_problem = embedded.problem  # health says why it cannot run, in every worker
     hosts = HostCheck(settings, log_events=settings.security["log_security_events"])
     buddy = Buddy(settings, redis_client, service, access, secure_key, monitoring, hosts, embedded,
                   key_origin=key_origin(settings, os.environ if environ is None else environ, config))

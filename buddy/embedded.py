@@ -1,27 +1,41 @@
 """The embedded redis-server: one per data folder, on a unix socket, with persistence, when no Redis is configured.
 
-Three kinds of process take part, all coordinated by flocks on files in the data folder (the kernel drops a
-flock when its holder dies, so none of them can go stale):
+Who may do what (each rule lives in one place, named in brackets):
 
-- users (`ensure()`: gunicorn's master and workers, a CachingProxy host, `flask buddy` commands) hold a shared
-  lock on `redis.users` while they use the server; the last to leave saves and stops it;
-- supervisors (`supervise()`: gunicorn's master, a CachingProxy host) also hold a shared lock on
-  `redis.supervisor`, and a thread of theirs restarts the server from its files when it dies; a plain user
-  never starts a server while a supervisor exists, it waits for the supervisor to do it;
-- each redis-server runs under a keeper, this file run as a stdlib-only script: it passes SIGTERM on, exits
-  when its server does, and stops the server once no process has held `redis.users` for `IDLE_GRACE` seconds,
-  so that a server orphaned by a SIGKILLed master does not run forever. On Linux the server also gets SIGTERM
-  if its keeper dies. Starting and stopping happen under an exclusive lock on `redis.lock`.
+user        Every process using the server: gunicorn's master and workers, a CachingProxy host, `flask buddy`
+            and `api-buddy` commands. Joins the server that runs. When nothing answers, starts one (making the
+            folder if need be), unless another process supervises the folder (then it waits a few seconds for
+            that one; a worker, whose parent supervises it, makes nothing either) or it is a command (then it
+            says that no proxy runs, and creates nothing).                      [EmbeddedRedis.ensure, _starts_it]
+last user   Whichever user leaves last, whoever started the server: saves and stops it, through its keeper if
+            this process started it, else over its socket (a server adopted from a process that died). A
+            supervisor waits up to 1 s to be the last (its workers leave just before it); anyone else leaves
+            at once.                                                                          [EmbeddedRedis.stop]
+supervisor  gunicorn's master, a CachingProxy host (users too). From a thread, while nothing answers on the
+            socket: restarts the server from its files; makes a deleted data folder again (the folder alone,
+            not its parents) and starts an empty server there; when it cannot, says why in its log at once,
+            then once a minute, and tries again.                                                    [Supervisor]
+keeper      A small process per server, its parent. Passes SIGTERM on; stops its server once nobody has used
+            the folder for `idle_grace` s (an orphan of a killed master), or at once when no new client can
+            reach it (its folder or socket deleted); exits with it.                          [buddy.keeper.keep]
+
+The folder's lock files (flocks, which the kernel drops when their holder dies) are named for what they protect
+(buddy/keeper.py): USERS (`redis.users`: a shared lock per user; the last user, and a keeper asking whether
+anyone is left, try an exclusive one), START_STOP (`redis.lock`: a server is started, or an idle one stopped
+by its keeper, under it) and SUPERVISORS (`redis.supervisor`: a shared lock per supervisor). A lock protects
+the folder it was taken in: once that folder is deleted, a supervisor takes its locks again in the folder it
+makes anew, and a user whose folder was deleted stops nothing when it leaves (its server's keeper stopped that
+one; a server at the path now is others').
+
+`problem()` says, in any process, why no server can run on the folder: health shows it in every worker.
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,13 +44,18 @@ import threading
 import time
 from contextvars import ContextVar
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import Iterator
+
+from buddy import keeper
+from buddy.keeper import START_STOP, SUPERVISORS, USERS, SharedLock, exclusive, held_by_others
 
 log = logging.getLogger("buddy.embedded")
 _MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes on Linux
 IDLE_GRACE = 10.0  # seconds without any user before a keeper stops its server
 WAIT_FOR_SUPERVISOR = 5.0  # how long a plain user waits for a supervisor to bring the server back
+COMPLAIN_EVERY = 60.0  # seconds between a supervisor's log lines about a server it cannot bring back
 READY, BUSY, DOWN = "ready", "busy", "down"
+_SUPERVISING: dict[Path, int] = {}  # data folder -> the process supervising it from here (a fork inherits this)
 
 
 def redis_server_binary() -> str:
@@ -71,57 +90,18 @@ def send(socket_path: Path, command: bytes, timeout: float = 2.0) -> str:
     return READY if reply.startswith(b"+") else BUSY
 
 
-def _last_to_leave(users: IO[str], patience: float = 1.0) -> bool:
-    """Is this process the folder's last user? An exclusive lock on `redis.users` is granted only then; asked a
-    few times over `patience` seconds, because a keeper checks for users by taking that lock for an instant
-    (and a worker that is exiting still holds its shared one for a moment)."""
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.02)
-
-
-def held_by_others(path: Path) -> bool:
-    """True while some process holds a lock on `path` (even a shared one)."""
-    try:
-        with open(path, "a") as file:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except FileNotFoundError:  # the folder is gone
-        return False
-    return False
-
-
-@contextlib.contextmanager
-def exclusive(path: Path, wait: bool = True) -> Iterator[bool]:
-    """Hold an exclusive flock on `path`; with wait=False, yield False at once if someone else holds it."""
-    with open(path, "a") as file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-
-
 class EmbeddedRedis:
-    """One redis-server per data folder, shared by every process that asks for it; stopped by the last to leave."""
+    """This process's part in one data folder's server: a user (`ensure`), a supervisor (`supervise`), leaving
+    (`stop`). `idle_grace` is how long the keeper of a server this process starts lets it run without users."""
 
-    def __init__(self, data_dir: Path, maxmemory: str = "1gb") -> None:
+    def __init__(self, data_dir: Path, maxmemory: str = "1gb", idle_grace: float = IDLE_GRACE) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.maxmemory = maxmemory
+        self.idle_grace = idle_grace
+        self.users = SharedLock(self.data_dir / USERS)
+        self.supervisors = SharedLock(self.data_dir / SUPERVISORS)
         self.process: subprocess.Popen[bytes] | None = None  # the keeper of the server this process started
-        self._users: IO[str] | None = None
-        self._supervising: IO[str] | None = None
-        self._owner_pid = 0
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
+        self._supervisor: Supervisor | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -139,21 +119,27 @@ class EmbeddedRedis:
         return send(self.socket_path, b"PING") == READY
 
     def ensure(self, timeout: float = 15.0) -> bool:
-        """Use the server already running on this folder's socket, or start one; True if this call started it.
-
-        The caller becomes one of the server's users until `stop()` or its death. While a supervisor exists
-        (another process, or this one's parent), this never starts a server: it waits a little for the
-        supervisor to bring it back and otherwise returns False (clients reconnect when it is back).
-        """
-        if _JOIN_ONLY.get() and not self.in_use():
-            raise NotRunning(self.data_dir)  # before _join(): nothing is created
-        self._join()
-        with exclusive(self.data_dir / "redis.lock"):
+        """Become one of the server's users (until `stop()` or death), starting it if this process may (see
+        `_starts_it`); True if this call started it. When the supervisor is to start it, this waits a little
+        for it and otherwise goes on without it: clients reconnect once it is back."""
+        join_only, supervised = _JOIN_ONLY.get(), self._supervised_by_parent()
+        if join_only and not self.in_use():
+            raise NotRunning(self.data_dir)  # before joining: a command creates nothing
+        if not (join_only or supervised):  # only its owner may read the cache (and a generated key) or lock it
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self._join()
+        except FileNotFoundError:  # the folder was deleted (since in_use() looked, for a command)
+            if join_only:
+                raise NotRunning(self.data_dir) from None
+            if not supervised:
+                raise
+            log.warning("the data folder %s is gone; its supervisor makes it again: going on without Redis for now",
+                        self.data_dir)
+            return False
+        with exclusive(self.data_dir / START_STOP):
             state = send(self.socket_path, b"PING")
-            if state == DOWN and (self._thread is not None or not held_by_others(self._supervisor_path)):
-                if _JOIN_ONLY.get():  # its proxy stopped since in_use() looked
-                    self._leave()
-                    raise NotRunning(self.data_dir)
+            if state == DOWN and self._starts_it():
                 self._start(timeout)
                 return True
         if state != READY and self._wait_ready(min(timeout, WAIT_FOR_SUPERVISOR)) != READY:
@@ -161,46 +147,38 @@ class EmbeddedRedis:
         return False
 
     def supervise(self, timeout: float = 15.0, every: float = 0.5) -> bool:
-        """Become a supervisor: start the server if it is down, and restart it from its data folder whenever
-        it dies, from a daemon thread of this process, until `stop()`. True if this call started it."""
-        self._join()
-        if self._supervising is None:
-            self._supervising = open(self._supervisor_path, "a")
-            fcntl.flock(self._supervising, fcntl.LOCK_SH)
-        if self._thread is None:
-            self._stopping.clear()
-            self._thread = threading.Thread(target=self._supervise, args=(timeout, every),
-                                            name="buddy-embedded-redis", daemon=True)
+        """Become a supervisor (see `Supervisor`): start the server if it is down, and bring it back whenever it
+        dies or its folder is deleted, from a daemon thread of this process, until `stop()`. True if this call
+        started it."""
+        if self._supervisor is None:
+            self._supervisor = Supervisor(self, timeout, every)
+        _SUPERVISING[self.data_dir] = os.getpid()  # for its forked children: see _supervised_by_parent()
         started = self.ensure(timeout)
-        if not self._thread.is_alive():
-            self._thread.start()
+        self._supervisor.start()
         return started
 
     def stop(self, timeout: float = 15.0) -> bool:
-        """Leave the server; the last user (whoever started it, or adopted it from a process that died) saves
-        and stops it, the others leave it running for those still using it. True if this call stopped it."""
-        if self._owner_pid != os.getpid():
-            return False  # a forked child: the locks, thread and server belong to the process that took them
-        self._stopping.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
-            thread.join(timeout + 5)
-        supervising, self._supervising = self._supervising, None
-        if supervising is not None:
-            supervising.close()
-        users, self._users = self._users, None
+        """Leave the server; the last user to leave saves and stops it, whoever started it (or adopted it from a
+        process that died). True if this call stopped it."""
+        if not self.users.held():
+            return False  # never joined, left already, or a forked child: the roles are its parent's
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            supervisor.stop(timeout)
+            _SUPERVISING.pop(self.data_dir, None)
+        self.supervisors.release()
         process, self.process = self.process, None
-        if users is None:
-            return False
         try:
+            if not self.users.current():
+                return False  # the folder was deleted since this process joined: the server at the path is not its
             # A supervisor (gunicorn's master) is meant to be the last to leave, after its workers: it waits a moment
             # for their locks to go. Anyone else leaves at once when others still hold theirs.
-            if not _last_to_leave(users, patience=1.0 if supervising is not None else 0.0):
+            if not self.users.last_to_leave(patience=1.0 if supervisor is not None else 0.0):
                 return False
             self._shutdown(process, timeout)
             return True
         finally:
-            users.close()
+            self.users.release()
 
     def in_use(self) -> bool:
         """True while a proxy uses this folder: its server answers (or is busy loading), or a supervisor holds
@@ -209,46 +187,56 @@ class EmbeddedRedis:
             return False
         if self.socket_path.is_socket() and send(self.socket_path, b"PING") != DOWN:
             return True
-        return self._supervisor_path.exists() and held_by_others(self._supervisor_path)
+        supervisors = self.data_dir / SUPERVISORS
+        return supervisors.exists() and held_by_others(supervisors)
 
-    def _leave(self) -> None:
-        users, self._users = self._users, None
-        if users is not None:
-            users.close()
+    def problem(self) -> str | None:
+        """Why no server can run on this folder now, or None: it is gone and cannot be made again (its parent is
+        gone or not writable), or something that is not a folder is in its place. Anyone can tell, with no
+        lock and nothing created: health shows it in every worker, the supervisor logs it."""
+        folder, parent = self.data_dir, self.data_dir.parent
+        if folder.is_dir():
+            return None
+        if folder.exists():
+            why = "something that is not a folder is in its place"
+        elif not parent.is_dir():
+            why = f"{parent} is gone"
+        elif not os.access(parent, os.W_OK | os.X_OK):
+            why = f"{parent} is not writable"
+        else:
+            return None  # deleted: the supervisor makes it again
+        return (f"the embedded Redis's data folder {folder} was deleted and cannot be made again ({why}): "
+                "requests are served without the cache until it can be")
 
-    @property
-    def _supervisor_path(self) -> Path:
-        return self.data_dir / "redis.supervisor"
+    def _starts_it(self) -> bool:
+        """Nothing answers (asked under the start lock): does this process start the server? A supervisor does. A
+        plain user does only while no other process supervises the folder (holds its lock, or is its parent);
+        else it leaves that to the supervisor. A command never does: no proxy uses the folder any more (it stopped
+        since in_use() looked)."""
+        if self._supervisor is not None:
+            return True
+        if self._supervised_by_parent() or held_by_others(self.data_dir / SUPERVISORS):
+            return False
+        if _JOIN_ONLY.get():
+            self.users.release()
+            raise NotRunning(self.data_dir)
+        return True
+
+    def _supervised_by_parent(self) -> bool:
+        """Is this process a child (a gunicorn worker) of the one supervising the folder? Then it leaves starting
+        the server, and making the folder, to its parent, even while a deleted folder's lock files are missing."""
+        return _SUPERVISING.get(self.data_dir) == os.getppid()
 
     def _join(self) -> None:
-        # Only its owner may read the cache (and a generated key) or take the folder's locks.
-        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if self._users is None or self._owner_pid != os.getpid():
-            self._users = open(self.data_dir / "redis.users", "a")
-            fcntl.flock(self._users, fcntl.LOCK_SH)
-            self._owner_pid = os.getpid()
+        """Hold the locks of this process's roles (a user's, a supervisor's) on the files in the folder now."""
+        self.users.take()
+        if self._supervisor is not None:
+            self.supervisors.take()
 
-    def _supervise(self, timeout: float, every: float) -> None:
-        failures = 0
-        while not self._stopping.wait(min(every * 2**failures, 30.0)):
-            if self.process is not None and self.process.poll() is None:
-                continue  # our keeper runs, so its server does: it exits as soon as the server does
-            if send(self.socket_path, b"PING") != DOWN:
-                continue  # alive, or busy (loading, hung): a hung server is not restarted, clients fail fast
-            try:
-                with exclusive(self.data_dir / "redis.lock"):
-                    if self._stopping.is_set() or send(self.socket_path, b"PING") != DOWN:
-                        continue
-                    log.error("embedded Redis on %s died; restarting it from %s", self.socket_path, self.data_dir)
-                    self._start(timeout)
-                failures = 0
-                log.warning("embedded Redis restarted")
-            except Exception as exc:  # keep supervising: the next try may work (disk full, binary replaced, ...)
-                failures = min(failures + 1, 6)
-                log.error("could not restart the embedded Redis (trying again): %s", exc)
+    # -- starting and stopping a server (the caller holds the start lock, or is the last user) ------------------
 
     def _start(self, timeout: float) -> None:
-        """Start a keeper and its server (the caller holds redis.lock); returns once the server answers."""
+        """Start a keeper and its server; returns once the server answers."""
         socket_path = self.socket_path
         socket_path.unlink(missing_ok=True)
         server = [
@@ -266,11 +254,12 @@ class EmbeddedRedis:
             "--logfile", str(self.data_dir / "redis.log"),
             "--daemonize", "no",
         ]
-        keeper = [sys.executable, "-I", "-S", os.path.abspath(__file__), str(self.data_dir), str(IDLE_GRACE), *server]
+        command = [sys.executable, "-I", "-S", os.path.abspath(keeper.__file__), str(self.data_dir),
+                   str(socket_path), str(self.idle_grace), *server]
         # Its own session: a Ctrl-C meant for gunicorn must not kill Redis before the master saves and stops it.
         # No inherited stdout/stderr: a server must not keep the pipe of whoever started gunicorn open.
         with open(self.data_dir / "redis.log", "ab") as log_file:
-            self.process = subprocess.Popen(keeper, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                             stderr=log_file, start_new_session=True)
         state = self._wait_ready(timeout, self.process)
         if state == DOWN or self.process.poll() is not None:
@@ -306,6 +295,67 @@ class EmbeddedRedis:
         log.info("embedded Redis stopped")
 
 
+class Supervisor:
+    """A supervisor's thread. Every `every` seconds, unless the server this process started still runs (its keeper
+    exits with it) or something answers on the socket (a hung server is not restarted: clients fail fast), it
+    brings the server back: it makes the folder again if it was deleted (the folder alone: a parent that went too
+    means more than a deleted cache, a removed home or an unmounted disk), takes its locks there, and under the
+    start lock starts a server unless someone did meanwhile. What fails is said at once, then once a minute while
+    it lasts, and tried again after a pause that doubles up to 30 s."""
+
+    def __init__(self, redis: EmbeddedRedis, timeout: float, every: float) -> None:
+        self.redis, self.timeout, self.every = redis, timeout, every
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="buddy-embedded-redis", daemon=True)
+        self._said, self._said_at = "", 0.0
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        self._stopping.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout + 5)
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stopping.wait(min(self.every * 2**failures, 30.0)):
+            process = self.redis.process
+            if (process is not None and process.poll() is None) or send(self.redis.socket_path, b"PING") != DOWN:
+                continue
+            try:
+                self._bring_back()
+            except Exception as exc:  # keep supervising: the next try may work (folder made, disk freed, ...)
+                failures = min(failures + 1, 6)
+                self._complain(self.redis.problem() or f"could not restart the embedded Redis: {exc}")
+            else:
+                failures, self._said = 0, ""
+
+    def _bring_back(self) -> None:
+        redis = self.redis
+        made = not redis.data_dir.is_dir()
+        if made:
+            redis.data_dir.mkdir(mode=0o700, exist_ok=True)
+        redis._join()
+        with exclusive(redis.data_dir / START_STOP):
+            if self._stopping.is_set() or send(redis.socket_path, b"PING") != DOWN:
+                return
+            if made:
+                log.error("the data folder %s was deleted; made it again, starting an empty embedded Redis there",
+                          redis.data_dir)
+            else:
+                log.error("embedded Redis on %s died; restarting it from %s", redis.socket_path, redis.data_dir)
+            redis._start(self.timeout)
+        log.warning("embedded Redis restarted")
+
+    def _complain(self, why: str) -> None:
+        now = time.monotonic()
+        if why != self._said or now - self._said_at >= COMPLAIN_EVERY:
+            log.error("%s (trying again; said again every %d s while it lasts)", why, COMPLAIN_EVERY)
+            self._said, self._said_at = why, now
+
+
 # -- Operator commands join a running proxy's server, never start their own -------------------------------------
 
 _JOIN_ONLY: ContextVar[bool] = ContextVar("buddy_embedded_join_only", default=False)
@@ -329,63 +379,3 @@ def join_only() -> Iterator[None]:
         yield
     finally:
         _JOIN_ONLY.reset(token)
-
-
-def keep(data_dir: Path, grace: float, server_command: list[str]) -> int:
-    """The keeper's loop: run the server; stop it on SIGTERM or once nobody has used the folder for `grace` s."""
-    os.umask(0o077)  # the server's AOF and RDB hold every cached body: its owner's alone
-    stop_requested: list[int] = []
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda signum, frame: stop_requested.append(signum))
-    server = subprocess.Popen(server_command, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent())
-    idle_since: float | None = None
-    while True:
-        try:
-            return server.wait(0.5)  # it died, or was stopped by its last user: nothing left to keep
-        except subprocess.TimeoutExpired:
-            pass
-        if stop_requested:
-            break
-        if held_by_others(data_dir / "redis.users"):
-            idle_since = None
-            continue
-        idle_since = idle_since or time.monotonic()
-        if time.monotonic() - idle_since < grace:
-            continue
-        with exclusive(data_dir / "redis.lock", wait=False) as locked:
-            # Under the start lock, so that a process joining now waits for the stop and then starts afresh.
-            if locked and not held_by_others(data_dir / "redis.users"):
-                print(f"buddy keeper: nobody has used {data_dir} for {grace:.0f} s; stopping its redis-server",
-                      file=sys.stderr, flush=True)
-                return _terminate(server)
-    return _terminate(server)
-
-
-def _terminate(server: subprocess.Popen[bytes]) -> int:
-    server.terminate()
-    try:
-        return server.wait(120)  # saving a large dataset takes a while
-    except subprocess.TimeoutExpired:
-        server.kill()
-        return server.wait()
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to send the server SIGTERM when the keeper dies, however it dies."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
-    pr_set_pdeathsig = 1
-
-    def arm() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM)
-        if os.getppid() != parent:  # the keeper died before the request was in place
-            os._exit(1)
-
-    return arm
-
-
-if __name__ == "__main__":  # the keeper: python -I -S embedded.py DATA_DIR GRACE REDIS-SERVER ARGS...
-    sys.exit(keep(Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]))

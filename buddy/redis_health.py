@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import redis
 from redis.exceptions import RedisClusterException
@@ -30,6 +30,10 @@ REFUSAL_RECENT = 10.0  # seconds a command Redis refused in this process keeps h
 
 class RedisHealth:
     """health(), database(), info(): what the proxy's Redis (one server, Sentinel's primary or a cluster) is like."""
+
+    # Why the embedded Redis cannot run, for health (its data folder deleted and not made again, say); create_app
+    # sets it to EmbeddedRedis.problem when the proxy uses one.
+    embedded_problem: Callable[[], str | None] = staticmethod(lambda: None)
 
     def __init__(
         self, client: redis.Redis, guard: StoreGuard, keys: RedisKeys, redis_url: str, version: str,
@@ -155,6 +159,9 @@ class RedisHealth:
         else:
             info = self._memory_info()
             reasons += self._recent_refusals(info)
+        problem = self.embedded_problem()
+        if problem:
+            reasons.append(problem)
         report: dict[str, Any] = {
             "status": "degraded" if reasons else "ok",
             "redis": state,

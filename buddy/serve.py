@@ -155,12 +155,13 @@ class ServerHooks:
             server.log.info("using the embedded Redis already running at %s", embedded.url)
 
     def on_exit(self, server: Any) -> None:
-        """The master is leaving: save and stop the embedded Redis, unless other processes still use it."""
+        """The master is leaving: save and stop the embedded Redis, unless other processes still use it (or none
+        runs: its data folder was deleted, and could not be made again)."""
         embedded = getattr(server, "buddy_embedded_redis", None)
         if embedded is not None:
             if embedded.stop():
                 server.log.info("embedded Redis saved and stopped (data in %s)", embedded.data_dir)
-            else:
+            elif embedded.in_use():
                 server.log.info("embedded Redis left running: another process still uses %s", embedded.data_dir)
 
     def _introduce(self, server: Any) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +18,11 @@ from typing import Callable, Iterator
 
 import psutil
 import pytest
+import redis
 import requests
 
+from buddy.embedded import EmbeddedRedis
+from buddy.keeper import SUPERVISORS, USERS, held_by_others
 from tests.support.ports import free_port
 from tests.support.processes import ROOT, Gunicorn
 from tests.support.upstream_stub import UpstreamStub
@@ -37,7 +41,7 @@ def get(url: str) -> requests.Response:
 
 def embedded_processes(root: Path) -> list[psutil.Process]:
     """Every redis-server working in a folder under `root` (it changes into its --dir), and every keeper
-    (`python .../buddy/embedded.py <data folder> ...`) watching one."""
+    (`python .../buddy/keeper.py <data folder> ...`) watching one."""
     root_text = str(root.resolve())
     found = []
     for process in psutil.process_iter(["name", "cmdline", "cwd"]):
@@ -45,7 +49,7 @@ def embedded_processes(root: Path) -> list[psutil.Process]:
         cmdline = " ".join(info["cmdline"] or ())
         if "redis-server" in (info["name"] or "") and (info["cwd"] or "").startswith(root_text):
             found.append(process)
-        elif "embedded.py" in cmdline and root_text in cmdline:
+        elif "buddy/keeper.py" in cmdline and root_text in cmdline:
             found.append(process)
     return [p for p in found if running(p)]
 
@@ -127,6 +131,17 @@ def workers_of(master: psutil.Process) -> list[psutil.Process]:
 
 def ancestors(process: psutil.Process) -> set[int]:
     return {p.pid for p in process.parents()}
+
+
+def all_joined(master: psutil.Process, data_dir: Path, workers: int = 2) -> bool:
+    """Every worker has booted and joined the folder's users (a `redis.users` of its own beside the inherited one)."""
+    joined = []
+    for worker in workers_of(master):
+        try:
+            joined.append([f.path for f in worker.open_files()].count(str(data_dir / USERS)) > 1)
+        except psutil.Error:
+            return False
+    return len(joined) == workers and all(joined)
 
 
 def waits_to_start(process: psutil.Process, data_dir: Path, inherited: int) -> bool:
@@ -221,24 +236,59 @@ def test_while_redis_is_down_a_new_worker_or_a_cli_command_never_starts_its_own(
     assert not {newcomer.pid, cli.pid} & ancestors(again), "a worker or the CLI started its own redis-server"
 
 
-def test_an_orphan_of_a_killed_master_stops_once_nobody_uses_it(start, upstream, tmp_path) -> None:
+def test_an_orphan_of_a_killed_master_is_adopted_by_the_next_proxy_and_stopped_with_it(start, upstream,
+                                                                                         tmp_path) -> None:
+    """A master killed outright leaves its server running: its workers notice and leave by themselves, and the
+    next proxy on the folder takes the server over, entries and all, and stops it when it stops. (An orphan that
+    nobody takes over is stopped by its keeper: test_a_server_nobody_uses_is_saved_and_stopped_by_its_keeper.)"""
     data_dir = tmp_path / "data"
     doomed = start(upstream, data_dir)
     hit_once(doomed, "/up/kept")
     master = psutil.Process(doomed.process.pid)
     assert wait_until(lambda: len(workers_of(master)) == 2, timeout=30), "the second worker never booted"
     workers = workers_of(master)
+    [orphan] = redis_servers(data_dir)
     doomed.process.send_signal(signal.SIGKILL)  # the master only: its workers notice and leave by themselves
     doomed.process.wait()
-    killed_at = time.monotonic()
-    assert redis_servers(data_dir), "the server should outlive the master for a while (it may be adopted)"
-    assert wait_until(lambda: not any(running(p) for p in workers), timeout=30)
-    assert wait_until(lambda: not embedded_processes(data_dir), timeout=60, step=0.5), "the orphan still runs"
-    print(f"orphan stopped {time.monotonic() - killed_at:.1f} s after the master was killed")
-
-    heir = start(upstream, data_dir)  # it was saved on the way out
-    assert get(f"{heir.url}/up/kept").headers["X-Cache"] == "HIT"
+    assert wait_until(lambda: not any(running(p) for p in workers), timeout=30), "the workers stayed"
+    assert wait_until(lambda: not held_by_others(data_dir / USERS), timeout=10), "someone still uses the orphan"
+    with open(data_dir / USERS, "a") as stand_in:
+        # Nobody uses it now, so its keeper would stop it after IDLE_GRACE: the test stands in for a user while the
+        # heir boots, so that a loaded machine cannot turn this adoption into a start from the saved files.
+        fcntl.flock(stand_in, fcntl.LOCK_SH)
+        heir = start(upstream, data_dir)
+        assert get(f"{heir.url}/up/kept").headers["X-Cache"] == "HIT"
+    assert redis_servers(data_dir) == [orphan], "the heir started a server of its own"
     assert upstream.paths().count("/kept") == 1
+    heir.stop()
+    assert wait_until(lambda: not embedded_processes(data_dir), timeout=10), "the heir left the orphan running"
+
+
+ORPHAN_MAKER = textwrap.dedent("""
+    import os, sys
+
+    import redis
+
+    from buddy.embedded import EmbeddedRedis
+
+    embedded = EmbeddedRedis(sys.argv[1], idle_grace=float(sys.argv[2]))
+    embedded.ensure()
+    redis.Redis.from_url(embedded.url).set("left", "behind")
+    os._exit(0)  # gone without leaving: the server it started is nobody's now
+""")
+
+
+def test_a_server_nobody_uses_is_saved_and_stopped_by_its_keeper(nothing_left, tmp_path) -> None:
+    data_dir = tmp_path / "data"
+    subprocess.run([sys.executable, "-c", ORPHAN_MAKER, str(data_dir), "0.5"], cwd=ROOT, check=True, timeout=60)
+    assert wait_until(lambda: not embedded_processes(data_dir), timeout=30), "the orphan still runs"
+    assert "nobody has used" in (data_dir / "redis.log").read_text()
+    embedded = EmbeddedRedis(data_dir)
+    assert embedded.ensure()
+    try:
+        assert redis.Redis.from_url(embedded.url).get("left") == b"behind"
+    finally:
+        embedded.stop()
 
 
 EMBEDDED_API = textwrap.dedent("""
@@ -276,3 +326,63 @@ def test_the_embedded_api_restarts_its_redis_too(nothing_left, upstream, tmp_pat
     seen = json.loads(after_kill)
     assert seen[-1] == "HIT" and set(seen[:-1]) <= {"BYPASS"}, (seen, result.stderr)
     assert upstream.paths().count("/kept") == 1 + seen.count("BYPASS")
+
+
+def test_a_deleted_data_folder_is_made_again_and_the_cache_comes_back(start, upstream, tmp_path) -> None:
+    """Its server still runs on the deleted files, reachable only through connections open already: its keeper
+    stops it, and the master makes the folder again and starts an empty server there."""
+    data_dir = tmp_path / "data"
+    proxy = start(upstream, data_dir)
+    master = psutil.Process(proxy.process.pid)
+    hit_once(proxy, "/up/old")
+    assert wait_until(lambda: all_joined(master, data_dir), timeout=30), "the workers never joined"
+    [server] = redis_servers(data_dir)
+    shutil.rmtree(data_dir)
+    deleted_at = time.monotonic()
+    # Until it stops, workers may still hit through the connections they hold: the answers that count come after.
+    assert wait_until(lambda: not running(server), timeout=30), "the server of the deleted folder still runs"
+    seen = answers_until_hits(proxy, "/up/new", streak=8, timeout=30)  # 8 in a row: every worker is back
+    assert seen[-8:] == ["HIT"] * 8, seen[-10:]
+    print(f"every worker hits again {time.monotonic() - deleted_at:.1f} s after the deletion: {seen}")
+    [again] = redis_servers(data_dir)
+    assert master.pid in ancestors(again)
+    # The master holds its locks in the new folder: its keeper sees a user, a command sees a supervisor.
+    assert held_by_others(data_dir / USERS) and held_by_others(data_dir / SUPERVISORS)
+    assert get(f"{proxy.url}/admin/health").json()["status"] == "ok"
+    assert "was deleted; made it again" in proxy.log()
+
+
+def test_a_data_folder_that_cannot_be_made_again_is_reported_until_it_can_be(start, upstream, tmp_path) -> None:
+    parent = tmp_path / "parent"
+    data_dir = parent / "data"
+    proxy = start(upstream, data_dir)
+    master = psutil.Process(proxy.process.pid)
+    hit_once(proxy, "/up/old")
+    assert wait_until(lambda: all_joined(master, data_dir), timeout=30), "the workers never joined"
+    why = f"data folder {data_dir} was deleted and cannot be made again ({parent} is gone)"
+
+    def reported(times: int) -> Callable[[], bool]:
+        def check() -> bool:  # by the workers' health, and by the master's log
+            health = [get(f"{proxy.url}/admin/health") for _ in range(4)]
+            said = all(r.status_code == 503 and why in r.json()["reason"] for r in health)
+            return said and proxy.log().count(why) >= times
+        return check
+
+    shutil.rmtree(parent)
+    assert wait_until(reported(times=1), timeout=30), proxy.log()
+    assert [get(f"{proxy.url}/up/new").headers["X-Cache"] for _ in range(4)] == ["BYPASS"] * 4
+    parent.mkdir()  # back by itself at the supervisor's next try
+    seen = answers_until_hits(proxy, "/up/new", streak=8, timeout=60)
+    assert seen[-8:] == ["HIT"] * 8, seen[-10:]
+    assert get(f"{proxy.url}/admin/health").json()["status"] == "ok"
+
+    shutil.rmtree(parent)  # again, and for good
+    assert wait_until(reported(times=2), timeout=30), proxy.log()
+    before = workers_of(master)
+    before[0].kill()  # its replacement boots meanwhile: it makes no folder and starts no server, it serves
+    assert wait_until(lambda: len([p for p in workers_of(master) if p not in before]) == 1, timeout=30)
+    assert wait_until(lambda: "going on without Redis for now" in proxy.log(), timeout=30), proxy.log()
+    assert [get(f"{proxy.url}/up/new").headers["X-Cache"] for _ in range(4)] == ["BYPASS"] * 4
+    assert not parent.exists() and not redis_servers(tmp_path)
+    proxy.stop()  # nothing left running (see nothing_left), and no word of a server left running
+    assert proxy.process.returncode == 0 and "left running" not in proxy.log(), proxy.log()

@@ -17,7 +17,6 @@ import pytest
 import requests
 
 from buddy.embedded import EmbeddedRedis
-from tests.integration.test_embedded_redis import embedded_processes, wait_until
 from tests.support.processes import ROOT, Gunicorn, RedisServer
 from tests.support.upstream_stub import UpstreamStub
 
@@ -99,21 +98,6 @@ def test_instances_sharing_a_data_folder_keep_redis_until_the_last_one_leaves(gu
     assert get(f"{second.url}/up/shared").headers["X-Cache"] == "HIT"
     second.stop()
     assert not EmbeddedRedis(tmp_path / "shared").alive()
-
-
-def test_a_redis_left_behind_by_a_killed_master_is_adopted_and_stopped(gunicorn, tmp_path, upstream) -> None:
-    env = {"BUDDY_DATA_DIR": str(tmp_path / "orphan")}
-    doomed = gunicorn(config_for(upstream), env=env)
-    get(f"{doomed.url}/up/kept")
-    os.killpg(doomed.process.pid, signal.SIGKILL)  # the master never gets to stop its redis-server
-    doomed.process.wait()
-    assert EmbeddedRedis(tmp_path / "orphan").alive()
-    heir = gunicorn(config_for(upstream), env=env)
-    assert get(f"{heir.url}/up/kept").headers["X-Cache"] == "HIT"
-    heir.stop()
-    assert not EmbeddedRedis(tmp_path / "orphan").alive()
-    # The orphan's keeper (it outlived the master, in a session of its own) leaves with its server.
-    assert wait_until(lambda: not embedded_processes(tmp_path / "orphan"), timeout=5)
 
 
 def test_crafted_targets_never_reach_another_local_server(proxy, upstream) -> None:

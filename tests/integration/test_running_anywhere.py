@@ -75,12 +75,12 @@ def clean_env(tmp_path: Path, venv_bin: Path | None = None, **variables: str) ->
 
 
 def left_running(root: Path) -> list[psutil.Process]:
-    """Every redis-server working in a folder under `root`, and every keeper (`embedded.py <folder>`) of one."""
+    """Every redis-server working in a folder under `root`, and every keeper (`buddy/keeper.py <folder>`) of one."""
     text, found = str(root.resolve()), []
     for process in psutil.process_iter(["name", "cmdline", "cwd"]):
         info = process.info
         if ("redis-server" in (info["name"] or "") and (info["cwd"] or "").startswith(text)) or (
-                "embedded.py" in " ".join(info["cmdline"] or ()) and text in " ".join(info["cmdline"] or ())):
+                "buddy/keeper.py" in " ".join(info["cmdline"] or ()) and text in " ".join(info["cmdline"] or ())):
             try:
                 if process.status() != psutil.STATUS_ZOMBIE:
                     found.append(process)
