@@ -30,10 +30,13 @@ FOLLOWERS_TTL_MS = 120_000
 
 
 class WaitingFull(Exception):
-    """This process already has as many requests waiting on one mapping as it may: refuse, do not wait."""
+    """A follower that may not wait here (no room in this process, or it parks instead): refuse or park it.
+    `holder`: the leader this one would follow; `started`: when it began to wait (time.monotonic())."""
 
-    def __init__(self, domain: str) -> None:
+    def __init__(self, domain: str, holder: str = "", started: float = 0.0) -> None:
         self.domain = domain
+        self.holder = holder
+        self.started = started
         super().__init__(domain)
 
 
@@ -80,6 +83,8 @@ class Coalescer:
         accept: Accept = lambda result: True,
         usable: Accept = lambda entry: True,
         plan: LeadPlan | None = None,
+        following: tuple[str, float] | None = None,
+        parks: bool = False,
     ) -> ProxyResult:
         """Lead, or wait up to `timeout` for the leader's answer and return it if `accept` says it is ours.
 
@@ -88,14 +93,19 @@ class Coalescer:
         found. A follower also takes the entry from the cache once it is there, if `usable` says it may (an expired
         entry kept for stale-if-error is no answer to wait for). StoreUnavailable before anything was fetched
         propagates, so the caller can serve without Redis; NotShared when the leader's answer may not be given
-        to this request.
+        to this request. `parks`: a follower does not wait here (it would hold a thread): it looks once, and raises
+        WaitingFull if the answer is not there yet, for the caller to park it (buddy.parking). `following`:
+        (leader, started) of a parked follower run again: it follows that leader again, its deadline counted
+        from when it first waited.
         """
-        started = time.monotonic()
+        started = time.monotonic() if following is None else following[1]
         deadline = started + timeout
         token = secrets.token_hex(12)
         vanished = ""
         while True:
-            if plan is None:
+            if following is not None:
+                (won, holder), following = (False, following[0]), None
+            elif plan is None:
                 won, holder = self.lock.acquire(entry, token, lock_ttl_ms, vanished)
             else:
                 won, holder, ahead = self.lock.lead(entry, token, lock_ttl_ms, plan, vanished)
@@ -103,9 +113,17 @@ class Coalescer:
                 self.keeper.hold(entry, token, lock_ttl_ms, timeout)
                 fill = Fill(self, entry, token)
                 return lead(fill) if plan is None else lead(fill, ahead)
-            if holder:
-                if self.waiting is not None and not self.waiting.enter(entry.domain, per_mapping=False):
-                    raise WaitingFull(entry.domain)
+            waits_here = holder and not parks and (
+                self.waiting is None or self.waiting.enter(entry.domain, per_mapping=False))
+            if holder and not waits_here:
+                # No waiting here: one look (its answer may be there already), else the caller parks or refuses.
+                result, lock_holder = self._take(entry, holder, idle_timeout, accept, usable, count_me=True)
+                if result is not None:
+                    return result
+                if lock_holder == holder and time.monotonic() < deadline:
+                    raise WaitingFull(entry.domain, holder, started)
+                vanished = holder if lock_holder != holder else ""
+            elif holder:
                 try:
                     result = self._follow(entry, holder, deadline, idle_timeout, accept, usable)
                 finally:
@@ -134,12 +152,9 @@ class Coalescer:
         try:
             first = True
             while True:
-                result, lock_holder = self._check(entry, holder, idle_timeout, usable, count_me=first)
+                result, lock_holder = self._take(entry, holder, idle_timeout, accept, usable, count_me=first)
                 first = False
                 if result is not None:
-                    if not accept(result):
-                        result.close_stream()
-                        raise NotShared("vary")
                     return result
                 if lock_holder != holder:
                     return None
@@ -150,6 +165,16 @@ class Coalescer:
                 waiter.wait(min(interval, remaining))
         finally:
             self.hub.unregister(entry, waiter)
+
+    def _take(
+        self, entry: EntryId, holder: str, idle_timeout: float, accept: Accept, usable: Accept, count_me: bool
+    ) -> tuple[ProxyResult | None, str]:
+        """`_check`, and the answer found only if it is this request's to take (else NotShared)."""
+        result, lock_holder = self._check(entry, holder, idle_timeout, usable, count_me)
+        if result is not None and not accept(result):
+            result.close_stream()
+            raise NotShared("vary")
+        return result, lock_holder
 
     def _check(
         self, entry: EntryId, holder: str, idle_timeout: float, usable: Accept, count_me: bool

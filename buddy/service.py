@@ -16,7 +16,7 @@ import time
 from dataclasses import replace
 from typing import Callable, NamedTuple
 
-from buddy import answers, policy
+from buddy import answers, parking, policy
 from buddy.answers import from_cache, json_result
 from buddy.coalesce import Coalescer, Fill, NotShared, WaitingFull
 from buddy.codec import VaryPointer
@@ -170,6 +170,7 @@ class ProxyService:
             # start: one round trip (lead.lua), where lock, look-up and throttle were three.
             throttle_keys, throttle_args = self.limiter.plan(domain, policy.partition(request))
             plan = LeadPlan(self.keys.cache(primary.domain, primary.digest), throttle_keys, throttle_args)
+            parked = parking.resumed(found.entry)
             try:
                 result = self.coalescer.run(
                     found.entry, LOCK_TTL_MS, domain.read_timeout + LOCK_MARGIN_SECONDS, domain.coalesce_timeout,
@@ -177,12 +178,17 @@ class ProxyService:
                     lambda result: policy.follower_may_take(result, primary.digest, request.forwarded),
                     lambda entry: policy.usable(domain, entry, control, asked),
                     plan,
+                    following=(parked.holder, parked.started) if parked is not None else None,
+                    parks=parking.parkable(),
                 )
             except NotShared as exc:
                 if exc.reason == "private":
                     break
                 continue
-            except WaitingFull:
+            except WaitingFull as exc:
+                if parking.parkable():  # it waits without a thread: the worker keeps the connection, runs it again
+                    hub = self.coalescer.hub
+                    raise parking.Parked(found.entry, exc.holder, exc.started, request.body, hub) from None
                 self.metrics.count(domain.name, "throttle_refused")
                 result = answers.too_many_waiting(domain)
             except CoalesceTimeout as exc:

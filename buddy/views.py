@@ -11,7 +11,7 @@ from urllib.parse import quote, unquote
 from flask import Blueprint, Request, Response, current_app, jsonify, request, url_for
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
-from buddy import policy
+from buddy import parking, policy
 from buddy.access import Target
 from buddy.errors import BadProxyRequest
 from buddy.messages import ProxyRequest, ProxyResult
@@ -144,10 +144,10 @@ def proxy(_: str) -> Response:
         )
         response.status_code = 404
         return response
-    proxy_request = mapped_request(
-        domain, req.method, target, read_body(req, service.settings.server), req.headers.get("X-Buddy-Namespace"),
-        client_gone=client_gone,
-    )
+    again = parking.resumed_body()  # a parked request run again: its body was read the first time
+    body = read_body(req, service.settings.server) if again is None else again
+    proxy_request = mapped_request(domain, req.method, target, body, req.headers.get("X-Buddy-Namespace"),
+                                   client_gone=client_gone)
     return answer(service, proxy_request)
 
 

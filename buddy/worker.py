@@ -18,6 +18,10 @@ as the client reads and closes a client that takes nothing for `server.send_time
 back to the pool. The connection's next step (keep-alive, the next pipelined request, the close) waits until its
 answer has gone.
 
+A request waiting on an identical one in flight, when the worker has no more threads to let wait (the service's
+WaitingRoom), is parked (buddy.parking): this loop keeps its connection, without a thread, until the fill it
+follows is announced (or for a second at most), then runs it again on a thread, following the same fill.
+
 gthread also closes each finished connection in its main loop, waiting up to 2 s for the client to close
 first (RFC 9112 9.6): a client that never closes stalls every connection of the worker for 2 s. Here that
 lingering close is one more thing the loop watches, without blocking.
@@ -31,7 +35,8 @@ by object: the app's shutdown (counters flushed, the embedded Redis left) and th
 
 Overridden from ThreadWorker: `enqueue_req` (every way into the thread pool: accept, keep-alive, pipelined
 leftovers), `handle_request` (sets the body and drain deadlines), `finish_request` (the lingering close),
-`murder_pending` (the loop's sweep of expired connections, also during graceful shutdown),
+`murder_pending` (the loop's sweep of expired connections, also during graceful shutdown), `_keepalive_after` (a
+parked request keeps its connection),
 `wait_for_and_dispatch_events` (wakes at the next deadline), `run` and `handle_quit` (how it leaves); and
 gunicorn's Response class is replaced in the worker's process by one that sends the app's own Date and writes
 through the connection's outbox.
@@ -40,6 +45,7 @@ too) is gthread's own.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -52,10 +58,12 @@ from concurrent.futures import Future
 from functools import partial
 from typing import Any, Callable, Optional
 
+from gunicorn.http import errors as http_errors
 from gunicorn.http import wsgi
 from gunicorn.http.message import DEFAULT_MAX_HEADERFIELD_SIZE, MAX_HEADERS, MAX_REQUEST_LINE
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
+from buddy import parking
 from buddy.outbox import Outbox, SendBudget
 from buddy.settings import load_settings
 
@@ -69,6 +77,9 @@ TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close
 #: gunicorn's own bounds for a graceful close (util.close_graceful).
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 64 * 1024
+#: A parked request runs again at least this often (a leader that died announces nothing; its lock expires).
+PARK_SECONDS = 1.0
+PARKED = object()  # a thread's answer for a request it parked: its connection waits in the loop
 
 Action = Callable[[TConn], None]
 _handling = threading.local()  # .conn: the connection whose request this thread is answering
@@ -144,6 +155,7 @@ class DeadlineWorker(ThreadWorker):
         self.send_timeout: float = server["send_timeout"]
         self.send_budget = SendBudget(server["send_buffer"])
         self.writing: dict[TConn, None] = {}  # connections whose answers the loop is sending
+        self.parked: dict[TConn, float] = {}  # parked requests -> when to run them again at the latest (in order)
         self.head_limit = head_limit(self.cfg)
         self.head_bytes = 0
         self.heads: deque[TConn] = deque()  # reading a head; deadlines in order, as they are now + a constant
@@ -187,7 +199,11 @@ class DeadlineWorker(ThreadWorker):
                                  partial(self.method_queue.defer, self._start_writing, conn))
         _handling.conn = conn
         try:
-            keepalive = super().handle_request(req, conn)
+            with parking.running(parkable=self.alive, resumed=conn.__dict__.pop("parked", None)):
+                keepalive = super().handle_request(req, conn)
+        except parking.Parked as parked:  # no answer yet: the loop keeps the connection (see _park)
+            conn.parked, conn.parked_request = parked, req
+            return PARKED  # type: ignore[return-value]
         finally:
             _handling.conn = None
         # gthread then drains a body the app left unread (a 401 before reading it, say) to keep the connection.
@@ -195,7 +211,13 @@ class DeadlineWorker(ThreadWorker):
         reader.deadline = time.monotonic()
         return keepalive
 
+    def _keepalive_after(self, conn: TConn, keepalive: Any) -> Any:
+        return PARKED if keepalive is PARKED else super()._keepalive_after(conn, keepalive)
+
     def finish_request(self, conn: TConn, fs: Future) -> None:
+        if not fs.cancelled() and fs.exception() is None and fs.result() is PARKED:
+            self._park(conn)
+            return
         outbox: Outbox | None = getattr(conn, "outbox", None)
         if outbox is not None and outbox.closed:  # closed by this loop while its thread was still writing
             self.nr_conns -= 1
@@ -214,6 +236,9 @@ class DeadlineWorker(ThreadWorker):
         """gthread's sweep of idle connections, plus heads and closes past their deadline (all of them once the
         worker is stopping: none carries a request to finish), and clients that stopped reading their answers."""
         super().murder_pending()
+        now = time.monotonic() if self.alive else float("inf")  # stopping: every parked request runs now
+        while self.parked and next(iter(self.parked.values())) <= now:
+            self._resume(next(iter(self.parked)))
         now = time.monotonic()
         for conn in [conn for conn in self.writing if conn.outbox.deadline <= now]:
             self.log.debug("closing %s: it took nothing of its answer in %g s", conn.client, self.send_timeout)
@@ -231,6 +256,8 @@ class DeadlineWorker(ThreadWorker):
         for queue in (self.heads, self.closing):  # wake at the next deadline, not up to a second after it
             if queue:
                 timeout = min(timeout, max(0.0, queue[0].deadline - time.monotonic()))
+        if self.parked:
+            timeout = min(timeout, max(0.0, next(iter(self.parked.values())) - time.monotonic()))
         super().wait_for_and_dispatch_events(timeout)
 
     def handle_quit(self, sig: int, frame: Any) -> None:
@@ -378,6 +405,61 @@ class DeadlineWorker(ThreadWorker):
                 conn.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    # -- parked requests (buddy.parking) ------------------------------------------------------------------
+
+    def _park(self, conn: TConn) -> None:
+        """Keep the connection, no thread, until the fill its request follows is announced (or PARK_SECONDS)."""
+        self.parked[conn] = time.monotonic() + PARK_SECONDS
+        conn.parked.watch(partial(self.method_queue.defer, self._resume, conn))
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_parked_readable, conn))
+        conn.watched = True
+
+    def _on_parked_readable(self, conn: TConn, _sock: Any) -> None:
+        """The client of a parked request hung up (then it is closed), or sent its next request (read later)."""
+        try:
+            gone = conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            gone = True
+        if gone:
+            self._unpark(conn)
+            conn.__dict__.pop("parked", None)
+            self.nr_conns -= 1
+            conn.close()
+        else:  # pipelined: it waits in the socket until this answer has gone
+            self.poller.unregister(conn.sock)
+            conn.watched = False
+
+    def _unpark(self, conn: TConn) -> None:
+        self.parked.pop(conn, None)
+        conn.parked.unwatch()
+        if conn.__dict__.pop("watched", False):
+            self.poller.unregister(conn.sock)
+
+    def _resume(self, conn: TConn) -> None:
+        """Run a parked request again, on a thread (once, however many wake-ups asked)."""
+        if conn not in self.parked:
+            return
+        self._unpark(conn)
+        fs = self.tpool.submit(self._handle_again, conn)
+        fs.add_done_callback(lambda fut: self.method_queue.defer(self.finish_request, conn, fut))
+
+    def _handle_again(self, conn: TConn) -> Any:
+        """gthread's `handle` for a request already read: the parked one."""
+        req = conn.__dict__.pop("parked_request")
+        try:
+            conn.sock.setblocking(True)
+            return self._keepalive_after(conn, self.handle_request(req, conn))
+        except (StopIteration, http_errors.NoMoreData):
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                self.log.exception("Socket error processing request.")
+        except Exception as exc:
+            self.handle_error(req, conn.sock, conn.client, exc)
+        return False
 
     def _close(self, conn: TConn) -> None:
         self._forget_head(conn)

@@ -29,15 +29,22 @@ def entry_message(entry: EntryId) -> str:
 
 
 class Waiter:
-    """A parked request: an Event that the subscriber sets when its entry is announced."""
+    """A waiting request: an Event that the subscriber sets when its entry is announced, and `then`, called (on
+    the subscriber's thread) each time, for a request parked without a thread (buddy.parking)."""
 
-    def __init__(self) -> None:
+    def __init__(self, then: Callable[[], None] | None = None) -> None:
         self.event = threading.Event()
+        self.then = then
 
     def wait(self, timeout: float) -> bool:
         woken = self.event.wait(timeout)
         self.event.clear()
         return woken
+
+    def wake(self) -> None:
+        self.event.set()
+        if self.then is not None:
+            self.then()
 
 
 class WakeupHub:
@@ -85,9 +92,9 @@ class WakeupHub:
         self.thread.ensure()
         return self._listening.wait(wait) if wait else self.listening
 
-    def register(self, entry: EntryId) -> Waiter:
+    def register(self, entry: EntryId, then: Callable[[], None] | None = None) -> Waiter:
         self.start(wait=0.5)
-        waiter = Waiter()
+        waiter = Waiter(then)
         with self._lock:
             self._waiters.setdefault(self._name(entry), set()).add(waiter)
         return waiter
@@ -125,7 +132,7 @@ class WakeupHub:
             else:
                 targets = list(self._waiters.get(name, ()))
         for waiter in targets:
-            waiter.event.set()
+            waiter.wake()
 
     def _pubsub(self) -> Any:
         """A pub/sub object: the client's own, or on a cluster one bound to a node chosen here."""

@@ -59,6 +59,23 @@ def test_forty_identical_gets_over_four_workers_make_one_upstream_call(proxy, up
     assert states.count("MISS") == 1 and set(states) <= {"MISS", "COALESCED", "HIT"}
 
 
+def test_a_fan_out_gets_every_answer_from_one_call_when_the_workers_have_few_threads(
+    gunicorn, redis_url, upstream
+) -> None:
+    """Two workers of 4 threads let 3 requests each wait on a fill; the rest are parked (a socket, no thread) and
+    answered all the same, from the one upstream call: a GET, an LLM-style POST, and a body relayed as it comes."""
+    few = gunicorn(config_for(upstream, **SHARED), env={"REDIS_URL": redis_url}, workers=2,
+                   extra_args=("--threads", "4"))
+    assert requests.get(f"{few.url}/up/warm", timeout=30).status_code == 200
+    gets = fire([f"{few.url}/up/fan?sleep=500"] * 100)
+    posts = fire([f"{few.url}/up/v1/chat?sleep=500"] * 40, "POST", b'{"prompt": "same"}')
+    relayed = fire([f"{few.url}/up/big/300000?sleep=500"] * 30)  # over 64 KB: relayed, never stored
+    for answers, path in ((gets, "/fan"), (posts, "/v1/chat"), (relayed, "/big/300000")):
+        assert [r.status_code for r in answers] == [200] * len(answers), path
+        assert len({r.content for r in answers}) == 1 and upstream.count(path) == 1, path
+    assert len(relayed[0].content) == 300000
+
+
 def test_identical_posts_coalesce_and_different_bodies_do_not(proxy, upstream) -> None:
     same = fire([f"{proxy.url}/up/sparql?sleep=500"] * 20, "POST", b"SELECT ?x WHERE {}")
     assert upstream.count() == 1 and len({r.content for r in same}) == 1

@@ -310,3 +310,35 @@ def test_every_ending_of_a_fill_lets_go_of_its_lock_once_and_tells_the_followers
     else:
         expected = {"stored": b"kept", "shared": b"not kept", "abandoned": b"led by follower"}[ending]
         assert result.body == expected
+
+
+def test_a_follower_that_parks_leaves_without_waiting_and_when_run_again_gets_its_leaders_answer(make) -> None:
+    """buddy.parking: a follower that may not wait here says whom it follows; run again, it follows the same
+    leader (never a second lead), and a parked follower counts as waiting, so the leader relays to it."""
+    from buddy.parking import Parked
+
+    leader, follower = make(), make()
+    gate, calls = threading.Event(), []
+    led: list[ProxyResult] = []
+    leading = threading.Thread(target=lambda: led.append(
+        leader.run(ENTRY, 10_000, 5.0, 10.0, lead_with(leader, answer(b"not kept", 503), calls, gate))))
+    leading.start()
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    never = lead_with(follower, answer(b"a second call"), calls)
+    with pytest.raises(coalesce.WaitingFull) as parked:
+        follower.run(ENTRY, 10_000, 5.0, 10.0, never, parks=True)  # at once: the answer is not there yet
+    assert parked.value.holder == calls[0]
+    assert int(follower.client.get(KEYS.followers(ENTRY, calls[0]))) >= 1  # counted: the leader relays to it
+    woken = threading.Event()
+    park = Parked(ENTRY, parked.value.holder, parked.value.started, b"", follower.hub)
+    park.watch(woken.set)
+    gate.set()
+    leading.join(10)
+    assert woken.wait(5)  # the fill's end wakes the parked request
+    park.unwatch()
+    again = follower.run(ENTRY, 10_000, 5.0, 10.0, never, parks=True,
+                         following=(parked.value.holder, parked.value.started))
+    assert (again.status, again.body, again.cache) == (503, b"not kept", "COALESCED")  # the shared copy
+    assert len(calls) == 1 and follower.hub.waiting() == 0
