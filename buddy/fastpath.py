@@ -21,7 +21,7 @@ from werkzeug.datastructures import EnvironHeaders
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.urls import iri_to_uri
 
-from buddy import policy
+from buddy import parking, policy
 from buddy.messages import ProxyRequest
 from buddy.redis_keys import EntryId
 from buddy.views import MAPPED, has_body, mapped_request, raw_target, response_headers, route
@@ -54,7 +54,7 @@ class HitPath:
             status, headers, body = refused
             start_response(status, headers)
             return [b"" if method == "HEAD" else body]
-        if (method == "GET" or method == "HEAD") and not has_body(environ):
+        if (method == "GET" or method == "HEAD") and not has_body(environ) and not parking.resuming():
             try:
                 answer = self.hit(environ, method)
             except Exception:  # whatever went wrong, the app answers this request in full (and says why)

@@ -74,6 +74,12 @@ def resumed(entry: EntryId) -> Parked | None:
     return parked if parked is not None and parked.entry == entry else None
 
 
+def resuming() -> bool:
+    """Does this thread run a parked request again? (Then the hit path leaves it to the view: its answer, found
+    in the cache now, is the fill it waited on, COALESCED, not a HIT.)"""
+    return getattr(_running, "resumed", None) is not None
+
+
 def resumed_body() -> bytes | None:
     """The body of the request this thread resumes (read before it was parked), or None."""
     parked: Parked | None = getattr(_running, "resumed", None)

@@ -153,7 +153,8 @@ class ProxyService:
                 return self._bypass(request)
             decision = policy.reuse(domain, found.hit, control, time.time(), offline)
             if found.hit is not None and decision.use is policy.Use.FRESH:
-                return from_cache(found.hit, "HIT")
+                # A parked follower run again finds the answer it waited on: coalesced, like those who waited here.
+                return from_cache(found.hit, "COALESCED" if parking.resumed(found.entry) else "HIT")
             if found.hit is not None and decision.use is policy.Use.STALE:
                 if decision.refresh:
                     self._refresh_later(request, found)
