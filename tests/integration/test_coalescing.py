@@ -74,7 +74,8 @@ def test_a_fan_out_gets_every_answer_from_one_call_when_the_workers_have_few_thr
         assert [r.status_code for r in answers] == [200] * len(answers), path
         assert len({r.content for r in answers}) == 1 and upstream.count(path) == 1, path
     assert len(relayed[0].content) == 300000
-    assert sorted(r.headers["X-Cache"] for r in gets) == ["COALESCED"] * 99 + ["MISS"]  # each waited on the one
+    states = [r.headers["X-Cache"] for r in gets]  # a request that reached a thread only once it was stored: HIT
+    assert states.count("MISS") == 1 and set(states) <= {"MISS", "COALESCED", "HIT"} and "COALESCED" in states
 
 
 def test_identical_posts_coalesce_and_different_bodies_do_not(proxy, upstream) -> None:
