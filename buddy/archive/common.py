@@ -2,12 +2,14 @@
 commands' common options."""
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import Counter
 from typing import Any, Callable, Iterable
 
 import click
 
+from buddy.content import DECODABLE
 from buddy.errors import StoreUnavailable
 from buddy.settings import DomainSettings
 from buddy.views import NAMESPACE
@@ -100,3 +102,30 @@ def upstream_location(domain: DomainSettings, name: str, location: str) -> str:
     if location == mapped or location.startswith((mapped + "/", mapped + "?")):
         return f"{domain.scheme}://{domain.netloc}{domain.base_path}{location[len(mapped):]}"
     return location
+
+
+def unasked_codings(value: str, sent: list[tuple[str, str]]) -> list[str]:
+    """The content codings of an answer (besides gzip and deflate, which the proxy decodes) that its recorded request
+    asked for: an upstream sends them to a client that accepts them, never to the proxy (ASKED_ENCODINGS). One
+    the request did not accept the upstream sends anyway, and so to the proxy too."""
+    codings = [c.strip().lower() for c in value.split(",") if c.strip()]
+    asked = [v for n, v in sent if n.lower() == "accept-encoding"]
+    accepted = _accepted_codings(", ".join(asked)) if asked else None  # none sent: any coding is acceptable
+    return [c for c in codings if c not in DECODABLE and c != "identity" and (
+        accepted is None or accepted.get(c, accepted.get("*", 0.0)) > 0)]
+
+
+def _accepted_codings(value: str) -> dict[str, float]:
+    """Accept-Encoding as {coding: q}; a q that is not a number counts as 1 (accepted)."""
+    out: dict[str, float] = {}
+    for item in value.split(","):
+        name, *params = (part.strip() for part in item.split(";"))
+        weight = 1.0
+        for param in params:
+            key, _, number = param.partition("=")
+            if key.strip().lower() == "q":
+                with contextlib.suppress(ValueError):
+                    weight = float(number.strip())
+        if name:
+            out[name.lower()] = weight
+    return out

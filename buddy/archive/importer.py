@@ -2,7 +2,6 @@
 after fetching them live."""
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import sys
@@ -10,7 +9,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, cast
+from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 import click
@@ -26,6 +25,7 @@ from buddy.archive.common import (
     first_line,
     namespace_option,
     redis_down,
+    unasked_codings,
     upstream_location,
 )
 from buddy.archive.credentials import (
@@ -37,10 +37,10 @@ from buddy.archive.credentials import (
     sealed_material,
     secret_header,
 )
+from buddy.archive.mapping import HostMap, origin, resolve
 from buddy.archive.records import STATUS_LINE, Part, pairs
 from buddy.archive.warcfile import Reader
 from buddy.codec import VaryPointer
-from buddy.content import DECODABLE
 from buddy.errors import BadProxyRequest, StoreUnavailable
 from buddy.fingerprint import credentials_digest
 from buddy.messages import ProxyRequest, ProxyResult
@@ -62,70 +62,6 @@ from buddy.views import NAMESPACE
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 TRUST_FLAG = "--trust-credentials-from-file"
-
-
-@dataclass(frozen=True)
-class HostMap:
-    """`--map OLD=NAME`: records of OLD (`host`, `host:port`, or `scheme://host[:port][/base]`) belong to NAME."""
-
-    name: str
-    host: str
-    scheme: str | None = None
-    port: int | None = None
-    base: str | None = None  # given: the recorded path below it goes below the mapping's base path
-
-    @classmethod
-    def parse(cls, text: str) -> HostMap:
-        old, sep, name = text.rpartition("=")
-        if not sep or not old or not name:
-            raise ValueError(f"{text!r}: expected OLD-HOST=NAME")
-        parts = urlsplit(old if "://" in old else f"//{old}")
-        if not parts.hostname:
-            raise ValueError(f"{text!r}: no host in {old!r}")
-        base = parts.path.rstrip("/") if "://" in old else None
-        port = parts.port if parts.port or "://" not in old else (443 if parts.scheme == "https" else 80)
-        return cls(name, parts.hostname.lower(), parts.scheme or None, port, base)
-
-    def matches(self, scheme: str, host: str, port: int, path: str) -> bool:
-        return (host == self.host and (self.scheme is None or scheme == self.scheme)
-                and (self.port is None or port == self.port)
-                and (self.base is None or _below(path, self.base) is not False))
-
-
-def _origin(url: str) -> tuple[str, str, int, str, str]:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    port = parts.port or (443 if scheme == "https" else 80)
-    return scheme, (parts.hostname or "").lower(), port, parts.path or "/", parts.query
-
-
-def _below(path: str, base: str) -> str | None | bool:
-    """The part of `path` below `base` as views.py would split it (None: the base itself), or False: not below."""
-    if base and path == base:
-        return None
-    if path.startswith(base + "/"):
-        return path[len(base) + 1:]
-    return False
-
-
-def resolve(domains: dict[str, DomainSettings], url: str, recorded: str,
-            maps: Iterable[HostMap]) -> tuple[DomainSettings, str | None] | None:
-    """The mapping a recorded URL belongs to, and its path below the mapping's base path as a client would write
-    it after `/<name>/` (None: the base itself); None when no mapping holds it. `--map` first, then the mapping
-    named in the record (our exports), then the one whose upstream holds the URL (the longest base path)."""
-    scheme, host, port, path, _ = _origin(url)
-    for rule in maps:
-        if rule.matches(scheme, host, port, path):
-            domain = domains[rule.name]
-            rest = _below(path, domain.base_path if rule.base is None else rule.base)
-            return None if rest is False else (domain, cast("str | None", rest))
-    candidates = sorted(domains.values(), key=lambda d: (d.name != recorded, -len(d.base_path)))
-    for domain in candidates:
-        up_scheme, up_host, up_port, _, _ = _origin(domain.upstream_id)
-        rest = _below(path, domain.base_path)
-        if (scheme, host, port) == (up_scheme, up_host, up_port) and rest is not False:
-            return domain, cast("str | None", rest)
-    return None
 
 
 @dataclass
@@ -180,7 +116,7 @@ class Importer:
             raise _Refused("a WARC-Target-URI that is not an http(s) URL", error=True)
         found = resolve(self.settings.domains, url, answer.own.get("warc-buddy-mapping", ""), self.options.maps)
         if found is None:
-            scheme, host, port, _, _ = _origin(url)
+            scheme, host, port, _, _ = origin(url)
             raise _Refused(f"no mapping for {scheme}://{host}:{port} (see --map HOST=NAME)", error=True)
         domain, rest_text = found
         method = sent.first_line.split(" ", 1)[0].upper()
@@ -194,7 +130,7 @@ class Importer:
             return "request bodies over server.max_request_body"
         try:
             rest = None if rest_text is None else safe_path(rest_text.encode("utf-8"))
-            query = safe_query(_origin(url)[4].encode("utf-8"))
+            query = safe_query(origin(url)[4].encode("utf-8"))
             upstream_url = build_url(domain, upstream_path(domain, rest), query)
         except BadProxyRequest as exc:
             raise _Refused(f"a URL the proxy would refuse ({exc})", error=True) from None
@@ -212,7 +148,7 @@ class Importer:
         result = self._result(domain, upstream_url, answer)
         if isinstance(result, str):
             return result
-        unasked = _unasked_codings(result.header("Content-Encoding"), sent.headers)
+        unasked = unasked_codings(result.header("Content-Encoding"), sent.headers)
         if unasked:
             return (f"answers in a coding the proxy never asks for ({', '.join(unasked)}; it sends Accept-Encoding: "
                     f"{ASKED_ENCODINGS})")
@@ -365,33 +301,6 @@ class _Refused(Exception):
         super().__init__(reason)
         self.reason = reason
         self.error = error
-
-
-def _unasked_codings(value: str, sent: list[tuple[str, str]]) -> list[str]:
-    """The content codings of an answer (besides gzip and deflate, which the proxy decodes) that its recorded request
-    asked for: an upstream sends them to a client that accepts them, never to the proxy (ASKED_ENCODINGS). One
-    the request did not accept the upstream sends anyway, and so to the proxy too."""
-    codings = [c.strip().lower() for c in value.split(",") if c.strip()]
-    asked = [v for n, v in sent if n.lower() == "accept-encoding"]
-    accepted = _accepted_codings(", ".join(asked)) if asked else None  # none sent: any coding is acceptable
-    return [c for c in codings if c not in DECODABLE and c != "identity" and (
-        accepted is None or accepted.get(c, accepted.get("*", 0.0)) > 0)]
-
-
-def _accepted_codings(value: str) -> dict[str, float]:
-    """Accept-Encoding as {coding: q}; a q that is not a number counts as 1 (accepted)."""
-    out: dict[str, float] = {}
-    for item in value.split(","):
-        name, *params = (part.strip() for part in item.split(";"))
-        weight = 1.0
-        for param in params:
-            key, _, number = param.partition("=")
-            if key.strip().lower() == "q":
-                with contextlib.suppress(ValueError):
-                    weight = float(number.strip())
-        if name:
-            out[name.lower()] = weight
-    return out
 
 
 def _number(text: str | None) -> float | None:
