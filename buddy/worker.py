@@ -11,16 +11,11 @@ connection. The thread reads the rest through a `DeadlineReader`: all reads of o
 left unread (a 401 before reading it, say), the thread drains only what has already arrived, never waiting.
 (A body the app does read still holds its thread while it arrives, up to body_timeout.)
 
-gthread's threads also write each answer themselves, blocking until the client has read it: a few hundred
-clients that ask for a large answer and never read it hold every thread. Here a thread writes through its
-connection's `Outbox` (buddy.outbox): what the client does not take at once is left to this loop, which sends it
-as the client reads and closes a client that takes nothing for `server.send_timeout` seconds; the thread goes
-back to the pool. The connection's next step (keep-alive, the next pipelined request, the close) waits until its
-answer has gone.
-
-A request waiting on an identical one in flight, when the worker has no more threads to let wait (the service's
-WaitingRoom), is parked (buddy.parking): this loop keeps its connection, without a thread, until the fill it
-follows is announced (or for a second at most), then runs it again on a thread, following the same fill.
+gthread's threads also write each answer themselves, blocking until the client has read it, and a request
+waiting on an identical one in flight holds its thread too: a few hundred clients that never read, or a fan-out
+of identical requests, hold every thread. Here the loop holds such connections without a thread (see
+buddy.worker_held): the rest of an answer its client has not taken, closed after `server.send_timeout` seconds
+without progress; and a parked request (buddy.parking), run again once the fill it follows is announced.
 
 gthread also closes each finished connection in its main loop, waiting up to 2 s for the client to close
 first (RFC 9112 9.6): a client that never closes stalls every connection of the worker for 2 s. Here that
@@ -36,36 +31,33 @@ by object: the app's shutdown (counters flushed, the embedded Redis left) and th
 Overridden from ThreadWorker: `enqueue_req` (every way into the thread pool: accept, keep-alive, pipelined
 leftovers), `handle_request` (sets the body and drain deadlines), `finish_request` (the lingering close),
 `murder_pending` (the loop's sweep of expired connections, also during graceful shutdown), `_keepalive_after` (a
-parked request keeps its connection),
-`wait_for_and_dispatch_events` (wakes at the next deadline), `run` and `handle_quit` (how it leaves); and
-gunicorn's Response class is replaced in the worker's process by one that sends the app's own Date and writes
-through the connection's outbox.
+parked request keeps its connection), `wait_for_and_dispatch_events` (wakes at the next deadline), `run` and
+`handle_quit` (how it leaves); and gunicorn's Response class is replaced in the worker's process by one that
+sends the app's own Date and writes through the connection's outbox (buddy.worker_wire).
 Everything else (keep-alive, max_requests, graceful shutdown, worker_connections, which counts these connections
 too) is gthread's own.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
 import selectors
 import socket
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future
 from functools import partial
 from typing import Any, Callable, Optional
 
-from gunicorn.http import errors as http_errors
 from gunicorn.http import wsgi
-from gunicorn.http.message import DEFAULT_MAX_HEADERFIELD_SIZE, MAX_HEADERS, MAX_REQUEST_LINE
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from buddy import parking
 from buddy.outbox import Outbox, SendBudget
 from buddy.settings import load_settings
+from buddy.worker_held import PARKED, HeldConnections
+from buddy.worker_wire import DatedResponse, DeadlineReader, handling, head_limit
 
 READ_SIZE = 64 * 1024
 #: Bytes of unfinished heads one worker holds at most; a head that would grow past it is refused (431).
@@ -77,73 +69,11 @@ TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close
 #: gunicorn's own bounds for a graceful close (util.close_graceful).
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 64 * 1024
-#: A parked request runs again at least this often (a leader that died announces nothing; its lock expires).
-PARK_SECONDS = 1.0
-PARKED = object()  # a thread's answer for a request it parked: its connection waits in the loop
 
 Action = Callable[[TConn], None]
-_handling = threading.local()  # .conn: the connection whose request this thread is answering
 
 
-class DeadlineReader:
-    """What the request parser reads from: the client's socket, with every read ending by one deadline."""
-
-    __slots__ = ("sock", "deadline")
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock = sock
-        self.deadline = deadline
-
-    def recv(self, size: int) -> bytes:
-        prior = self.sock.gettimeout()
-        # Past the deadline, a timeout of 0: what has arrived already, never a wait.
-        self.sock.settimeout(max(0.0, self.deadline - time.monotonic()))
-        try:
-            return self.sock.recv(size)
-        except BlockingIOError:
-            raise socket.timeout("the client did not send the request in time") from None
-        finally:
-            self.sock.settimeout(prior)
-
-
-def head_limit(cfg: Any) -> int:
-    """The most head bytes gunicorn's own parser reads before refusing: request line plus header fields."""
-    line = cfg.limit_request_line if 0 < cfg.limit_request_line < MAX_REQUEST_LINE else MAX_REQUEST_LINE
-    fields = cfg.limit_request_fields if 0 < cfg.limit_request_fields <= MAX_HEADERS else MAX_HEADERS
-    size = cfg.limit_request_field_size if cfg.limit_request_field_size > 0 else DEFAULT_MAX_HEADERFIELD_SIZE
-    return line + 2 + fields * (size + 2) + 4
-
-
-class DatedResponse(wsgi.Response):
-    """gunicorn's response, except that a Date the app sends is the one sent: a stored answer keeps its own Date
-    (RFC 9111 4.2.3; gunicorn drops an application's Date and sends the time of sending)."""
-
-    app_date: str | None = None
-
-    def __init__(self, req: Any, sock: socket.socket, cfg: Any) -> None:
-        super().__init__(req, sock, cfg)
-        conn = getattr(_handling, "conn", None)
-        if conn is not None and conn.sock is sock and conn.outbox is not None:
-            self.sock = conn.outbox  # what the client does not take at once, the worker's loop sends
-
-    def sendfile(self, respiter: Any) -> bool:
-        # Straight to the socket, a file would overtake bytes still in the outbox: gunicorn then writes it in parts.
-        return not isinstance(self.sock, Outbox) and bool(super().sendfile(respiter))
-
-    def process_headers(self, headers: list[tuple[str, str]]) -> None:
-        dated = [value for name, value in headers if name.lower() == "date"]
-        super().process_headers([(name, value) for name, value in headers if name.lower() != "date"])
-        if dated and wsgi.HEADER_VALUE_RE.fullmatch(dated[-1]):
-            self.app_date = dated[-1].strip(" \t")
-
-    def default_headers(self) -> list[str]:
-        headers: list[str] = super().default_headers()
-        if self.app_date is not None:
-            headers = [f"Date: {self.app_date}\r\n" if line.startswith("Date: ") else line for line in headers]
-        return headers
-
-
-class DeadlineWorker(ThreadWorker):
+class DeadlineWorker(HeldConnections, ThreadWorker):
     """gthread whose main loop reads request heads and closes connections: `buddy.worker.DeadlineWorker`."""
 
     def init_process(self) -> None:
@@ -197,7 +127,7 @@ class DeadlineWorker(ThreadWorker):
         if getattr(conn, "outbox", None) is None:
             conn.outbox = Outbox(conn.sock, self.send_budget, self.send_timeout,
                                  partial(self.method_queue.defer, self._start_writing, conn))
-        _handling.conn = conn
+        handling.conn = conn
         try:
             with parking.running(parkable=self.alive, resumed=conn.__dict__.pop("parked", None)):
                 keepalive = super().handle_request(req, conn)
@@ -205,7 +135,7 @@ class DeadlineWorker(ThreadWorker):
             conn.parked, conn.parked_request = parked, req
             return PARKED  # type: ignore[return-value]
         finally:
-            _handling.conn = None
+            handling.conn = None
         # gthread then drains a body the app left unread (a 401 before reading it, say) to keep the connection.
         # Only what has arrived already: a client still sending it is closed instead (by this loop, see _linger).
         reader.deadline = time.monotonic()
@@ -369,97 +299,6 @@ class DeadlineWorker(ThreadWorker):
         if self._drain(conn):
             self._unwatch(self.closing, conn)
             self._close(conn)
-
-    # -- writing answers to slow readers -----------------------------------------------------------------
-
-    def _start_writing(self, conn: TConn) -> None:
-        """The thread left bytes in the outbox (it asks through the method queue): send them as the client reads."""
-        if conn in self.writing or conn.outbox.closed or not conn.outbox.pending:
-            return
-        self.writing[conn] = None
-        self.poller.register(conn.sock, selectors.EVENT_WRITE, partial(self._on_writable, conn))
-
-    def _on_writable(self, conn: TConn, _sock: Any) -> None:
-        try:
-            done = conn.outbox.flush()
-        except OSError:  # the client is gone
-            self._stop_writing(conn)
-            return
-        if done:
-            self.poller.unregister(conn.sock)
-            del self.writing[conn]
-            fs = conn.__dict__.pop("finished", None)
-            if fs is not None:  # its thread is done too: on to keep-alive, the next request, or the close
-                self.finish_request(conn, fs)
-
-    def _stop_writing(self, conn: TConn) -> None:
-        """The client stopped reading (or left): drop the rest, close the connection once its thread is done."""
-        conn.outbox.abort()
-        self.poller.unregister(conn.sock)
-        del self.writing[conn]
-        if conn.__dict__.pop("finished", None) is not None:
-            self.nr_conns -= 1
-            conn.close()
-        else:  # its thread still writes (a stream): its next write fails, then finish_request closes it
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    # -- parked requests (buddy.parking) ------------------------------------------------------------------
-
-    def _park(self, conn: TConn) -> None:
-        """Keep the connection, no thread, until the fill its request follows is announced (or PARK_SECONDS)."""
-        self.parked[conn] = time.monotonic() + PARK_SECONDS
-        conn.parked.watch(partial(self.method_queue.defer, self._resume, conn))
-        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_parked_readable, conn))
-        conn.watched = True
-
-    def _on_parked_readable(self, conn: TConn, _sock: Any) -> None:
-        """The client of a parked request hung up (then it is closed), or sent its next request (read later)."""
-        try:
-            gone = conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            gone = True
-        if gone:
-            self._unpark(conn)
-            conn.__dict__.pop("parked", None)
-            self.nr_conns -= 1
-            conn.close()
-        else:  # pipelined: it waits in the socket until this answer has gone
-            self.poller.unregister(conn.sock)
-            conn.watched = False
-
-    def _unpark(self, conn: TConn) -> None:
-        self.parked.pop(conn, None)
-        conn.parked.unwatch()
-        if conn.__dict__.pop("watched", False):
-            self.poller.unregister(conn.sock)
-
-    def _resume(self, conn: TConn) -> None:
-        """Run a parked request again, on a thread (once, however many wake-ups asked)."""
-        if conn not in self.parked:
-            return
-        self._unpark(conn)
-        fs = self.tpool.submit(self._handle_again, conn)
-        fs.add_done_callback(lambda fut: self.method_queue.defer(self.finish_request, conn, fut))
-
-    def _handle_again(self, conn: TConn) -> Any:
-        """gthread's `handle` for a request already read: the parked one."""
-        req = conn.__dict__.pop("parked_request")
-        try:
-            conn.sock.setblocking(True)
-            return self._keepalive_after(conn, self.handle_request(req, conn))
-        except (StopIteration, http_errors.NoMoreData):
-            pass
-        except OSError as exc:
-            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
-                self.log.exception("Socket error processing request.")
-        except Exception as exc:
-            self.handle_error(req, conn.sock, conn.client, exc)
-        return False
 
     def _close(self, conn: TConn) -> None:
         self._forget_head(conn)
