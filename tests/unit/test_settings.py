@@ -22,8 +22,8 @@ def test_no_config_serves_the_example_mappings_with_defaults() -> None:
     assert (wikidata.scheme, wikidata.netloc, wikidata.base_path) == ("https", "www.wikidata.org", "")
     assert wikidata.ttl_seconds == 86400
     assert wikidata.vary_headers == ("accept", "accept-language")
-    assert (settings.server["host"], settings.server["port"]) == ("127.0.0.1", 8080)
-    assert settings.redis["prefix"] == "buddy:"
+    assert (settings.server.host, settings.server.port) == ("127.0.0.1", 8080)
+    assert settings.redis.prefix == "buddy:"
 
 
 def test_every_bad_field_is_named_by_its_path() -> None:
@@ -107,9 +107,9 @@ def test_file_then_environment_then_overrides(tmp_path) -> None:
     env = {"BUDDY_CONFIG": str(path), "REDIS_URL": "redis://env:6379/1", "BUDDY_SECURE_KEY": "k" * 32}
     settings = load_settings({"server": {"port": 9002}}, environ=env)
     assert settings.domains["x"].ttl_seconds == 5
-    assert settings.redis["url"] == "redis://env:6379/1"
-    assert settings.security["secure_key"] == "k" * 32
-    assert settings.server["port"] == 9002
+    assert settings.redis.url == "redis://env:6379/1"
+    assert settings.security.secure_key == "k" * 32
+    assert settings.server.port == 9002
 
 
 def test_json_file_and_its_errors(tmp_path) -> None:
@@ -148,7 +148,7 @@ def test_a_coalesce_timeout_shorter_than_a_leaders_budget_is_refused_naming_both
 def test_upstream_cache_control_and_pause_settings() -> None:
     settings = validate_config({"domain_mappings": {"w": {"upstream": "https://w.example.org"}}})
     assert settings.domains["w"].respect_upstream_cache_control is True
-    assert settings.throttling["max_upstream_pause"] == 3600
+    assert settings.throttling.max_upstream_pause == 3600
     assert problems({"domain_mappings": {"w": {"upstream": "https://w.example.org",
                                                 "respect_upstream_cache_control": "no"}},
                      "throttling": {"max_upstream_pause": 0}}) == [
