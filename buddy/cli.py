@@ -21,6 +21,7 @@ from buddy.embedded import NotRunning, join_only
 from buddy.errors import ConfigError, StoreUnavailable
 from buddy.monitoring import redacted_url
 from buddy.settings import SECTIONS, load_settings, read_config_file
+from buddy.settings.reference import reference as settings_reference
 from buddy.store.secure_key import GENERATED
 from buddy.views import NAMESPACE
 
@@ -180,8 +181,14 @@ def _size(n: float) -> str:
 
 @group.command("check-config", with_appcontext=False)
 @click.argument("path", required=False, type=click.Path(dir_okay=False))
-def check_config_command(path: str | None) -> None:
+@click.option("--reference", is_flag=True,
+              help="Print every setting instead (key, default, meaning) and the environment variables that set "
+                   "one, in Markdown, as docs/configuration.md lists them; read no config.")
+def check_config_command(path: str | None, reference: bool) -> None:
     """Validate PATH (or $BUDDY_CONFIG with the environment) and print the effective config, secrets redacted."""
+    if reference:
+        click.echo(settings_reference(), nl=False)
+        return
     try:
         # The same order as the proxy's: the file, then the environment variables that set a setting.
         settings = load_settings(environ={**os.environ, "BUDDY_CONFIG": path} if path else os.environ)

@@ -1,5 +1,6 @@
 """Configuration: every setting declared once (declare, sections, mappings), loaded in order (defaults, file,
-environment, overrides) into frozen, typed settings (load)."""
+environment, overrides) into frozen, typed settings (load), and documented from the same declarations
+(reference: `api-buddy check-config --reference`, the lists in docs/configuration.md)."""
 from __future__ import annotations
 
 from buddy.settings.load import (

@@ -155,3 +155,28 @@ def test_upstream_cache_control_and_pause_settings() -> None:
         "domain_mappings.w.respect_upstream_cache_control: must be true or false",
         "throttling.max_upstream_pause: must be a positive number",
     ]
+
+
+def test_with_nothing_configured_each_setting_is_its_documented_default_of_its_declared_type() -> None:
+    """What `check-config --reference` (and docs/configuration.md) shows as a default is what the proxy runs
+    with, and of the type the section declares, which is what mypy checks every reader against."""
+    import types
+    import typing
+
+    from buddy.settings import SECTIONS
+    from buddy.settings.declare import declarations
+
+    UNIONS = (typing.Union, types.UnionType)
+    settings = load_settings(environ={})
+    checked = 0
+    for name, section in SECTIONS.items():
+        loaded, hints = getattr(settings, name), typing.get_type_hints(section)
+        for each in declarations(section):
+            value = getattr(loaded, each.name)
+            assert value == each.kind.to_attribute(each.default), f"{name}.{each.name}"  # the reference's default
+            declared = hints[each.name]  # int, str | None, tuple[str, ...], Mapping[str, int]...
+            arms = typing.get_args(declared) if typing.get_origin(declared) in UNIONS else (declared,)
+            expected = tuple(typing.get_origin(arm) or arm for arm in arms if arm is not type(None))
+            assert value is None or isinstance(value, expected), f"{name}.{each.name}: {value!r} is not {expected}"
+            checked += 1
+    assert checked > 40
