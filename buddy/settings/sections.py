@@ -158,18 +158,20 @@ class LoggingSettings:
     backup_count: int = setting(integer(0, "must be 0 or more", said_for=()), 5, "rotated log files kept")
 
 
-def _redis_url(section: dict[str, Any]) -> None:
+def _redis_url(url: str) -> None:
     """One server (redis://, rediss://, unix://), a Redis Cluster (redis+cluster://host:port,...) or a Sentinel
-    service (redis+sentinel://host:port,.../name); the message says what is wrong (see buddy.store.connect). On
-    a cluster, the prefix must not hold a hash tag."""
+    service (redis+sentinel://host:port,.../name); the message says what is wrong (see buddy.store.connect)."""
+    if url:
+        try:
+            parse_redis_url(url)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+
+
+def _prefix_on_a_cluster(section: dict[str, Any]) -> None:
+    """On a Redis Cluster the prefix must not hold a hash tag."""
     url, prefix = section.get("url"), section.get("prefix") or ""
-    if not url:
-        return
-    try:
-        target = parse_redis_url(url)
-    except ValueError as exc:
-        refuse(str(exc), "url")
-    if target.kind == "cluster" and ("{" in prefix or "}" in prefix):
+    if url and parse_redis_url(url).kind == "cluster" and ("{" in prefix or "}" in prefix):
         refuse("must not contain '{' or '}' on a Redis Cluster: it would be every key's hash tag and put the whole "
                "cache in one slot, on one node", "prefix")
 
@@ -178,10 +180,10 @@ def _redis_url(section: dict[str, Any]) -> None:
 class RedisSettings:
     """The Redis that holds every piece of shared state: an external one, or the built-in one's folder and cap."""
 
-    section_checks: ClassVar = (_redis_url,)
+    section_checks: ClassVar = (_prefix_on_a_cluster,)
 
     url: str | None = setting(STRING, None, "a Redis to use instead of the built-in one; see "
-                              "[Redis URLs](#redis-urls)", env="REDIS_URL")
+                              "[Redis URLs](#redis-urls)", check=_redis_url, env="REDIS_URL")
     prefix: str = setting(STRING, "buddy:", "prefix of every key (at most 64 characters), so several proxies can "
                           "share one Redis", check=validate.Length(max=64, error="must be at most 64 characters"))
     data_dir: str | None = setting(STRING, None, "folder of the built-in Redis", env="BUDDY_DATA_DIR",

@@ -78,6 +78,11 @@ def test_missing_upstream_and_wrong_types() -> None:
     ]
 
 
+def test_a_bad_redis_url_is_named_alongside_the_sections_other_bad_settings() -> None:
+    found = problems({"redis": {"url": "http://x", "socket_timeout": 0}})
+    assert [line.split(":")[0] for line in found] == ["redis.socket_timeout", "redis.url"]
+
+
 def test_per_domain_values_fall_back_to_section_defaults() -> None:
     settings = validate_config({
         "domain_mappings": {
