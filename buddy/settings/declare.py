@@ -55,12 +55,10 @@ class Kind:
         return self.field(validate=[*self.checks, *extra], error_messages=dict(self.messages), **options)
 
 
-def integer(minimum: int, message: str, maximum: int | None = None,
-            said_for: tuple[str, ...] = ("invalid", "null")) -> Kind:
-    """Whole numbers from `minimum` (to `maximum`), never a string or a float; `message` for a value out of range
-    and for the marshmallow errors named in `said_for`."""
+def integer(minimum: int, message: str, maximum: int | None = None) -> Kind:
+    """Whole numbers from `minimum` (to `maximum`), never a string or a float; `message` for anything else."""
     return Kind(partial(fields.Integer, strict=True), (validate.Range(min=minimum, max=maximum, error=message),),
-                {key: message for key in said_for})
+                {"invalid": message, "null": message})
 
 
 def number(*, positive: bool, at_most: float | None = None) -> Kind:
@@ -78,7 +76,7 @@ def _tuple(value: Any) -> Any:
 
 POSITIVE_INT = integer(1, "must be a positive integer")
 NON_NEGATIVE_INT = integer(0, "must be 0 or a positive integer")
-PORT = integer(1, "must be a port number (1-65535)", maximum=65535, said_for=("invalid",))
+PORT = integer(1, "must be a port number (1-65535)", maximum=65535)
 POSITIVE_NUMBER = number(positive=True)
 BOOLEAN = Kind(partial(fields.Boolean, truthy={True}, falsy={False}), messages={"invalid": "must be true or false"},
                from_env=switch, env_values="`1`/`true`/`yes`/`on` or `0`/`false`/`no`/`off`")

@@ -20,7 +20,6 @@ from buddy.settings.declare import (
     POSITIVE_NUMBER,
     STRING,
     STRINGS,
-    integer,
     refuse,
     setting,
     strings,
@@ -155,7 +154,7 @@ class LoggingSettings:
     enable_file: bool = setting(BOOLEAN, False, "log to a rotating file, `file_path`")
     file_path: str | None = setting(STRING, None, "the log file (with `enable_file`)")
     max_file_size: int = setting(POSITIVE_INT, 10 * MIB, "bytes before the log file is rotated")
-    backup_count: int = setting(integer(0, "must be 0 or more", said_for=()), 5, "rotated log files kept")
+    backup_count: int = setting(NON_NEGATIVE_INT, 5, "rotated log files kept")
 
 
 def _redis_url(url: str) -> None:

@@ -83,6 +83,13 @@ def test_a_bad_redis_url_is_named_alongside_the_sections_other_bad_settings() ->
     assert [line.split(":")[0] for line in found] == ["redis.socket_timeout", "redis.url"]
 
 
+def test_every_whole_number_setting_says_what_it_takes_whatever_the_wrong_value() -> None:
+    assert problems({"server": {"port": None}, "logging": {"backup_count": "five"}}) == [
+        "logging.backup_count: must be 0 or a positive integer",
+        "server.port: must be a port number (1-65535)",
+    ]
+
+
 def test_per_domain_values_fall_back_to_section_defaults() -> None:
     settings = validate_config({
         "domain_mappings": {
