@@ -65,8 +65,8 @@ def measure_cost(redis_url: str, calls: int, history: int) -> list[str]:
                                 "throttling": {"domain_limits": {name: HIGH for name in domains}}})
     client, _, _ = connect_redis(settings)  # the proxy's own client options
     client.flushall()
-    keys, d = RedisKeys(settings.redis["prefix"]), settings.domains
-    limiter = RateLimiter(client, StoreGuard(), keys, settings.throttling["progressive_max_delay"])
+    keys, d = RedisKeys(settings.redis.prefix), settings.domains
+    limiter = RateLimiter(client, StoreGuard(), keys, settings.throttling.progressive_max_delay)
     seconds, micros = client.time()
     since = seconds * 1000 + micros // 1000  # everything reserved while timing lies at or after this
     rng = random.Random(1)

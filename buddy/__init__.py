@@ -63,7 +63,7 @@ class Buddy:
         """This process serves requests (a gunicorn worker, a CachingProxy): generate the access key now if one is
         needed, so that the log filter knows it before the first request is logged (an operator command never
         generates one), and say in Redis where the key comes from, for `api-buddy key`."""
-        required = self.settings.security["require_secure_key"]
+        required = self.settings.security.require_secure_key
         try:
             if required:
                 self.secure_key.get()
@@ -103,7 +103,7 @@ def shutdown_live_apps() -> None:
 
 def key_origin(settings: Settings, environ: Mapping[str, str], config: Mapping[str, Any] | None) -> str:
     """Where the configured access key was set (the later sources win, as in load_settings), or GENERATED."""
-    if not settings.security["secure_key"]:
+    if not settings.security.secure_key:
         return GENERATED
     if ((config or {}).get("security") or {}).get("secure_key"):
         return "the configuration the program passed to the proxy"
@@ -115,14 +115,14 @@ def key_origin(settings: Settings, environ: Mapping[str, str], config: Mapping[s
 def connect_redis(settings: Settings) -> tuple[redis.Redis, str, EmbeddedRedis | None]:
     """The configured Redis (one server, a Redis Cluster or a Sentinel service), or the embedded one for this data
     folder (started here if nobody runs it yet)."""
-    url, embedded = settings.redis["url"], None
+    url, embedded = settings.redis.url, None
     if not url:
-        embedded = EmbeddedRedis(settings.data_dir, settings.redis["maxmemory"])
+        embedded = EmbeddedRedis(settings.data_dir, settings.redis.maxmemory)
         embedded.ensure()  # the app's shutdown() leaves it again; the last process to leave stops it
         url = embedded.url
     # One server, a Redis Cluster (made on first use) or Sentinel's primary, as the URL's scheme says; its commands
     # give up after the short command timeout, a blocking read after socket_timeout (see store.connect).
-    return connect(url, settings.redis["socket_timeout"], settings.redis["command_timeout"]), url, embedded
+    return connect(url, settings.redis.socket_timeout, settings.redis.command_timeout), url, embedded
 
 
 def create_app(
@@ -135,14 +135,14 @@ def create_app(
     settings = load_settings(config, os.environ if environ is None else environ)
     configure_logging(settings.logging)
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = settings.server["max_request_body"]
+    app.config["MAX_CONTENT_LENGTH"] = settings.server.max_request_body
     app.url_map.merge_slashes = False  # `/x//y` must reach the upstream as sent, not be redirected
     app.url_map.strict_slashes = False
 
     url, embedded = "(injected)", None
     if redis_client is None:
         redis_client, url, embedded = connect_redis(settings)
-    keys = RedisKeys(settings.redis["prefix"])
+    keys = RedisKeys(settings.redis.prefix)
     guard = StoreGuard(
         probe=redis_client.ping,
         nodes=redis_client if isinstance(redis_client, LazyCluster) else None,  # a circuit per primary
@@ -150,32 +150,32 @@ def create_app(
     )
     metrics = MetricsRecorder(redis_client, guard, keys)
     hub = WakeupHub(redis_client, keys.fill_channel)
-    memory = MemoryCache(settings.cache["l1_max_bytes"], hub)  # used while the hub's subscription holds
+    memory = MemoryCache(settings.cache.l1_max_bytes, hub)  # used while the hub's subscription holds
     cache = ResponseCache(redis_client, guard, keys, {name: d.grace for name, d in settings.domains.items()}, memory)
     hub.listeners.append(cache.heard)  # a write or removal anywhere drops this worker's copy
     cache.on_memory_hit = lambda domain: metrics.count(domain, Counters.MEMORY_HITS)
-    max_delay = settings.throttling["progressive_max_delay"]
+    max_delay = settings.throttling.progressive_max_delay
     waiting = WaitingRoom(int(os.environ.get("BUDDY_THREADS", "64")))  # sleepers and followers alike
-    offline = OfflineSwitch(redis_client, guard, keys, settings.cache["offline"])
+    offline = OfflineSwitch(redis_client, guard, keys, settings.cache.offline)
     limiter = RateLimiter(redis_client, guard, keys, max_delay)
     fetcher = Fetcher(
-        settings, UpstreamClient(settings.cache["max_cache_response_size"]), limiter,
+        settings, UpstreamClient(settings.cache.max_cache_response_size), limiter,
         LocalLimiter(max_delay, int(os.environ.get("BUDDY_WORKERS", "1"))), waiting, metrics, offline,
     )
     service = ProxyService(
         settings, keys, cache, fetcher,
-        Coalescer(redis_client, guard, keys, hub, relay_limit=settings.cache["max_relay_size"], waiting=waiting),
+        Coalescer(redis_client, guard, keys, hub, relay_limit=settings.cache.max_relay_size, waiting=waiting),
         limiter, metrics, offline,
     )
-    secure_key = SecureKeyStore(redis_client, guard, keys, settings.security["secure_key"])
+    secure_key = SecureKeyStore(redis_client, guard, keys, settings.security.secure_key)
     security = settings.security
-    failures = KeyFailures(security["max_key_failures"], security["key_lockout_max_seconds"], client=redis_client,
-                           guard=guard, keys=keys, log_events=security["log_security_events"])
-    access = AccessControl(security["require_secure_key"], secure_key.get, security["log_security_events"], failures)
+    failures = KeyFailures(security.max_key_failures, security.key_lockout_max_seconds, client=redis_client,
+                           guard=guard, keys=keys, log_events=security.log_security_events)
+    access = AccessControl(security.require_secure_key, secure_key.get, security.log_security_events, failures)
     monitoring = MonitoringManager(redis_client, guard, keys, settings, cache, url, __version__, service.offline)
     if embedded is not None:
         monitoring.redis.embedded_problem = embedded.problem  # health says why it cannot run, in every worker
-    hosts = HostCheck(settings, log_events=settings.security["log_security_events"])
+    hosts = HostCheck(settings, log_events=settings.security.log_security_events)
     buddy = Buddy(settings, redis_client, service, access, secure_key, monitoring, hosts, embedded,
                   key_origin=key_origin(settings, os.environ if environ is None else environ, config))
     app.extensions["buddy"] = buddy

@@ -54,7 +54,7 @@ class CachingProxy:
     @property
     def url(self) -> str:
         server = self.buddy.settings.server
-        return f"http://{server['host']}:{server['port']}"
+        return f"http://{server.host}:{server.port}"
 
     def start(self, blocking: bool = False) -> None:
         """Serve on `server.host:server.port`; with blocking=False from a background thread, else until stop().
@@ -66,10 +66,10 @@ class CachingProxy:
         if self._server is not None:
             raise RuntimeError(f"this CachingProxy is already serving on {self.url}")
         server = self.buddy.settings.server
-        warning = exposure_warning([f"{server['host']}:{server['port']}"], self.buddy.access.required)
+        warning = exposure_warning([f"{server.host}:{server.port}"], self.buddy.access.required)
         if warning:
             log.warning(warning)
-        host, port = server["host"], server["port"]
+        host, port = server.host, server.port
         family = select_address_family(host, port)
         try:  # bound here: werkzeug would print a taken port to stderr and exit, which the host program must not
             listener = socket.create_server(get_sockaddr(host, port, family), family=family)
@@ -106,8 +106,8 @@ class CachingProxy:
 
     def get_secure_key(self) -> str | None:
         """The access key clients must send; None when the proxy requires none (and none is made up for it)."""
-        if not self.buddy.settings.security["require_secure_key"]:
-            return self.buddy.settings.security["secure_key"]
+        if not self.buddy.settings.security.require_secure_key:
+            return self.buddy.settings.security.secure_key
         return self.buddy.secure_key.get()
 
     def get_metrics(self) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from buddy.counters import COLUMNS, Tally, Unit
 from buddy.embedded import NotRunning, join_only
 from buddy.errors import ConfigError, StoreUnavailable
 from buddy.monitoring import redacted_url
-from buddy.settings import load_settings, read_config_file
+from buddy.settings import SECTIONS, load_settings, read_config_file
+from buddy.settings.reference import reference as settings_reference
 from buddy.store.secure_key import GENERATED
 from buddy.views import NAMESPACE
 
@@ -62,7 +63,7 @@ def _redis_down(exc: StoreUnavailable) -> click.ClickException:
 def key_command() -> None:
     """Print the access key the running proxy accepts and nothing else; or say where to find it."""
     buddy = current_app.extensions["buddy"]
-    store, configured = buddy.secure_key, buddy.settings.security["secure_key"]
+    store, configured = buddy.secure_key, buddy.settings.security.secure_key
     try:  # read, never generate: a key made up here would not be the one the proxy accepts
         source, stored = store.announced(), store.stored()
     except StoreUnavailable as exc:
@@ -180,10 +181,16 @@ def _size(n: float) -> str:
 
 @group.command("check-config", with_appcontext=False)
 @click.argument("path", required=False, type=click.Path(dir_okay=False))
-def check_config_command(path: str | None) -> None:
+@click.option("--reference", is_flag=True,
+              help="Print every setting instead (key, default, meaning) and the environment variables that set "
+                   "one, in Markdown, as docs/configuration.md lists them; read no config.")
+def check_config_command(path: str | None, reference: bool) -> None:
     """Validate PATH (or $BUDDY_CONFIG with the environment) and print the effective config, secrets redacted."""
+    if reference:
+        click.echo(settings_reference(), nl=False)
+        return
     try:
-        # The same order as the proxy's: the file, then REDIS_URL, BUDDY_DATA_DIR and BUDDY_SECURE_KEY.
+        # The same order as the proxy's: the file, then the environment variables that set a setting.
         settings = load_settings(environ={**os.environ, "BUDDY_CONFIG": path} if path else os.environ)
     except ConfigError as exc:
         click.echo(str(exc), err=True)
@@ -192,14 +199,11 @@ def check_config_command(path: str | None) -> None:
         "domain_mappings": {name: {k: v for k, v in asdict(d).items() if k not in ("name", "scheme", "netloc",
                                                                               "base_path")}
                             for name, d in settings.domains.items()},
-        "server": dict(settings.server),
-        "security": {**settings.security, "secure_key": "***" if settings.security["secure_key"] else None},
-        "cache": dict(settings.cache),
-        "throttling": dict(settings.throttling),
-        "logging": dict(settings.logging),
-        "redis": {**settings.redis, "url": redacted_url(settings.redis["url"]) if settings.redis["url"] else None,
-                  "data_dir": str(settings.data_dir)},
+        **{name: asdict(getattr(settings, name)) for name in SECTIONS},
     }
+    effective["security"]["secure_key"] = "***" if settings.security.secure_key else None
+    effective["redis"].update(url=redacted_url(settings.redis.url) if settings.redis.url else None,
+                              data_dir=str(settings.data_dir))
     click.echo(json.dumps(effective, indent=2, default=sorted))  # sets in one order, run after run
     click.echo("configuration is valid", err=True)
 

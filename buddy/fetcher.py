@@ -145,7 +145,7 @@ class Fetcher:
             if answered is not None and answered.pushes_back:
                 pause = policy.retry_after_seconds(result.header("Retry-After"), time.time())
                 if pause is not None:
-                    pause = min(pause, self.settings.throttling["max_upstream_pause"])
+                    pause = min(pause, self.settings.throttling.max_upstream_pause)
                 self.limiter.penalize(domain, pause, partition)
             elif decision.level and result.status < 500:
                 self.limiter.reset(domain, partition)

@@ -87,13 +87,13 @@ def machine_names() -> tuple[str, ...]:
 def accepted_names(settings: Settings, binds: Iterable[str] = ()) -> frozenset[str]:
     """Every name a Host may carry (IP addresses besides, always); contains ANY when every name is accepted."""
     names = set(LOOPBACK_NAMES) | set(machine_names())
-    for where in (str(settings.server["host"]), *binds):
+    for where in (str(settings.server.host), *binds):
         name = bind_host(where)
         if name:
             names.add(name)
-    for entry in settings.server["allowed_hosts"]:
+    for entry in settings.server.allowed_hosts:
         names.add(ANY if entry == ANY else (host_name(entry) or entry.lower()))
-    for entry in settings.security["admin_hosts"]:  # its older, narrower form: names only, never ANY
+    for entry in settings.security.admin_hosts:  # its older, narrower form: names only, never ANY
         name = host_name(entry)
         if name:
             names.add(name)
@@ -114,7 +114,7 @@ def describe(settings: Settings, binds: Iterable[str] = ()) -> str:
     else:
         listed = ", ".join(sorted(names, key=lambda name: (is_address(name), name)))
         line = f"accepts Host: {listed} and any IP address (more names: {SETTING})"
-    if settings.security["admin_hosts"]:
+    if settings.security.admin_hosts:
         line += f"; security.admin_hosts is read as part of {SETTING}: move its names there"
     return line
 

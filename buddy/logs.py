@@ -4,32 +4,34 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import sys
-from typing import Any, Mapping
+from typing import Any
 
 from gunicorn import glogging
+
+from buddy.settings import LoggingSettings
 
 _MARK = "_buddy_handler"
 
 
-def configure_logging(section: Mapping[str, Any]) -> logging.Logger:
+def configure_logging(section: LoggingSettings) -> logging.Logger:
     """Configure `buddy` once per call; handlers from an earlier call are replaced, not stacked."""
     logger = logging.getLogger("buddy")
-    logger.setLevel(section["level"])
+    logger.setLevel(section.level)
     for handler in [h for h in logger.handlers if getattr(h, _MARK, False)]:
         logger.removeHandler(handler)
         handler.close()
-    if section["parent_logger"]:
+    if section.parent_logger:
         # Hand records to the host application's logger and let its handlers decide where they go.
-        logger.parent = logging.getLogger(section["parent_logger"])
+        logger.parent = logging.getLogger(section.parent_logger)
         logger.propagate = True
         return logger
-    formatter = logging.Formatter(section["format"], section["date_format"])
+    formatter = logging.Formatter(section.format, section.date_format)
     handlers: list[logging.Handler] = []
-    if section["enable_console"]:
+    if section.enable_console:
         handlers.append(logging.StreamHandler(sys.stderr))
-    if section["enable_file"] and section["file_path"]:
+    if section.enable_file and section.file_path:
         handlers.append(logging.handlers.RotatingFileHandler(
-            section["file_path"], maxBytes=section["max_file_size"], backupCount=section["backup_count"]
+            section.file_path, maxBytes=section.max_file_size, backupCount=section.backup_count
         ))
     for handler in handlers:
         setattr(handler, _MARK, True)
@@ -39,23 +41,23 @@ def configure_logging(section: Mapping[str, Any]) -> logging.Logger:
     return logger
 
 
-def gunicorn_logconfig(section: Mapping[str, Any]) -> dict[str, Any]:
+def gunicorn_logconfig(section: LoggingSettings) -> dict[str, Any]:
     """gunicorn's `logconfig_dict`: its error log gets the same level, format, console and file as the app."""
     handlers: dict[str, dict[str, Any]] = {}
-    if section["enable_console"]:
+    if section.enable_console:
         handlers["buddy_console"] = {"class": "logging.StreamHandler", "formatter": "buddy", "stream": "ext://sys.stderr"}
-    if section["enable_file"] and section["file_path"]:
+    if section.enable_file and section.file_path:
         handlers["buddy_file"] = {
-            "class": "logging.handlers.RotatingFileHandler", "formatter": "buddy", "filename": section["file_path"],
-            "maxBytes": section["max_file_size"], "backupCount": section["backup_count"],
+            "class": "logging.handlers.RotatingFileHandler", "formatter": "buddy", "filename": section.file_path,
+            "maxBytes": section.max_file_size, "backupCount": section.backup_count,
         }
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"buddy": {"format": section["format"], "datefmt": section["date_format"]}},
+        "formatters": {"buddy": {"format": section.format, "datefmt": section.date_format}},
         "handlers": handlers,
         "root": {"level": "WARNING", "handlers": []},
-        "loggers": {"gunicorn.error": {"level": section["level"], "handlers": list(handlers), "propagate": False}},
+        "loggers": {"gunicorn.error": {"level": section.level, "handlers": list(handlers), "propagate": False}},
     }
 
 

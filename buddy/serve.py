@@ -80,8 +80,8 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         raise SystemExit(CONFIG_EXIT)
     hooks = ServerHooks(settings)
     return {
-        "bind": [f"{settings.server['host']}:{settings.server['port']}"],
-        "loglevel": settings.logging["level"].lower(),
+        "bind": [f"{settings.server.host}:{settings.server.port}"],
+        "loglevel": settings.logging.level.lower(),
         "logconfig_dict": gunicorn_logconfig(settings.logging),  # the app's logging section, for gunicorn too
         "logger_class": "buddy.logs.GunicornLogger",  # no access records unless an access log is asked for
         "workers": int(os.environ.get("WEB_CONCURRENCY", str(DEFAULT_WORKERS))),
@@ -109,7 +109,7 @@ class ServerHooks:
 
     def on_starting(self, server: Any) -> None:
         """In the master, before it binds: warn about an exposed bind, tell the workers how many they are."""
-        warning = exposure_warning(list(server.cfg.bind), self.settings.security["require_secure_key"])
+        warning = exposure_warning(list(server.cfg.bind), self.settings.security.require_secure_key)
         if warning:
             server.log.warning(warning)
         chosen = server.cfg.settings["worker_class"].get()
@@ -138,10 +138,10 @@ class ServerHooks:
         """
         settings = self.settings
         self._introduce(server)
-        if settings.redis["url"]:
+        if settings.redis.url:
             return
         configure_logging(settings.logging)  # the master's own `buddy.embedded` lines (restarts) look like the rest
-        embedded = server.buddy_embedded_redis = EmbeddedRedis(settings.data_dir, settings.redis["maxmemory"])
+        embedded = server.buddy_embedded_redis = EmbeddedRedis(settings.data_dir, settings.redis.maxmemory)
         atexit.register(embedded.stop)  # a master that dies of an error in its main loop never calls on_exit
         try:
             started = embedded.supervise()
@@ -174,9 +174,9 @@ class ServerHooks:
         config = os.environ.get("BUDDY_CONFIG")
         server.log.info(
             "config: %s; access key %s", os.path.abspath(config) if config else "built-in defaults",
-            "required" if settings.security["require_secure_key"] else "NOT required",
+            "required" if settings.security.require_secure_key else "NOT required",
         )
-        url = settings.redis["url"]
+        url = settings.redis.url
         where = f"external {redacted_url(url)}" if url else f"embedded, data in {settings.data_dir}"
         server.log.info("redis: %s", where)
         server.log.info("%s", describe(settings, cfg.bind))

@@ -393,7 +393,7 @@ class ProxyService:
                 return
             keep = self._keeper(request, found, fill, result) if result.live and store else None
             # The relay ends the fill when the body ends (with a live stream kept once whole, by storing it).
-            result.stream = fill.relay(result, storage.drop, keep, self.settings.cache["max_cache_response_size"])
+            result.stream = fill.relay(result, storage.drop, keep, self.settings.cache.max_cache_response_size)
             return
         target = found.primary
         if storage.vary:

@@ -16,7 +16,7 @@ from buddy.access import Target
 from buddy.errors import BadProxyRequest
 from buddy.messages import ProxyRequest, ProxyResult
 from buddy.service import Looked, ProxyService
-from buddy.settings import DomainSettings
+from buddy.settings import DomainSettings, ServerSettings
 from buddy.upstream import forwardable_request_headers, safe_path, safe_query, upstream_path
 
 bp = Blueprint("proxy", __name__)
@@ -40,7 +40,7 @@ def has_body(environ: Mapping[str, Any]) -> bool:
     return "HTTP_TRANSFER_ENCODING" in environ or environ.get("CONTENT_LENGTH") not in (None, "", "0")
 
 
-def read_body(req: Request, server: Mapping[str, Any]) -> bytes:
+def read_body(req: Request, server: ServerSettings) -> bytes:
     """The whole request body, refused with 413 past `server.max_request_body`, also when it arrives chunked.
 
     A body that does not arrive whole is a 400. `server.body_timeout` bounds the whole body, however slowly
@@ -58,10 +58,10 @@ def read_body(req: Request, server: Mapping[str, Any]) -> bytes:
     chunked = codings == ["chunked"]
     if req.content_length is None and not chunked:
         return b""  # no framing to read a body by
-    late = f"the request body did not arrive whole (server.body_timeout: {server['body_timeout']:g} s)"
+    late = f"the request body did not arrive whole (server.body_timeout: {server.body_timeout:g} s)"
     sock = req.environ.get("gunicorn.socket")
     if sock is not None:
-        sock.settimeout(server["body_timeout"])  # the floor for other workers; buddy's worker reads by deadline
+        sock.settimeout(server.body_timeout)  # the floor for other workers; buddy's worker reads by deadline
     if req.content_length is not None:
         try:
             return req.get_data(cache=False)  # werkzeug answers 413 when Content-Length is over the limit
@@ -69,7 +69,7 @@ def read_body(req: Request, server: Mapping[str, Any]) -> bytes:
             raise BadRequest(late) from exc
     if not req.environ.get("wsgi.input_terminated"):
         return b""  # a server that cannot frame a chunked body for us: read nothing rather than too much
-    limit = server["max_request_body"]
+    limit = server.max_request_body
     try:
         body = req.environ["wsgi.input"].read(limit + 1)
     except TimeoutError as exc:

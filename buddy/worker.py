@@ -80,10 +80,10 @@ class DeadlineWorker(HeldConnections, ThreadWorker):
         # The settings the app loads in this same process (BUDDY_CONFIG, then the environment): gunicorn's cfg
         # does not know these two.
         server = load_settings().server
-        self.header_timeout: float = server["header_timeout"]
-        self.body_timeout: float = server["body_timeout"]
-        self.send_timeout: float = server["send_timeout"]
-        self.send_budget = SendBudget(server["send_buffer"])
+        self.header_timeout: float = server.header_timeout
+        self.body_timeout: float = server.body_timeout
+        self.send_timeout: float = server.send_timeout
+        self.send_budget = SendBudget(server.send_buffer)
         self.writing: dict[TConn, None] = {}  # connections whose answers the loop is sending
         self.parked: dict[TConn, float] = {}  # parked requests -> when to run them again at the latest (in order)
         self.head_limit = head_limit(self.cfg)

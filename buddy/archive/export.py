@@ -95,7 +95,7 @@ class Exporter:
 
     def _secrets(self) -> frozenset[str]:
         """Every spelling of the proxy's access key, read (never generated) so that no record can carry it."""
-        key = self.buddy.settings.security["secure_key"]
+        key = self.buddy.settings.security.secure_key
         if not key:
             store = self.buddy.secure_key
             stored = store.guard.run(lambda: store.client.get(store.name))

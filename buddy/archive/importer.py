@@ -89,7 +89,7 @@ class Importer:
 
     @property
     def limits(self) -> tuple[int, int]:
-        return self.settings.server["max_request_body"], self.settings.cache["max_cache_response_size"]
+        return self.settings.server.max_request_body, self.settings.cache.max_cache_response_size
 
     def store(self, request: Part, response: Part) -> None:
         where = f"{response.where} ({response.uri or request.uri})"

@@ -18,7 +18,8 @@ test knows (toml, json, text), so a page cannot grow a command nobody runs. How 
 - json, text: data or output, never commands (a `$ ` line in one fails the test).
 
 Besides: the README starts with its quick start, in order; an example that listens on 0.0.0.0 requires the
-access key in the same block; every link between the pages reaches a file, and a heading there.
+access key in the same block; every link between the pages reaches a file, and a heading there; the lists of
+settings in docs/configuration.md are what the settings' declarations make (`api-buddy check-config --reference`).
 
 A page that starts with `<!-- setup: the README's quick start -->` is run in a session that has first done
 the README's quick start (its blocks up to and including the first request): buddy.toml written, the proxy
@@ -52,6 +53,7 @@ import pytest
 import requests
 
 from buddy.settings import tomllib, validate_config
+from buddy.settings.reference import PARTS
 from tests.support.doc_blocks import Block, Command, console_commands, read_blocks, shell_commands, strip_comment
 from tests.support.doc_shell import Shell
 from tests.support.ports import free_port
@@ -302,6 +304,21 @@ def test_links_between_pages_reach_a_file_and_a_heading() -> None:
                 if anchor not in {slug(heading) for heading in headings}:
                     problems.append(f"{page}: {target}: no such heading")
     assert not problems, "\n".join(problems)
+
+
+def test_the_settings_lists_are_the_ones_the_declarations_make() -> None:
+    """docs/configuration.md lists every setting (and every variable that sets one) as `api-buddy check-config
+    --reference` makes them from the declarations in buddy/settings/: a setting added, renamed, given another
+    default or help there and not here fails this test."""
+    text = (ROOT / "docs/configuration.md").read_text()
+    for name, (heading, make) in PARTS.items():
+        between = rf"^<!-- begin: {name}[ ,].*?-->\n\n(.*?)\n<!-- end: {name} -->$"
+        found = re.search(rf"^## {re.escape(heading)}\n.*?{between}", text, re.MULTILINE | re.DOTALL)
+        assert found, f"docs/configuration.md: no `<!-- begin: {name} ... -->` ... `<!-- end: {name} -->` under " \
+                      f"'## {heading}'"
+        assert found[1] == make(), (f"docs/configuration.md: the {name} list differs from the declarations; put "
+                                    f"what `api-buddy check-config --reference` prints under '## {heading}' "
+                                    "between its markers")
 
 
 def test_toml_blocks_are_valid_configurations() -> None:

@@ -193,6 +193,18 @@ def test_check_config_follows_config(tmp_path: Path) -> None:
     assert result.exit_code == 0 and list(json.loads(result.stdout)["domain_mappings"]) == ["up"]
 
 
+def test_check_config_reference_lists_every_setting_without_reading_the_config(tmp_path: Path) -> None:
+    from buddy.settings.reference import reference
+
+    broken = tmp_path / "cfg.toml"
+    broken.write_text("[cache]\ndefault_ttl = 3600\n")  # the reference reads no config, so it cannot fail on one
+    result = invoke(["check-config", "--reference"], BUDDY_CONFIG=str(broken))
+    assert result.exit_code == 0 and result.output == reference()
+    lines = result.output.splitlines()
+    assert "| `cache.max_cache_response_size` | `10485760` | larger responses stream through uncached |" in lines
+    assert "| `REDIS_URL` | `redis.url` |" in lines
+
+
 FAKE_SYSTEMCTL = """#!/usr/bin/env python3
 import json, sys
 answers = json.load(open({answers!r}))

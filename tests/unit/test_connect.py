@@ -76,7 +76,7 @@ def test_sentinel_urls_name_sentinels_the_service_and_a_database() -> None:
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://u:p@h:6380/1", "unix:///tmp/r.sock?db=2"])
 def test_one_server_urls_are_still_redis_pys_own(url: str) -> None:
     assert parse_redis_url(url).kind == "single"
-    assert load_settings({"redis": {"url": url}}, {}).redis["url"] == url
+    assert load_settings({"redis": {"url": url}}, {}).redis.url == url
 
 
 @pytest.mark.parametrize("url, problem", [

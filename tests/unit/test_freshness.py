@@ -37,7 +37,7 @@ def test_stale_settings_are_named_when_wrong() -> None:
         "cache.stale_while_revalidate_seconds: must be 0 or a positive integer",
         "domain_mappings.up.stale_if_error_seconds: must be 0 or a positive integer",
     ]
-    assert load_settings(environ={"BUDDY_OFFLINE": "yes"}).cache["offline"] is True
+    assert load_settings(environ={"BUDDY_OFFLINE": "yes"}).cache.offline is True
     with pytest.raises(ConfigError, match="BUDDY_OFFLINE: must be true or false"):
         load_settings(environ={"BUDDY_OFFLINE": "perhaps"})
 

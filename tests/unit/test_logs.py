@@ -4,11 +4,11 @@ from __future__ import annotations
 import logging
 
 from buddy.logs import configure_logging
-from buddy.settings import validate_config
+from buddy.settings import LoggingSettings, validate_config
 
 
-def section(**values) -> dict:
-    return dict(validate_config({"logging": values}).logging)
+def section(**values) -> LoggingSettings:
+    return validate_config({"logging": values}).logging
 
 
 def test_file_logging_uses_the_format_and_is_not_stacked(tmp_path) -> None:

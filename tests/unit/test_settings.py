@@ -22,8 +22,8 @@ def test_no_config_serves_the_example_mappings_with_defaults() -> None:
     assert (wikidata.scheme, wikidata.netloc, wikidata.base_path) == ("https", "www.wikidata.org", "")
     assert wikidata.ttl_seconds == 86400
     assert wikidata.vary_headers == ("accept", "accept-language")
-    assert (settings.server["host"], settings.server["port"]) == ("127.0.0.1", 8080)
-    assert settings.redis["prefix"] == "buddy:"
+    assert (settings.server.host, settings.server.port) == ("127.0.0.1", 8080)
+    assert settings.redis.prefix == "buddy:"
 
 
 def test_every_bad_field_is_named_by_its_path() -> None:
@@ -78,6 +78,18 @@ def test_missing_upstream_and_wrong_types() -> None:
     ]
 
 
+def test_a_bad_redis_url_is_named_alongside_the_sections_other_bad_settings() -> None:
+    found = problems({"redis": {"url": "http://x", "socket_timeout": 0}})
+    assert [line.split(":")[0] for line in found] == ["redis.socket_timeout", "redis.url"]
+
+
+def test_every_whole_number_setting_says_what_it_takes_whatever_the_wrong_value() -> None:
+    assert problems({"server": {"port": None}, "logging": {"backup_count": "five"}}) == [
+        "logging.backup_count: must be 0 or a positive integer",
+        "server.port: must be a port number (1-65535)",
+    ]
+
+
 def test_per_domain_values_fall_back_to_section_defaults() -> None:
     settings = validate_config({
         "domain_mappings": {
@@ -107,9 +119,9 @@ def test_file_then_environment_then_overrides(tmp_path) -> None:
     env = {"BUDDY_CONFIG": str(path), "REDIS_URL": "redis://env:6379/1", "BUDDY_SECURE_KEY": "k" * 32}
     settings = load_settings({"server": {"port": 9002}}, environ=env)
     assert settings.domains["x"].ttl_seconds == 5
-    assert settings.redis["url"] == "redis://env:6379/1"
-    assert settings.security["secure_key"] == "k" * 32
-    assert settings.server["port"] == 9002
+    assert settings.redis.url == "redis://env:6379/1"
+    assert settings.security.secure_key == "k" * 32
+    assert settings.server.port == 9002
 
 
 def test_json_file_and_its_errors(tmp_path) -> None:
@@ -148,10 +160,35 @@ def test_a_coalesce_timeout_shorter_than_a_leaders_budget_is_refused_naming_both
 def test_upstream_cache_control_and_pause_settings() -> None:
     settings = validate_config({"domain_mappings": {"w": {"upstream": "https://w.example.org"}}})
     assert settings.domains["w"].respect_upstream_cache_control is True
-    assert settings.throttling["max_upstream_pause"] == 3600
+    assert settings.throttling.max_upstream_pause == 3600
     assert problems({"domain_mappings": {"w": {"upstream": "https://w.example.org",
                                                 "respect_upstream_cache_control": "no"}},
                      "throttling": {"max_upstream_pause": 0}}) == [
         "domain_mappings.w.respect_upstream_cache_control: must be true or false",
         "throttling.max_upstream_pause: must be a positive number",
     ]
+
+
+def test_with_nothing_configured_each_setting_is_its_documented_default_of_its_declared_type() -> None:
+    """What `check-config --reference` (and docs/configuration.md) shows as a default is what the proxy runs
+    with, and of the type the section declares, which is what mypy checks every reader against."""
+    import types
+    import typing
+
+    from buddy.settings import SECTIONS
+    from buddy.settings.declare import declarations
+
+    UNIONS = (typing.Union, types.UnionType)
+    settings = load_settings(environ={})
+    checked = 0
+    for name, section in SECTIONS.items():
+        loaded, hints = getattr(settings, name), typing.get_type_hints(section)
+        for each in declarations(section):
+            value = getattr(loaded, each.name)
+            assert value == each.kind.to_attribute(each.default), f"{name}.{each.name}"  # the reference's default
+            declared = hints[each.name]  # int, str | None, tuple[str, ...], Mapping[str, int]...
+            arms = typing.get_args(declared) if typing.get_origin(declared) in UNIONS else (declared,)
+            expected = tuple(typing.get_origin(arm) or arm for arm in arms if arm is not type(None))
+            assert value is None or isinstance(value, expected), f"{name}.{each.name}: {value!r} is not {expected}"
+            checked += 1
+    assert checked > 40
