@@ -78,7 +78,7 @@ class DeadlineWorker(HeldConnections, ThreadWorker):
 
     def init_process(self) -> None:
         # The settings the app loads in this same process (BUDDY_CONFIG, then the environment): gunicorn's cfg
-        # does not know these two.
+        # knows none of these.
         server = load_settings().server
         self.header_timeout: float = server.header_timeout
         self.body_timeout: float = server.body_timeout
