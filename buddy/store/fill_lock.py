@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import redis
 
+from buddy import codec
 from buddy.background import ProcessThread
 from buddy.errors import StoreUnavailable
 from buddy.redis_keys import EntryId, RedisKeys
@@ -102,7 +103,7 @@ class FillLock:
     def release(self, entry: EntryId, token: str, shared: bytes = b"", shared_ttl_ms: int = 30_000) -> None:
         """Leave `shared` for this leader's followers (if given), drop the lock if still ours, wake everyone."""
         keys = [self.keys.lock(entry), self.keys.shared_result(entry, token)]
-        args = [token, self.keys.fill_channel, entry_message(entry), shared, shared_ttl_ms]
+        args = [token, self.keys.fill_channel, entry_message(entry), codec.sendable(shared), shared_ttl_ms]
         self.guard.run(lambda: self._release(keys=keys, args=args), key=keys[0])
 
     def announce(self, entry: EntryId) -> None:

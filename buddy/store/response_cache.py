@@ -181,7 +181,7 @@ class ResponseCache:
         if url is not None:
             keys.append(self.keys.url_index(d, url_digest(url)))
             what += "i"
-        args = [blob, ttl_seconds * 1000, self.keys.fill_channel, messages[0], what, *also]
+        args = [codec.sendable(blob), ttl_seconds * 1000, self.keys.fill_channel, messages[0], what, *also]
         if d not in self._legacy_dropped:
             legacy = self._legacy_keys(d)
             self.guard.run(lambda: self._drop_legacy(keys=legacy), what="prune_index.lua", key=legacy[0])
