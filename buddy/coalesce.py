@@ -6,6 +6,7 @@ Coalescer._follow (wait for a wake-up, then read the entry, the leader's shared 
 from __future__ import annotations
 
 import enum
+import io
 import secrets
 import time
 from typing import Callable, Iterable, Iterator
@@ -334,7 +335,7 @@ class RelayedBody:
         self.fill = fill
         self.keep = keep
         self.keep_limit = writer.limit if keep_limit is None else keep_limit
-        self._kept: list[bytes] | None = [] if keep is not None else None
+        self._kept: io.BytesIO | None = io.BytesIO() if keep is not None else None  # taken whole without a copy
         self._chunks = iter(source)
         self._finished = False
 
@@ -344,7 +345,7 @@ class RelayedBody:
             if self.writer.written > self.keep_limit:
                 self._kept = None  # too big to keep: relayed (up to the relay's own limit), never stored
             else:
-                self._kept.append(chunk)
+                self._kept.write(chunk)
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -379,7 +380,7 @@ class RelayedBody:
         fill = self.fill
         fill.streaming = False
         try:
-            if whole and self.keep is not None and self._kept is not None and self.keep(b"".join(self._kept)):
+            if whole and self.keep is not None and self._kept is not None and self.keep(self._kept.getvalue()):
                 return  # stored, and the store let go of the lock
             fill.share(None)
         except StoreUnavailable:
