@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import tracemalloc
+from dataclasses import replace
 from typing import Callable
 
 import fakeredis
@@ -15,6 +16,7 @@ from buddy.codec import VaryPointer
 from buddy.messages import ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
 from buddy.store.guard import StoreGuard
+from buddy.store.pieces import PIECE
 from buddy.store.response_cache import ResponseCache
 
 MB = 1_000_000
@@ -97,3 +99,20 @@ def test_reading_a_large_answer_holds_its_body_once_and_lets_the_pieces_go() -> 
     assert found == LARGE
     assert peak < 1.1 * len(LARGE.body), f"decoding held {peak / MB:.1f} MB for a 10 MB body"
     assert not any(pieces), "a piece was kept after it was decompressed"
+
+
+def test_a_large_entry_is_read_back_whole_from_its_pieces_and_never_mixes_two_versions() -> None:
+    client = fakeredis.FakeRedis()
+    keys = RedisKeys("t:")
+    cache = ResponseCache(client, StoreGuard(), keys)
+    entry, key = EntryId("up", "d1"), keys.cache("up", "d1")
+    cache.put(entry, LARGE, 60)
+    assert client.strlen(key) > 4 * PIECE  # read in pieces
+    assert cache.get(entry) == LARGE
+    # The entry changes between the read of its first piece and the rest: the answer is the new one, whole.
+    first = client.getrange(key, 0, PIECE - 1)
+    newer = replace(LARGE, body=random.Random(8).randbytes(6 * MB), stored_at=4.0)
+    cache.put(entry, newer, 60)
+    assert cache.complete(key, first) == newer
+    client.set(key, codec.encode(LARGE)[:-PIECE])  # cut short: a miss, not a short body
+    assert cache.get(entry) is None
