@@ -6,6 +6,7 @@ Coalescer._follow (wait for a wake-up, then read the entry, the leader's shared 
 from __future__ import annotations
 
 import enum
+import io
 import secrets
 import time
 from typing import Callable, Iterable, Iterator
@@ -18,6 +19,7 @@ from buddy.messages import ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
 from buddy.store.fill_lock import FillLock, LeadPlan, LockKeeper
 from buddy.store.guard import StoreGuard
+from buddy.store.pieces import PieceReader, first_piece
 from buddy.store.rate_limiter import WaitingRoom
 from buddy.store.relay import RelayWriter, follow_chunks, read_meta
 from buddy.store.wakeup import WakeupHub
@@ -71,6 +73,7 @@ class Coalescer:
         self.relay_limit = relay_limit
         self.waiting = waiting  # shared with requests that sleep for a rate-limit slot: both hold a thread
         self.lock = FillLock(client, guard, keys)
+        self.pieces = PieceReader(client, guard)
         self.keeper = LockKeeper(self.lock)
 
     def run(
@@ -185,6 +188,7 @@ class Coalescer:
         here means the reads after it see that result, if there is one.
         """
         relay_key = self.keys.relay(entry, holder)
+        cache_key, shared_key = self.keys.cache(entry.domain, entry.digest), self.keys.shared_result(entry, holder)
 
         def read() -> list:
             pipe = self.client.pipeline(transaction=count_me)  # MULTI when it writes: no count without its TTL
@@ -192,8 +196,8 @@ class Coalescer:
                 pipe.incr(self.keys.followers(entry, holder))
                 pipe.pexpire(self.keys.followers(entry, holder), FOLLOWERS_TTL_MS)
             pipe.get(self.keys.lock(entry))
-            pipe.get(self.keys.cache(entry.domain, entry.digest))
-            pipe.get(self.keys.shared_result(entry, holder))
+            first_piece(pipe, cache_key)
+            first_piece(pipe, shared_key)
             pipe.exists(relay_key)
             return pipe.execute()[-4:]
 
@@ -201,8 +205,11 @@ class Coalescer:
         lock_holder = lock_holder.decode() if lock_holder else ""
         if shared == codec.NOT_SHARED:
             raise NotShared("private")
-        for blob, from_cache in ((cached, True), (shared, False)):
-            if blob:
+        for key, first, from_cache in ((cache_key, cached, True), (shared_key, shared, False)):
+            if first:
+                blob = self.pieces.complete(key, first)  # (a large value is read again, in pieces)
+                if blob is None:
+                    continue
                 try:
                     found = codec.decode(blob)
                 except codec.CodecError:
@@ -334,7 +341,7 @@ class RelayedBody:
         self.fill = fill
         self.keep = keep
         self.keep_limit = writer.limit if keep_limit is None else keep_limit
-        self._kept: list[bytes] | None = [] if keep is not None else None
+        self._kept: io.BytesIO | None = io.BytesIO() if keep is not None else None  # taken whole without a copy
         self._chunks = iter(source)
         self._finished = False
 
@@ -344,7 +351,7 @@ class RelayedBody:
             if self.writer.written > self.keep_limit:
                 self._kept = None  # too big to keep: relayed (up to the relay's own limit), never stored
             else:
-                self._kept.append(chunk)
+                self._kept.write(chunk)
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -379,7 +386,7 @@ class RelayedBody:
         fill = self.fill
         fill.streaming = False
         try:
-            if whole and self.keep is not None and self._kept is not None and self.keep(b"".join(self._kept)):
+            if whole and self.keep is not None and self._kept is not None and self.keep(self._kept.getvalue()):
                 return  # stored, and the store let go of the lock
             fill.share(None)
         except StoreUnavailable:

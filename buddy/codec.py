@@ -13,10 +13,11 @@ better than zlib level 6 while encoding about 6x and decoding about 4x faster.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import struct
 import threading
-from typing import NamedTuple
+from typing import IO, NamedTuple, cast
 
 import zstandard
 
@@ -26,14 +27,17 @@ MAGIC = b"RB"
 POINTER_MAGIC = b"RV"
 NOT_SHARED = b"RP\x01"
 VERSION = 1
+LEVEL = 1  # zstd's (see the module's doc)
 _HEADER_LEN = struct.Struct(">I")
+_FRAME_HEADER_MAX = 18  # bytes: the longest a zstd frame header can be (ZSTD_FRAMEHEADERSIZE_MAX)
+LARGE_BLOB = 256 * 1024  # bytes: past this, a blob goes to Redis without being copied into the command (sendable)
 _local = threading.local()  # zstd contexts are not thread-safe; one pair per thread
 
 
 def _contexts() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
     pair = getattr(_local, "pair", None)
     if pair is None:
-        pair = _local.pair = (zstandard.ZstdCompressor(level=1), zstandard.ZstdDecompressor())
+        pair = _local.pair = (zstandard.ZstdCompressor(level=LEVEL), zstandard.ZstdDecompressor())
     return pair
 
 
@@ -61,16 +65,38 @@ def encode(response: ProxyResult) -> bytes:
     if response.rules is not None:
         fields["g"] = _rules_fields(response.rules)
     meta = json.dumps(fields, separators=(",", ":")).encode()
-    payload = _HEADER_LEN.pack(len(meta)) + meta + response.body
-    return MAGIC + bytes([VERSION]) + _contexts()[0].compress(payload)
+    # One frame of (meta length, meta, body), compressed as the parts come, into the buffer the blob is taken from:
+    # the body is never copied into a payload, nor the compressed bytes into a blob (getvalue() shares the buffer).
+    out = io.BytesIO()
+    out.write(MAGIC + bytes([VERSION]))
+    # A large body's compressor is its own: one kept for the thread would keep the workspace sized for it (1.4 MB for
+    # 10 MB), in every thread that ever stored one.
+    compressor = _contexts()[0] if len(response.body) <= LARGE_BLOB else zstandard.ZstdCompressor(level=LEVEL)
+    writer = compressor.stream_writer(out, size=_HEADER_LEN.size + len(meta) + len(response.body), closefd=False)
+    writer.write(_HEADER_LEN.pack(len(meta)) + meta)
+    writer.write(response.body)
+    writer.flush(zstandard.FLUSH_FRAME)
+    return out.getvalue()
+
+
+def sendable(blob: bytes) -> bytes | memoryview:
+    """A blob as it is handed to redis-py: a large one as a memoryview, which redis-py writes to the socket as it
+    is; with hiredis installed, bytes are first packed into one buffer with the command (a copy of the blob)."""
+    return memoryview(blob) if len(blob) > LARGE_BLOB else blob
 
 
 def encode_pointer(pointer: VaryPointer) -> bytes:
     return POINTER_MAGIC + bytes([VERSION]) + json.dumps(list(pointer.names)).encode()
 
 
-def decode(blob: bytes) -> ProxyResult | VaryPointer:
-    """A stored response or vary pointer; CodecError for anything else (including the not-shared mark)."""
+def decode(blob: bytes | list[bytes]) -> ProxyResult | VaryPointer:
+    """A stored response or vary pointer; CodecError for anything else (including the not-shared mark).
+    `blob`: the value, or a list of its pieces in order (as buddy.store.pieces reads a large one), which is emptied
+    as they are decompressed: a piece is let go of once it has been read."""
+    if isinstance(blob, list):
+        if len(blob) > 1 and blob[0][:2] == MAGIC:
+            return _decode_response(blob)
+        blob = b"".join(blob)  # one piece, or not a response (nothing else is ever large)
     if len(blob) < 3 or blob[:2] not in (MAGIC, POINTER_MAGIC):
         raise CodecError("not a stored value")
     if blob[2] != VERSION:
@@ -81,12 +107,20 @@ def decode(blob: bytes) -> ProxyResult | VaryPointer:
             if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
                 raise CodecError("a vary pointer must list header names")
             return VaryPointer(tuple(names))
-        payload = _contexts()[1].decompress(blob[3:])
-        (size,) = _HEADER_LEN.unpack_from(payload)
-        meta = json.loads(payload[4 : 4 + size])
+        return _decode_response([blob])
+    except (zstandard.ZstdError, struct.error, ValueError, KeyError, TypeError) as exc:
+        raise CodecError(str(exc)) from exc
+
+
+def _decode_response(pieces: list[bytes]) -> ProxyResult:
+    """A stored response from its pieces (the first holds at least its magic and version)."""
+    if len(pieces[0]) < 3 or pieces[0][:2] != MAGIC or pieces[0][2] != VERSION:
+        raise CodecError("not a stored response of this version")
+    try:
+        meta, body = _meta_and_body(pieces)
         headers = [(str(name), str(value)) for name, value in meta["h"]]
         return ProxyResult(
-            int(meta["s"]), str(meta["r"]), headers, payload[4 + size :], fetch_ms=int(meta.get("d", 0)),
+            int(meta["s"]), str(meta["r"]), headers, body, fetch_ms=int(meta.get("d", 0)),
             stored_at=float(meta["t"]), vary=tuple(str(n) for n in meta.get("v", ())), variant=str(meta.get("k", "")),
             fresh_for=None if meta.get("f") is None else float(meta["f"]),
             request=None if meta.get("q") is None else _stored_request(meta["q"]),
@@ -94,6 +128,58 @@ def decode(blob: bytes) -> ProxyResult | VaryPointer:
         )
     except (zstandard.ZstdError, struct.error, ValueError, KeyError, TypeError) as exc:
         raise CodecError(str(exc)) from exc
+
+
+def _meta_and_body(pieces: list[bytes]) -> tuple[dict, bytes]:
+    """A response's meta and body from the pieces of its blob, the body decompressed straight into its own bytes
+    (no payload to slice it from: reading a 10 MB entry makes one 10 MB body, not two); each piece is let go of
+    once it has been decompressed."""
+    total = zstandard.frame_content_size(pieces[0][3 : 3 + _FRAME_HEADER_MAX])
+    if total < _HEADER_LEN.size:  # -1: a frame that does not say its size (never written here)
+        raise CodecError("a response frame must say its size")
+    reader = _contexts()[1].stream_reader(cast(IO[bytes], _PieceSource(pieces, skip=3)), read_across_frames=False)
+    (size,) = _HEADER_LEN.unpack(_read_exactly(reader, _HEADER_LEN.size))
+    if size > total - _HEADER_LEN.size:
+        raise CodecError("the meta is longer than the frame")
+    meta = json.loads(_read_exactly(reader, size))
+    body = _read_exactly(reader, total - _HEADER_LEN.size - size)
+    if reader.read(1):
+        raise CodecError("more in the frame than it says")
+    return meta, body
+
+
+class _PieceSource:
+    """The compressed frame as zstd's stream reader reads it: from the pieces in turn, dropping each once read."""
+
+    def __init__(self, pieces: list[bytes], skip: int) -> None:
+        self.pieces = pieces
+        self.index = 0
+        self.offset = skip
+
+    def read(self, size: int = -1) -> bytes | memoryview:
+        while self.index < len(self.pieces):
+            piece = self.pieces[self.index]
+            if self.offset < len(piece):
+                end = len(piece) if size < 0 else self.offset + size
+                data = memoryview(piece)[self.offset : end]
+                self.offset += len(data)
+                return data
+            self.pieces[self.index] = b""
+            self.index, self.offset = self.index + 1, 0
+        return b""
+
+
+def _read_exactly(reader: zstandard.ZstdDecompressionReader, size: int) -> bytes:
+    data = reader.read(size) if size else b""
+    if len(data) < size:  # the reader fills what it can at once; a short read means a truncated frame
+        more = [data]
+        while (got := sum(map(len, more))) < size:
+            piece = reader.read(size - got)
+            if not piece:
+                raise CodecError("the frame ends early")
+            more.append(piece)
+        data = b"".join(more)
+    return data
 
 
 def _request_fields(request: StoredRequest) -> dict:

@@ -17,7 +17,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.config import KNOWN_SETTINGS
 from packaging.requirements import InvalidRequirement, Requirement
 
-from buddy import __version__
+from buddy import __version__, malloc
 from buddy.access import exposure_warning
 from buddy.embedded import EmbeddedRedis
 from buddy.errors import ConfigError
@@ -126,8 +126,10 @@ class ServerHooks:
 
     def post_fork(self, server: Any, worker: Any) -> None:
         """In each worker, before it loads the app: it serves, so it reports itself as a worker from the start
-        (an idle worker is still one of the proxy's; a `flask buddy` command never is)."""
+        (an idle worker is still one of the proxy's; a `flask buddy` command never is); and its allocator gives
+        back what large answers used (buddy.malloc)."""
         metrics.IN_WORKER = True
+        malloc.tune()  # a large answer's memory goes back to the system once it is freed
 
     def when_ready(self, server: Any) -> None:
         """In the master, listening, before any worker forks: start (or join) the embedded Redis and supervise it.

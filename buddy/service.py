@@ -312,7 +312,8 @@ class ProxyService:
             if ahead is None:
                 hit = self.lookup(request, found.primary).hit
             else:
-                hit = self._follow(request, found.primary, self.cache.decode(ahead.blob)).hit
+                primary_key = self.keys.cache(found.primary.domain, found.primary.digest)  # the key lead.lua read
+                hit = self._follow(request, found.primary, self.cache.complete(primary_key, ahead.blob)).hit
             if hit is not None and policy.usable(domain, hit, control, asked):
                 use = policy.reuse(domain, hit, control, time.time()).use
                 return from_cache(hit, "STALE" if use is policy.Use.STALE else "HIT")

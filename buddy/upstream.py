@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.client
+import io
 import logging
 import os
 import re
@@ -234,7 +235,7 @@ def keep_access_key(
 class BodyStream:
     """The rest of an over-size body, streamed to the client chunk by chunk; closes the upstream when done."""
 
-    prefix: bytes
+    prefix: Iterable[bytes]  # what was read before the body turned out to be over-size, in chunks
     chunks: Iterator[bytes]
     response: requests.Response
     domain: str
@@ -244,8 +245,8 @@ class BodyStream:
 
     def __iter__(self) -> Iterator[bytes]:
         try:
-            if self.prefix:
-                yield self.prefix
+            yield from self.prefix
+            self.prefix = ()
             for chunk in self.chunks:
                 yield chunk
             if self.alarm is not None and self.alarm.fired:
@@ -489,22 +490,25 @@ class UpstreamClient:
         if is_live(response.headers.get("Content-Type", "")):
             # Passed on as it arrives, event by event; kept once whole, if it ends within max_body (the service).
             chunks = body_chunks(response, coding, CHUNK, eager=True)
-            result.stream, result.live = BodyStream(b"", chunks, response, domain.name, alarm), True
+            result.stream, result.live = BodyStream((), chunks, response, domain.name, alarm), True
             if not decoded and _DIGITS.fullmatch(declared):
                 result.headers.append(("Content-Length", declared))
             return result
         chunks = body_chunks(response, coding, CHUNK)
         if not decoded and _DIGITS.fullmatch(declared) and int(declared) > self.max_body:
-            result.stream = BodyStream(b"", chunks, response, domain.name, alarm)
+            result.stream = BodyStream((), chunks, response, domain.name, alarm)
             result.headers.append(("Content-Length", declared))
             return result
-        buffer = bytearray()
+        # Gathered where the body is then taken from without a copy (BytesIO.getvalue() hands over its buffer).
+        buffer = io.BytesIO()
         too_late = f"upstream '{domain.name}' did not finish within its total_timeout ({domain.total_timeout:g} s)"
         try:
             for chunk in chunks:
-                buffer += chunk
-                if len(buffer) > self.max_body:
-                    result.stream = BodyStream(bytes(buffer), chunks, response, domain.name, alarm)
+                buffer.write(chunk)
+                if buffer.tell() > self.max_body:
+                    # Over the limit after all: what came so far goes on in chunks (not as one write of max_body
+                    # bytes, to the client or into a relay entry), then the rest as it comes.
+                    result.stream = BodyStream(_pieces(buffer.getvalue()), chunks, response, domain.name, alarm)
                     return result
         except requests.RequestException as exc:
             response.close()
@@ -521,5 +525,11 @@ class UpstreamClient:
             response.close()
             raise UpstreamTimeout(domain.name, too_late, "timeout")
         response.close()
-        result.body = bytes(buffer)
+        result.body = buffer.getvalue()
         return result
+
+
+def _pieces(data: bytes) -> Iterator[bytes]:
+    """`data` in CHUNK-sized slices (each a small copy, made when it is sent)."""
+    for start in range(0, len(data), CHUNK):
+        yield data[start : start + CHUNK]

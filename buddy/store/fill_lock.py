@@ -9,10 +9,12 @@ from typing import NamedTuple
 
 import redis
 
+from buddy import codec
 from buddy.background import ProcessThread
 from buddy.errors import StoreUnavailable
 from buddy.redis_keys import EntryId, RedisKeys
 from buddy.store.guard import StoreGuard
+from buddy.store.pieces import PIECE
 from buddy.store.wakeup import entry_message
 
 SUCCESSOR_GRACE_MS = 30_000  # a successor is remembered this long after its lock would expire
@@ -37,8 +39,9 @@ def library(name: str) -> str:
 
 
 def lead_script() -> str:
-    """lead.lua, after the functions it runs: acquire_lock.lua's and throttle.lua's."""
-    return library("acquire_lock") + library("throttle") + load_script("lead")
+    """lead.lua, after the functions it runs (acquire_lock.lua's and throttle.lua's) and the size of the piece of an
+    entry it reads (buddy.store.pieces)."""
+    return f"local PIECE = {PIECE}\n" + library("acquire_lock") + library("throttle") + load_script("lead")
 
 
 class LeadPlan(NamedTuple):
@@ -51,8 +54,9 @@ class LeadPlan(NamedTuple):
 
 
 class Ahead(NamedTuple):
-    """What lead.lua found for the new leader: the value at the plan's cache key (None: nothing there), and,
-    only when there was nothing, the throttle's verdict as throttle.lua returns it."""
+    """What lead.lua found for the new leader: the first piece of the value at the plan's cache key (None: nothing
+    there; ResponseCache.complete reads the rest, if any), and, only when there was nothing, the throttle's verdict
+    as throttle.lua returns it."""
 
     blob: bytes | None
     verdict: list | None
@@ -102,7 +106,7 @@ class FillLock:
     def release(self, entry: EntryId, token: str, shared: bytes = b"", shared_ttl_ms: int = 30_000) -> None:
         """Leave `shared` for this leader's followers (if given), drop the lock if still ours, wake everyone."""
         keys = [self.keys.lock(entry), self.keys.shared_result(entry, token)]
-        args = [token, self.keys.fill_channel, entry_message(entry), shared, shared_ttl_ms]
+        args = [token, self.keys.fill_channel, entry_message(entry), codec.sendable(shared), shared_ttl_ms]
         self.guard.run(lambda: self._release(keys=keys, args=args), key=keys[0])
 
     def announce(self, entry: EntryId) -> None:

@@ -15,6 +15,9 @@ from buddy.store.guard import StoreGuard
 log = logging.getLogger("buddy.coalesce")
 RELAY_TTL_SECONDS = 60
 BLOCK_MS = 1000  # how long one XREAD of a follower waits for the leader's next chunk
+# Entries a follower reads at once: 256 KB of a body's 64 KB chunks (a reply is held whole in the connection's reader
+# buffer, which keeps that size until the connection reads again: see buddy.store.pieces).
+RELAY_BATCH = 4
 
 
 class RelayWriter:
@@ -88,7 +91,7 @@ def follow_chunks(
     reader = for_blocking_reads(client)
     while True:
         try:
-            batches = guard.run(lambda: reader.xread({key: last}, count=64, block=BLOCK_MS), key=key)
+            batches = guard.run(lambda: reader.xread({key: last}, count=RELAY_BATCH, block=BLOCK_MS), key=key)
         except StoreUnavailable as exc:
             log.warning("relay of an over-size body broke off: Redis failed")
             raise BrokenBody("the relay of the leader's body broke off") from exc

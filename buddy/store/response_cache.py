@@ -19,6 +19,7 @@ from buddy.store.connect import is_cluster, primaries, scan_batches
 from buddy.store.fill_lock import load_script
 from buddy.store.guard import StoreGuard
 from buddy.store.memory_cache import EVERYTHING, MemoryCache
+from buddy.store.pieces import PieceReader, Value
 from buddy.store.wakeup import entry_message as wake_message
 
 log = logging.getLogger("buddy.cache")
@@ -76,6 +77,7 @@ class ResponseCache:
         self.memory = memory if memory is not None and memory.enabled else None  # this worker's L1 copies
         self.on_memory_hit: Callable[[str], None] = lambda domain: None  # told the domain of each L1 answer
         self.grace = dict(grace or {})  # domain -> seconds an entry is kept past its TTL
+        self.pieces = PieceReader(client, guard)
         self._store = client.register_script(load_script("store_entry"))
         self._invalidate = client.register_script(load_script("invalidate"))
         self._measure = client.register_script(load_script("measure_entries"))
@@ -97,15 +99,20 @@ class ResponseCache:
                 self.on_memory_hit(entry.domain)
                 return copy
             ticket = memory.ticket(key, entry.domain)
-        value = self.decode(self.guard.run(lambda: self.client.get(key), key=key))
+        value = self.decode(self.pieces.read(key))
         if value is None:
             return None
         if ticket is not None:
             memory.admit(ticket, value)  # type: ignore[union-attr]  # a ticket comes from memory
         return value
 
+    def complete(self, key: str, first: bytes | None) -> ProxyResult | VaryPointer | None:
+        """The stored value at `key`, given the first piece of it read a moment ago (lead.lua reads one): see
+        buddy.store.pieces."""
+        return self.decode(self.pieces.complete(key, first))
+
     @staticmethod
-    def decode(blob: bytes | None) -> ProxyResult | VaryPointer | None:
+    def decode(blob: Value | None) -> ProxyResult | VaryPointer | None:
         """A stored value as read from Redis; None for nothing, or for a blob that does not decode (a miss)."""
         if blob is None:
             return None
@@ -181,7 +188,7 @@ class ResponseCache:
         if url is not None:
             keys.append(self.keys.url_index(d, url_digest(url)))
             what += "i"
-        args = [blob, ttl_seconds * 1000, self.keys.fill_channel, messages[0], what, *also]
+        args = [codec.sendable(blob), ttl_seconds * 1000, self.keys.fill_channel, messages[0], what, *also]
         if d not in self._legacy_dropped:
             legacy = self._legacy_keys(d)
             self.guard.run(lambda: self._drop_legacy(keys=legacy), what="prune_index.lua", key=legacy[0])

@@ -11,6 +11,7 @@ Routes (anything else echoes the request as JSON):
   /gzip               a gzip-encoded JSON body (Content-Encoding: gzip)
   /looks-gzip         gzip bytes served as application/gzip with no Content-Encoding
   /big/<n>            n bytes of body
+  /noise/<n>          n bytes that do not compress (the same for the same n), as application/octet-stream
   /redirect           302 to /target on this same server
   /negotiate          answers by the request's Accept (JSON when it names application/json, else HTML), and
                       shows the Accept-Language and Content-Type it received (null when absent)
@@ -199,6 +200,9 @@ class UpstreamStub:
             headers = [("Content-Type", "application/gzip")]
         elif parts[0] == "big" and len(parts) > 1:
             body = (b"0123456789abcdef" * (int(parts[1]) // 16 + 1))[: int(parts[1])]
+            headers = [("Content-Type", "application/octet-stream")]
+        elif parts[0] == "noise" and len(parts) > 1:
+            body = random.Random(int(parts[1])).randbytes(int(parts[1]))
             headers = [("Content-Type", "application/octet-stream")]
         elif parts[0] == "negotiate":
             accept = seen.headers.get("accept") or ""

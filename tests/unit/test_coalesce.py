@@ -59,7 +59,7 @@ def lead_with(coalescer: Coalescer, result: ProxyResult, calls: list[str], gate:
 def test_every_lua_script_ships_in_the_package_and_compiles(redis_server) -> None:
     shipped = {p.name[:-4] for p in resources.files("buddy.store").joinpath("lua").iterdir() if p.name.endswith(".lua")}
     used = {"acquire_lock", "extend_lock", "release_lock", "throttle", "penalize", "reset_penalty",
-            "store_entry", "prune_index"}
+            "store_entry", "prune_index", "read_pieces"}
     assert used <= shipped
     client = redis_server.client()
     for name in sorted(shipped):

@@ -1,7 +1,12 @@
-"""Stored blobs: exact round trip, compressed, and unreadable blobs are misses rather than crashes."""
+"""Stored blobs: exact round trip, compressed, and unreadable blobs are misses rather than crashes; a large one is
+written and read without copies of it piling up."""
 from __future__ import annotations
 
 import json
+import random
+import tracemalloc
+from dataclasses import replace
+from typing import Callable
 
 import fakeredis
 import pytest
@@ -11,8 +16,10 @@ from buddy.codec import VaryPointer
 from buddy.messages import ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
 from buddy.store.guard import StoreGuard
+from buddy.store.pieces import PIECE
 from buddy.store.response_cache import ResponseCache
 
+MB = 1_000_000
 ENTRY = ProxyResult(
     status=200, reason="OK",
     headers=[("Content-Type", "application/json"), ("X-Thing", "a"), ("X-Thing", "b")],
@@ -58,4 +65,54 @@ def test_a_truncated_or_old_entry_reads_as_a_miss() -> None:
     client.set(keys.cache("up", "d1"), codec.encode(ENTRY)[:-20])
     assert cache.get(entry) is None
     client.set(keys.cache("up", "d1"), b"RB\x00" + codec.encode(ENTRY)[3:])  # a format version this build does not read
+    assert cache.get(entry) is None
+
+
+LARGE = ProxyResult(200, "OK", [("Content-Type", "application/octet-stream")], random.Random(7).randbytes(10 * MB),
+                    stored_at=3.0)
+
+
+def peak_while(work: Callable[[], object]) -> tuple[object, int]:
+    """What `work` returns, and the most memory (bytes, Python's own allocations) it held at once beyond what it
+    was handed."""
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        result = work()
+        return result, tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+
+
+def test_storing_a_large_answer_holds_one_compressed_copy_beside_it() -> None:
+    # A body that does not compress is the worst case: its blob is as large as the body.
+    blob, peak = peak_while(lambda: codec.encode(LARGE))
+    assert isinstance(blob, bytes) and codec.decode(blob) == LARGE
+    assert peak < 1.3 * len(blob), f"encoding held {peak / MB:.1f} MB for a {len(blob) / MB:.1f} MB blob"
+
+
+def test_reading_a_large_answer_holds_its_body_once_and_lets_the_pieces_go() -> None:
+    blob = codec.encode(LARGE)
+    pieces = [blob[start : start + MB] for start in range(0, len(blob), MB)]  # as a large value is read from Redis
+    del blob
+    found, peak = peak_while(lambda: codec.decode(pieces))
+    assert found == LARGE
+    assert peak < 1.1 * len(LARGE.body), f"decoding held {peak / MB:.1f} MB for a 10 MB body"
+    assert not any(pieces), "a piece was kept after it was decompressed"
+
+
+def test_a_large_entry_is_read_back_whole_from_its_pieces_and_never_mixes_two_versions() -> None:
+    client = fakeredis.FakeRedis()
+    keys = RedisKeys("t:")
+    cache = ResponseCache(client, StoreGuard(), keys)
+    entry, key = EntryId("up", "d1"), keys.cache("up", "d1")
+    cache.put(entry, LARGE, 60)
+    assert client.strlen(key) > 4 * PIECE  # read in pieces
+    assert cache.get(entry) == LARGE
+    # The entry changes between the read of its first piece and the rest: the answer is the new one, whole.
+    first = client.getrange(key, 0, PIECE - 1)
+    newer = replace(LARGE, body=random.Random(8).randbytes(6 * MB), stored_at=4.0)
+    cache.put(entry, newer, 60)
+    assert cache.complete(key, first) == newer
+    client.set(key, codec.encode(LARGE)[:-PIECE])  # cut short: a miss, not a short body
     assert cache.get(entry) is None

@@ -11,14 +11,14 @@
 -- Every key carries the mapping's hash tag, so on a Redis Cluster they all live in one slot.
 -- Returns {0, token of the leader to follow}; or, having taken the lock, {1, token, entry} when the cache key
 -- holds something (then nothing is reserved: the caller decides whether it may serve it, and throttles itself
--- if not), else {1, token, false, throttle verdict} (the verdict as throttle.lua returns it; a refusal
+-- if not; `entry` is its first PIECE bytes, PIECE set before this text: see buddy/store/pieces.py), else {1, token, false, throttle verdict} (the verdict as throttle.lua returns it; a refusal
 -- reserves nothing, and the lock is held either way: the followers share the leader's answer, a 429 too).
 local taken = acquire(KEYS[1], KEYS[2], ARGV)
 if taken[1] == 0 then
   return taken
 end
-local entry = redis.call('GET', KEYS[3])
-if entry then
+local entry = redis.call('GETRANGE', KEYS[3], 0, PIECE - 1)
+if entry ~= '' then
   return {1, ARGV[1], entry}
 end
 return {1, ARGV[1], false, throttle(KEYS[4], KEYS[5], KEYS[6], ARGV, 5)}
