@@ -57,13 +57,17 @@ def install(flask_app: Any, url: str, timeout: float) -> None:
     cache = buddy.service.cache
     hub = buddy.service.coalescer.hub
     cache.memory = None  # no pub/sub L1: `heard` only drops the census, `invalidate` waits for no acks
-    # SPIKE_SINGLE_CONNECTION=1: one connection per worker, its calls one at a time (redis-py's lock). With a pool,
-    # a local hit drains the connection that cached the entry, which another thread may be using: the drain takes
-    # that thread's reply, and the thread waits out its socket timeout (see the report).
-    single = os.environ.get("SPIKE_SINGLE_CONNECTION") == "1"
-    tracking = redis.Redis.from_url(url, protocol=3, cache_config=CacheConfig(max_size=MAX_ENTRIES),
-                                    socket_timeout=timeout, socket_connect_timeout=timeout,
-                                    single_connection_client=single)
+    # SPIKE_SINGLE_CONNECTION=1: one connection per worker, used by one thread at a time (a blocking pool of one,
+    # which connects on first use, as the proxy must start while Redis is down). With a pool of many, a local hit
+    # drains the connection that cached the entry, which another thread may be using: the drain takes that
+    # thread's reply, and the thread waits out its socket timeout (see the report).
+    options = {"protocol": 3, "cache_config": CacheConfig(max_size=MAX_ENTRIES), "socket_timeout": timeout,
+               "socket_connect_timeout": timeout}
+    if os.environ.get("SPIKE_SINGLE_CONNECTION") == "1":
+        pool = redis.BlockingConnectionPool.from_url(url, max_connections=1, timeout=timeout, **options)
+        tracking = redis.Redis(connection_pool=pool)
+    else:
+        tracking = redis.Redis.from_url(url, **options)
     local = tracking.get_cache()
     entries = local.collection
     memo: OrderedDict[bytes, ProxyResult | VaryPointer] = OrderedDict()
@@ -148,6 +152,63 @@ if os.environ.get("SPIKE_TRACKING_APP") == "1":
     app = load()
 
 
+def micro(url: str, stub_url: str, calls: int = 20_000) -> list[str]:
+    """CPU microseconds (this process, one thread) per ResponseCache.get of a stored ~3 KB entry in each variant,
+    and what the L1's bookkeeping costs one worker per store heard (ResponseCache.heard) and per miss looked up."""
+    from buddy import create_app
+    from buddy.redis_keys import EntryId
+    from buddy.store.memory_cache import MemoryCache
+
+    def app_for(l1: bool, variant: dict[str, str]) -> Any:
+        config = {"domain_mappings": {"bench": {"upstream": stub_url}}, "logging": {"level": "ERROR"},
+                  "cache": {"l1_max_bytes": 32 << 20 if l1 else 0}}
+        flask_app = create_app(config, environ={"REDIS_URL": url})
+        if variant:
+            os.environ.update(variant)
+            install(flask_app, url, 5.0)
+            for name in variant:
+                del os.environ[name]
+        flask_app.extensions["buddy"].service.coalescer.hub.start(wait=3)
+        return flask_app
+
+    apps = {"L1 off": app_for(False, {}), "L1": app_for(True, {}),
+            "trk pool": app_for(False, {"SPIKE_TRACKING_APP": "1"}),
+            "trk 1conn": app_for(False, {"SPIKE_SINGLE_CONNECTION": "1"}),
+            "trk 1c+memo": app_for(False, {"SPIKE_SINGLE_CONNECTION": "1", "SPIKE_DECODE_MEMO": "1"})}
+    first = apps["L1"]
+    assert first.test_client().get("/bench/c/en/micro?limit=20").headers["X-Cache"] == "MISS"
+    keys = first.extensions["buddy"].service.cache.keys
+    stored = [k.decode() for k in first.extensions["buddy"].redis.scan_iter(match=keys.cache_pattern("bench", None))]
+    digest = stored[0].rpartition(":")[2]
+    entry = EntryId("bench", digest)
+    rows = []
+    for name, flask_app in apps.items():
+        cache = flask_app.extensions["buddy"].service.cache
+        for _ in range(3):
+            assert cache.get(entry) is not None
+        start = time.process_time()
+        for _ in range(calls):
+            cache.get(entry)
+        rows.append(f"{name:<11} | {(time.process_time() - start) / calls * 1e6:>7.1f} us CPU per lookup")
+    memory = MemoryCache(32 << 20, apps["L1"].extensions["buddy"].service.coalescer.hub)
+    cache = apps["L1"].extensions["buddy"].service.cache
+    cache.memory = memory
+    start = time.process_time()
+    for i in range(calls):
+        cache.heard(f"bench\n{i:064x}")
+    heard = (time.process_time() - start) / calls * 1e6
+    start = time.process_time()
+    for i in range(calls):
+        memory.admit(memory.ticket(f"k{i}", "bench"), None)
+        memory.get(f"k{i}")
+    looked = (time.process_time() - start) / calls * 1e6
+    for flask_app in apps.values():
+        flask_app.extensions["buddy"].shutdown()  # before the bench's Redis goes
+    rows.append(f"L1 bookkeeping: {heard:.1f} us CPU per store heard (each worker hears every store), "
+                f"{looked:.1f} us per miss looked up (get, ticket)")
+    return rows
+
+
 def main() -> None:
     import psutil
     from hits import (
@@ -169,7 +230,7 @@ def main() -> None:
 
     parser = load_options(__doc__.splitlines()[0])
     parser.add_argument("--single", type=int, default=300, help="one-client misses timed per variant")
-    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: hits, misses")
+    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: hits, micro, misses")
     args = parse_load_options(parser)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     started: list = []
@@ -228,6 +289,8 @@ def main() -> None:
                     print(f"{name}: every worker answered with a new entry "
                           + ", ".join("not within 2 s" if ms == float("inf") else f"{ms:.1f}" for ms in took)
                           + " ms after it was stored (3 tries)")
+            if "micro" not in skip:
+                print("\nIN-PROCESS (one thread, CPU time)", *micro(redis_server.url, stub.url), sep="\n")
             if "misses" not in skip:
                 for i, name in enumerate(names):  # every worker meets Redis and the upstream once
                     sequential(variants[name].port, [f"/bench/warm{i}/{j}" for j in range(4 * args.workers)], b"")
