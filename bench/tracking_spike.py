@@ -240,6 +240,8 @@ def main() -> None:
 
     parser = load_options(__doc__.splitlines()[0])
     parser.add_argument("--single", type=int, default=300, help="one-client misses timed per variant")
+    parser.add_argument("--urls", type=int, default=len(MANY_URLS), help="URLs of the many-URLs scenario (<= 1,000)")
+    parser.add_argument("--calls", type=int, default=20_000, help="lookups timed per variant in this process")
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out: hits, micro, misses")
     args = parse_load_options(parser)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -274,7 +276,7 @@ def main() -> None:
             skip = set(filter(None, args.skip.split(",")))
             names = list(variants)
             if "hits" not in skip:
-                many = MANY_URLS
+                many = MANY_URLS[:max(1, args.urls)]
                 print(warm(variants["L1"].port, ceiling_port, stub, redis_server.client(), many))
                 for name in names[:1] + names[2:]:
                     warm_only(variants[name].port, many)
@@ -300,7 +302,8 @@ def main() -> None:
                           + ", ".join("not within 2 s" if ms == float("inf") else f"{ms:.1f}" for ms in took)
                           + " ms after it was stored (3 tries)")
             if "micro" not in skip:
-                print("\nIN-PROCESS (one thread, CPU time)", *micro(redis_server.url, stub.url), sep="\n")
+                calls = 200 if args.smoke else args.calls
+                print("\nIN-PROCESS (one thread, CPU time)", *micro(redis_server.url, stub.url, calls), sep="\n")
             if "misses" not in skip:
                 for i, name in enumerate(names):  # every worker meets Redis and the upstream once
                     sequential(variants[name].port, [f"/bench/warm{i}/{j}" for j in range(4 * args.workers)], b"")
@@ -329,8 +332,8 @@ def main() -> None:
                                         MISS)
                     stats = command_stats(client)
                     stats.pop("info", None)
-                    one = statistics.median(lat) * 1000 if lat else float("nan")
-                    rows.append(f"{name:<11} | {rate:>8.0f} | {p50:>6.2f} | {p99:>6.2f} | {one:>6.2f} | "
+                    alone = statistics.median(lat) * 1000 if lat else float("nan")
+                    rows.append(f"{name:<11} | {rate:>8.0f} | {p50:>6.2f} | {p99:>6.2f} | {alone:>6.2f} | "
                                 f"{sum(stats.values()) / n:>5.2f} | {cpu}"
                                 + (f"  ({errors} errors or non-misses)" if errors else ""))
                 print("\nMISSES (distinct URLs)\nvariant     |    req/s | p50 ms | p99 ms | 1-client p50 | Redis cmds "
