@@ -15,7 +15,7 @@ Two things in one file:
   "trk 1conn" (one connection per worker), "trk 1c+memo" (and the decode memo); then, in this process, the CPU
   that one lookup costs in each, and what the L1's bookkeeping costs per store heard and per miss looked up.
 
-What it found (and why the L1 stays): a lookup costs 5-7 us of CPU with the L1, 43-72 us with tracking (28-46 us
+What it found (and why the L1 stays): a lookup costs 5-8 us of CPU with the L1, 43-72 us with tracking (28-46 us
 with the memo) and 96-117 us from Redis; hits on one URL ran 16-61% faster with the L1 than with the best tracking
 variant; the L1's bookkeeping is about 10 us of a miss's 4-5 ms (every store is published on the wake-up channel
 for the coalescer's waiters anyway), and miss throughput did not differ beyond the run-to-run noise. With redis-py's
