@@ -104,7 +104,8 @@ class RedisServer:
 
 
 class Gunicorn:
-    """`gunicorn wsgi:app` from the project root, on a free port, with the given config dict and environment."""
+    """`gunicorn wsgi:app` (or another `app`) from the project root, on a free port, with the given config dict and
+    environment."""
 
     def __init__(
         self,
@@ -113,6 +114,7 @@ class Gunicorn:
         env: Mapping[str, str],
         workers: int = 2,
         extra_args: tuple[str, ...] = (),
+        app: str = "wsgi:app",
     ) -> None:
         for attempt in range(ATTEMPTS):
             self.port = free_port()
@@ -127,7 +129,7 @@ class Gunicorn:
             full_env.update(env)
             self.env = full_env
             args = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{self.port}",
-                    "-w", str(workers), *extra_args, "wsgi:app"]
+                    "-w", str(workers), *extra_args, app]
             self._log = open(self.log_path, "ab")
             self.process = subprocess.Popen(
                 args, cwd=ROOT, env=full_env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
