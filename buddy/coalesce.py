@@ -15,6 +15,7 @@ import redis
 
 from buddy import codec
 from buddy.errors import BrokenBody, CoalesceTimeout, StoreUnavailable
+from buddy.forwarding import storable_headers
 from buddy.messages import ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
 from buddy.store.fill_lock import FillLock, LeadPlan, LockKeeper
@@ -23,7 +24,7 @@ from buddy.store.pieces import PieceReader, first_piece
 from buddy.store.rate_limiter import WaitingRoom
 from buddy.store.relay import RelayWriter, follow_chunks, read_meta
 from buddy.store.wakeup import WakeupHub
-from buddy.upstream import BodyStream, storable_headers
+from buddy.upstream import BodyStream
 
 POLL_SECONDS = 1.0  # a waiter re-checks this often even without a wake-up (a dead leader publishes nothing)
 DEAF_POLL_SECONDS = 0.05  # ... and this often while its process's subscription is not confirmed

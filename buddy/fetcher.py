@@ -16,12 +16,13 @@ import time
 
 from buddy import answers, counters, policy
 from buddy.errors import ClientGone, StoreUnavailable, UpstreamError
+from buddy.forwarding import build_url
 from buddy.messages import ProxyRequest, ProxyResult
 from buddy.settings import DomainSettings, Settings
 from buddy.store.metrics import MetricsRecorder
 from buddy.store.offline import OfflineSwitch
 from buddy.store.rate_limiter import Decision, LocalLimiter, RateLimiter, WaitingRoom
-from buddy.upstream import UpstreamClient, build_url
+from buddy.upstream import UpstreamClient
 
 log = logging.getLogger("buddy.service")
 SLOT_CHECK_SECONDS = 0.5  # how often a request sleeping for its rate-limit slot checks that its client is there

@@ -19,6 +19,7 @@ from buddy.coalesce import Fill
 from buddy.codec import VaryPointer
 from buddy.errors import ClientGone, StoreUnavailable
 from buddy.fetcher import Fetcher
+from buddy.forwarding import build_url, storable_headers
 from buddy.lookup import Lookup, follow_pointer, look_up
 from buddy.messages import ProxyRequest, ProxyResult
 from buddy.redis_keys import EntryId, RedisKeys
@@ -27,7 +28,6 @@ from buddy.store.fill_lock import Ahead, LeadPlan
 from buddy.store.metrics import MetricsRecorder
 from buddy.store.rate_limiter import RateLimiter
 from buddy.store.response_cache import ResponseCache
-from buddy.upstream import build_url, storable_headers
 
 log = logging.getLogger("buddy.service")
 

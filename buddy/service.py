@@ -19,6 +19,7 @@ from buddy.answers import from_cache, json_result
 from buddy.coalesce import Coalescer, Fill, NotShared, WaitingFull
 from buddy.errors import CoalesceTimeout, StoreUnavailable
 from buddy.fetcher import Fetcher
+from buddy.forwarding import keep_access_key
 from buddy.leader import Leader
 from buddy.lookup import Looked, Lookup, look_up
 from buddy.messages import ProxyRequest, ProxyResult
@@ -29,7 +30,6 @@ from buddy.store.metrics import MetricsRecorder
 from buddy.store.offline import OfflineSwitch
 from buddy.store.rate_limiter import RateLimiter
 from buddy.store.response_cache import ResponseCache
-from buddy.upstream import keep_access_key
 
 log = logging.getLogger("buddy.service")
 LOCK_MARGIN_SECONDS = 2.0

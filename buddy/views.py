@@ -14,10 +14,10 @@ from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 from buddy import parking, policy
 from buddy.access import Target
 from buddy.errors import BadProxyRequest
+from buddy.forwarding import forwardable_request_headers, safe_path, safe_query, upstream_path
 from buddy.messages import ProxyRequest, ProxyResult
 from buddy.service import Looked, ProxyService
 from buddy.settings import DomainSettings, ServerSettings
-from buddy.upstream import forwardable_request_headers, safe_path, safe_query, upstream_path
 
 bp = Blueprint("proxy", __name__)
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]

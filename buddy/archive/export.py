@@ -39,14 +39,12 @@ from buddy.archive.credentials import (
 )
 from buddy.errors import StoreUnavailable
 from buddy.fingerprint import CREDENTIAL_HEADERS
+from buddy.forwarding import forwardable_request_headers
 from buddy.messages import ProxyRequest, ProxyResult, StoredRequest
 from buddy.redaction import spellings
 from buddy.redis_keys import EntryId
 from buddy.settings import DomainSettings
 from buddy.store.connect import scan_batches
-from buddy.upstream import (
-    forwardable_request_headers,
-)
 
 SCAN_COUNT = 500  # keys per SCAN round trip
 FETCH_BYTES = 8 * 1024 * 1024  # entries fetched per MGET at most (one larger entry is fetched alone)

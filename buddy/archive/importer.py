@@ -43,10 +43,7 @@ from buddy.archive.warcfile import Reader
 from buddy.codec import VaryPointer
 from buddy.errors import BadProxyRequest, StoreUnavailable
 from buddy.fingerprint import credentials_digest
-from buddy.messages import ProxyRequest, ProxyResult
-from buddy.redis_keys import EntryId
-from buddy.settings import DomainSettings
-from buddy.upstream import (
+from buddy.forwarding import (
     build_url,
     client_response_headers,
     dated,
@@ -57,6 +54,9 @@ from buddy.upstream import (
     storable_headers,
     upstream_path,
 )
+from buddy.messages import ProxyRequest, ProxyResult
+from buddy.redis_keys import EntryId
+from buddy.settings import DomainSettings
 from buddy.views import NAMESPACE
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

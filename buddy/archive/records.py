@@ -14,7 +14,8 @@ from urllib3 import HTTPHeaderDict
 
 from buddy.archive.common import CHUNK, LINE_LIMIT, OWN, Tally, first_line
 from buddy.content import body_chunks, content_coding
-from buddy.upstream import is_interim, upstream_fields
+from buddy.forwarding import upstream_fields
+from buddy.upstream import is_interim
 
 PENDING = 4  # records held while waiting for their partner (capture_http writes each response, then its request)
 STATUS_LINE = re.compile(r"HTTP/[0-9]\.[0-9] ([0-9]{3})(?: (.*))?")

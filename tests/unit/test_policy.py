@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from buddy import policy
+from buddy.forwarding import client_response_headers, forwardable_request_headers
 from buddy.messages import ProxyRequest, ProxyResult, StoredRules
 from buddy.settings import validate_config
-from buddy.upstream import client_response_headers, forwardable_request_headers
 
 NOW = 1_800_000_000.0
 SETTINGS = validate_config({"domain_mappings": {

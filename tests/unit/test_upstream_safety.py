@@ -8,8 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from buddy.errors import BadProxyRequest
-from buddy.settings import validate_config
-from buddy.upstream import (
+from buddy.forwarding import (
     build_url,
     client_response_headers,
     forwardable_request_headers,
@@ -19,6 +18,7 @@ from buddy.upstream import (
     storable_headers,
     upstream_path,
 )
+from buddy.settings import validate_config
 
 DOMAIN = validate_config({"domain_mappings": {"w": {"upstream": "https://api.example.org:8443/v2"}}}).domains["w"]
 
@@ -117,8 +117,8 @@ def test_upstream_headers_that_cannot_be_sent_on_are_dropped() -> None:
 
 
 def test_a_redirect_through_the_proxy_keeps_the_key_where_the_client_put_it() -> None:
+    from buddy.forwarding import keep_access_key
     from buddy.settings import validate_config
-    from buddy.upstream import keep_access_key
 
     domain = validate_config({"domain_mappings": {"up": {"upstream": "https://u.example.org"}}}).domains["up"]
     headers = [("Location", "/up/target?x=1"), ("Content-Type", "text/plain")]

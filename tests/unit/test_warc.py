@@ -17,8 +17,8 @@ from warcio.archiveiterator import ArchiveIterator
 
 from buddy import codec, create_app, policy
 from buddy.archive import HostMap, parse_duration, resolve, warcfile
+from buddy.forwarding import build_url, forwardable_request_headers
 from buddy.messages import ProxyRequest, ProxyResult
-from buddy.upstream import build_url, forwardable_request_headers
 from tests.support.raw_upstream import LAST_CHUNK, RawUpstream, chunk, head
 
 GZ = gzip.compress(b'{"word": "dog", "edges": [' + b'{"rel": "IsA"},' * 40 + b'{}]}')
