@@ -154,7 +154,7 @@ def load() -> Any:
 
     flask_app = load_app()
     settings = flask_app.extensions["buddy"].settings
-    install(flask_app, os.environ["REDIS_URL"], settings.redis["socket_timeout"])
+    install(flask_app, os.environ["REDIS_URL"], settings.redis.socket_timeout)
     return flask_app
 
 

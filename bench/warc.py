@@ -25,12 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from buddy import policy  # noqa: E402
+from buddy.forwarding import build_url  # noqa: E402
 from buddy.messages import ProxyRequest, ProxyResult  # noqa: E402
 from buddy.redis_keys import RedisKeys  # noqa: E402
 from buddy.settings import load_settings  # noqa: E402
 from buddy.store.guard import StoreGuard  # noqa: E402
 from buddy.store.response_cache import ResponseCache  # noqa: E402
-from buddy.upstream import build_url  # noqa: E402
 from tests.support.processes import RedisServer  # noqa: E402
 
 UPSTREAM = "https://api.example.org"
