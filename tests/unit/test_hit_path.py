@@ -110,6 +110,33 @@ def test_namespaces_stay_apart_on_the_hit_path(client: FlaskClient, upstream: Up
     assert client.get("/up/a", headers={"X-Buddy-Namespace": "bad name!"}).status_code == 400
 
 
+def test_a_failure_of_its_own_is_answered_by_the_view_counted_and_logged_once_per_kind(
+    app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import buddy.fastpath
+
+    def bug(*args: Any) -> Any:
+        raise ValueError("a bug in the hit path")
+
+    client.get("/up/item")
+    monkeypatch.setattr(buddy.fastpath, "response_headers", bug)  # reached by fresh hits only, after their look-up
+    with caplog.at_level(logging.INFO, logger="buddy.fastpath"):
+        for _ in range(3):
+            answer = client.get("/up/item")
+            assert answer.status_code == 200 and answer.headers["X-Cache"] == "HIT"  # from the view, in full
+        assert client.get("/up/../x").status_code == 400  # a refusal is the view's to make: no failure
+        monkeypatch.setattr(buddy.fastpath, "mapped_request", lambda *args: {}["another bug"])  # before any look-up
+        for i in range(2):
+            assert client.get(f"/up/other?i={i}").headers["X-Cache"] == "MISS"
+    loud = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.exc_info[0] for r in loud if r.exc_info] == [ValueError, KeyError]  # the first of each kind
+    assert len(loud) == 2 and "hit_path_failures" in loud[0].getMessage()
+    app.extensions["buddy"].service.metrics.flush()
+    counted = client.get("/admin/metrics").get_json()["cache"]
+    assert counted["by_domain"]["up"]["hit_path_failures"] == counted["hit_path_failures"] == 5
+    assert 'buddy_hit_path_failures_total{domain="up"} 5.0' in client.get("/metrics").get_data(as_text=True)
+
+
 def test_a_hot_entry_is_served_from_memory_until_the_proxy_itself_changes_it(
     app: Flask, client: FlaskClient, fake_redis: fakeredis.FakeRedis
 ) -> None:
