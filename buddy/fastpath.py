@@ -40,7 +40,7 @@ from buddy.redis_keys import EntryId
 from buddy.views import MAPPED, has_body, mapped_request, raw_target, response_headers, route
 
 log = logging.getLogger("buddy.fastpath")
-REWRITTEN = frozenset({"location", "content-location"})  # werkzeug turns IRIs in these into URIs
+REWRITTEN = {"location": "Location", "content-location": "Content-Location"}  # werkzeug rewrites these (below)
 # What route() and read_body() read of a request besides its HTTP_* headers (the body: none, on this path).
 RAW = ("RAW_URI", "REQUEST_URI", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "CONTENT_TYPE", "CONTENT_LENGTH")
 MAPPED_BUDGET = 8 * 1024 * 1024  # bytes of remembered requests per worker; then all forgotten at once (a flood)
@@ -115,8 +115,7 @@ class HitPath:
         if result is None:
             environ[MAPPED] = (request, looked)  # the view goes on from here: no second look-up
             return None
-        headers = [(name, iri_to_uri(value)) if name.lower() in REWRITTEN else (name, value)
-                   for name, value in response_headers(result)]  # as werkzeug sends them from the view
+        headers = as_werkzeug_sends(response_headers(result))
         if result.status in (204, 304):
             body = b""  # no content, and no Content-Length to say so (RFC 9110 8.6), as werkzeug sends them
         else:
@@ -166,6 +165,22 @@ class HitPath:
         if not policy.cacheable_request(request):
             return None
         return request, policy.entry_for(request)
+
+
+def as_werkzeug_sends(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The headers as werkzeug sends them from the view (Response.get_wsgi_headers): Location and Content-Location
+    once each, named so, where the first one was, with the last one's value, an IRI made a URI."""
+    last = {name.lower(): value for name, value in headers if name.lower() in REWRITTEN}
+    if not last:
+        return headers
+    sent = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower not in REWRITTEN:
+            sent.append((name, value))
+        elif lower in last:
+            sent.append((REWRITTEN[lower], iri_to_uri(last.pop(lower))))
+    return sent
 
 
 def mapping_named(environ: dict, domains: Any) -> str | None:
