@@ -143,6 +143,29 @@ def test_a_store_or_clear_in_one_worker_drops_the_copies_of_another(buddy_config
         two.extensions["buddy"].shutdown()
 
 
+def test_what_a_worker_stores_or_clears_its_own_next_request_sees_whatever_pub_sub_is_doing(
+    app: Flask, client: FlaskClient
+) -> None:
+    """Read-your-writes in one worker: its own store or clear drops its own copy at once. Another worker hears of it
+    on pub/sub, a moment later; here that moment never ends (the subscription stays confirmed, its messages are held
+    back), so that nothing but the worker's own drop can make the next answer right."""
+    service = app.extensions["buddy"].service
+    hub = service.coalescer.hub
+    assert hub.start(wait=3)
+    held_back, hub.listeners = hub.listeners, []
+    try:
+        for _ in range(4):  # a miss, then read often enough to be kept in this worker's memory
+            assert n_of(client.get("/up/item")) == 1
+        assert n_of(client.get("/up/item", headers={"Cache-Control": "no-cache"})) == 2  # a refresh, stored here
+        assert n_of(client.get("/up/item")) == 2, "this worker answered with its copy of the entry it replaced"
+        for _ in range(3):
+            client.get("/up/item")
+        service.cache.clear("up")
+        assert client.get("/up/item").headers["X-Cache"] == "MISS", "this worker answered a cleared entry"
+    finally:
+        hub.listeners = held_back
+
+
 def test_an_entry_past_its_ttl_is_no_hit_from_memory(upstream: UpstreamStub, fake_redis: fakeredis.FakeRedis,
                                                      buddy_config: dict[str, Any]) -> None:
     config = json.loads(json.dumps(buddy_config))
