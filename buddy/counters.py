@@ -104,6 +104,9 @@ class Counters:
                          "Misses answered 504 for Cache-Control: only-if-cached.", request=True)
     MEMORY_HITS = Counter("memory_hits", CACHE, "memory_hits", "buddy_memory_hits",
                           "Cache lookups answered by a worker's in-memory copy (L1), not by Redis.")
+    HIT_PATH_FAILURES = Counter("hit_path_failures", CACHE, "hit_path_failures", "buddy_hit_path_failures",
+                                "Requests the hit path handed to the proxy view after an error of its own (a bug; "
+                                "the log shows the first of each kind).")
     REVALIDATED_UNCHANGED = Counter("revalidated_unchanged", CACHE, "revalidated_unchanged",
                                     "buddy_revalidated_unchanged",
                                     "Conditional requests for an expired entry that the upstream answered 304.",

@@ -10,29 +10,45 @@ the headers the view would send (`views.response_headers`). Anything else, a mis
 mapping, a wrong key, a bad path, Redis unreachable, is handed to the Flask app unchanged, which answers it in
 full (and says why, when it refuses). Skipping Flask's request context, routing and Response objects is most
 of what a hit costs.
+
+An error of the hit path's own (a bug: anything but the refusals and the Redis outage the view answers for
+itself) hands the request on too, so that the client still gets its answer, only more slowly. Such a bug could
+send every hit the slow way unseen: each hand-over is counted (`hit_path_failures`, per mapping, in
+/admin/metrics and /metrics), and the first of each kind (its exception and where it was raised) is logged
+with its traceback at ERROR, once per process; the others at DEBUG.
 """
 from __future__ import annotations
 
 import logging
+import threading
+import traceback
 from typing import Any, Callable, Iterable
+from urllib.parse import unquote
 
 from flask import Flask
 from werkzeug.datastructures import EnvironHeaders
+from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.urls import iri_to_uri
 
 from buddy import parking, policy
+from buddy.access import Unauthorized
+from buddy.counters import Counters
+from buddy.errors import BadProxyRequest, StoreUnavailable
 from buddy.messages import ProxyRequest
 from buddy.redis_keys import EntryId
 from buddy.views import MAPPED, has_body, mapped_request, raw_target, response_headers, route
 
 log = logging.getLogger("buddy.fastpath")
-REWRITTEN = frozenset({"location", "content-location"})  # werkzeug turns IRIs in these into URIs
+REWRITTEN = {"location": "Location", "content-location": "Content-Location"}  # werkzeug rewrites these (below)
 # What route() and read_body() read of a request besides its HTTP_* headers (the body: none, on this path).
 RAW = ("RAW_URI", "REQUEST_URI", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "CONTENT_TYPE", "CONTENT_LENGTH")
 MAPPED_BUDGET = 8 * 1024 * 1024  # bytes of remembered requests per worker; then all forgotten at once (a flood)
 MAPPED_SIZE = 4096  # a request with more bytes of header names and values and target is mapped every time
 MAPPED_OVERHEAD = 2048  # what a remembered request takes beyond its bytes (measured: about 2 KB for a small GET)
+# Raised on the hit path for requests the view answers itself, as it means to: a refusal (a bad path or namespace,
+# 400; a missing key, 401) or Redis out of reach (BYPASS; the access key, 503). Handed on quietly, never counted.
+HANDED_ON = (BadProxyRequest, Unauthorized, HTTPException, StoreUnavailable)
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict, StartResponse], Iterable[bytes]]
 
@@ -46,6 +62,8 @@ class HitPath:
         self.hosts = app.extensions["buddy"].hosts
         self._mapped: dict[tuple, tuple[ProxyRequest, EntryId]] = {}  # a request's bytes -> what they map to
         self._mapped_bytes = 0  # about what _mapped holds
+        self._failed: set[tuple[str, str, int]] = set()  # kinds of failure logged at ERROR (as many as places in code)
+        self._failed_lock = threading.Lock()
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD")
@@ -57,8 +75,10 @@ class HitPath:
         if (method == "GET" or method == "HEAD") and not has_body(environ) and not parking.resuming():
             try:
                 answer = self.hit(environ, method)
-            except Exception:  # whatever went wrong, the app answers this request in full (and says why)
-                log.debug("the hit path handed a request on after an error", exc_info=True)
+            except HANDED_ON:  # the app refuses it again, or answers it without Redis, and says why
+                answer = None
+            except Exception as exc:  # a bug here: the app answers this request in full; counted, told once
+                self.failed(environ, exc)
                 answer = None
             if answer is not None:
                 status, headers, body = answer
@@ -95,8 +115,7 @@ class HitPath:
         if result is None:
             environ[MAPPED] = (request, looked)  # the view goes on from here: no second look-up
             return None
-        headers = [(name, iri_to_uri(value)) if name.lower() in REWRITTEN else (name, value)
-                   for name, value in response_headers(result)]  # as werkzeug sends them from the view
+        headers = as_werkzeug_sends(response_headers(result))
         if result.status in (204, 304):
             body = b""  # no content, and no Content-Length to say so (RFC 9110 8.6), as werkzeug sends them
         else:
@@ -104,6 +123,29 @@ class HitPath:
             headers.append(("Content-Length", str(len(body))))
         status = f"{result.status} {result.reason or HTTP_STATUS_CODES.get(result.status, 'UNKNOWN').upper()}"
         return status, headers, b"" if method == "HEAD" else body
+
+    def failed(self, environ: dict, exc: Exception) -> None:
+        """An error of the hit path's own: counted for the mapping the request names, logged at ERROR (with its
+        traceback) the first time this process meets its kind (its type and the line that raised it)."""
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        kind = (f"{type(exc).__module__}.{type(exc).__qualname__}", where.filename, where.lineno or 0)
+        with self._failed_lock:
+            first = kind not in self._failed
+            self._failed.add(kind)
+        if first:
+            log.error("the hit path failed (%s at %s:%s) and handed the request to the proxy view, which answers "
+                      "it in full, more slowly; requests like it will go the same way, counted as "
+                      "hit_path_failures and logged here once: this is a bug", kind[0], where.filename,
+                      where.lineno, exc_info=exc)
+        else:
+            log.debug("the hit path failed again (%s at %s:%s)", kind[0], where.filename, where.lineno)
+        try:
+            service = self.app.extensions["buddy"].service
+            name = mapping_named(environ, service.settings.domains)
+            if name is not None:
+                service.metrics.count(name, Counters.HIT_PATH_FAILURES)
+        except Exception:  # counting must not turn a slow answer into none
+            log.debug("could not count a failure of the hit path", exc_info=True)
 
     @staticmethod
     def map(buddy: Any, environ: dict, method: str) -> tuple[ProxyRequest, EntryId] | None:
@@ -123,3 +165,29 @@ class HitPath:
         if not policy.cacheable_request(request):
             return None
         return request, policy.entry_for(request)
+
+
+def as_werkzeug_sends(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The headers as werkzeug sends them from the view (Response.get_wsgi_headers): Location and Content-Location
+    once each, named so, where the first one was, with the last one's value, an IRI made a URI."""
+    last = {name.lower(): value for name, value in headers if name.lower() in REWRITTEN}
+    if not last:
+        return headers
+    sent = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower not in REWRITTEN:
+            sent.append((name, value))
+        elif lower in last:
+            sent.append((REWRITTEN[lower], iri_to_uri(last.pop(lower))))
+    return sent
+
+
+def mapping_named(environ: dict, domains: Any) -> str | None:
+    """The configured mapping a request's path names, as its first segment or after an access key in the path; read
+    from the raw path alone, so that it holds whatever part of the hit path failed."""
+    for segment in raw_target(environ)[1:].split(b"/", 2)[:2]:
+        name = unquote(segment.decode("latin-1"))
+        if name in domains:
+            return name
+    return None

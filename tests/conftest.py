@@ -9,6 +9,7 @@ from typing import Any, Iterator
 import fakeredis
 import pytest
 from flask import Flask
+from hypothesis import HealthCheck, settings
 
 from buddy import create_app
 from tests.support.processes import RedisServer
@@ -20,6 +21,14 @@ for _name in ("REDIS_URL", "BUDDY_CONFIG", "BUDDY_DATA_DIR", "BUDDY_SECURE_KEY",
               "BUDDY_WORKERS", "BUDDY_THREADS", "BUDDY_BINDS", "WEB_CONCURRENCY"):
     os.environ.pop(_name, None)
 os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="buddy-tests-")
+
+# Property tests (hypothesis) run the same bounded set of examples on every run, with no clock in the verdict: a
+# loaded machine is slow, not wrong (no deadline, no health check on generation speed). HYPOTHESIS_PROFILE=explore
+# looks much further, at random, when one is being worked on.
+settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True, database=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("explore", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -488,6 +488,31 @@ def test_an_older_unvarying_answer_does_not_replace_fresher_variants_without_ove
         raw.stop()
 
 
+@pytest.mark.parametrize("held_varies", [True, False], ids=["fresher-variant", "fresher-plain-answer"])
+def test_an_older_varying_answer_does_not_replace_a_fresher_one_without_overwrite(apps, tmp_path,
+                                                                                   held_varies: bool) -> None:
+    """The import looks at both places its answer would go: the request's variant, and the primary entry, where a
+    vary pointer would replace a plain answer."""
+    vary = [("Vary", "X-Tenant")] if held_varies else []
+    raw = RawUpstream({"/doc": lambda r, n: [head(headers=[*vary, ("Content-Length", "5")]) + b"fresh"]})
+    try:
+        app = apps(raw.url)
+        client = app.test_client()
+        assert client.get("/up/doc", headers={"X-Tenant": "acme"}).headers["X-Cache"] == "MISS"
+        hour_ago = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 3600))
+        older = head(headers=[("Vary", "X-Tenant"), ("Content-Length", "5")]) + b"stale"
+        (tmp_path / "x.warc").write_bytes(exchange(f"{raw.url}/doc", older, headers={"X-Tenant": "acme"},
+                                                   date=hour_ago))
+        result = run(app, "import", str(tmp_path / "x.warc"))
+        assert "imported 0 entries" in result.output and "1 already cached, as fresh or fresher" in result.output
+        kept = client.get("/up/doc", headers={"X-Tenant": "acme"})
+        assert (kept.headers["X-Cache"], kept.data) == ("HIT", b"fresh")  # was b"stale", an hour older
+        assert "imported 1 entries" in run(app, "import", "--overwrite", str(tmp_path / "x.warc")).output
+        assert client.get("/up/doc", headers={"X-Tenant": "acme"}).data == b"stale"
+    finally:
+        raw.stop()
+
+
 def test_a_buddy_header_does_not_switch_off_the_private_check(apps, tmp_path) -> None:
     answer = head(headers=[("Cache-Control", "private"), ("Connection", "Cache-Control"), ("Content-Length", "5")],
                   close=False) + b"alice"
