@@ -33,9 +33,9 @@ from buddy import create_app, policy
 from buddy.codec import VaryPointer
 from buddy.errors import BadProxyRequest
 from buddy.fastpath import HitPath
+from buddy.forwarding import client_response_headers, storable_headers
 from buddy.messages import ProxyResult, StoredRules
 from buddy.redis_keys import EntryId
-from buddy.upstream import client_response_headers, storable_headers
 
 KEY = "the-proxy-key-0123456789"
 T0 = 1_700_000_000  # Last-Modified and If-Modified-Since are a second or so around it
