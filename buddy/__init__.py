@@ -185,10 +185,11 @@ def create_app(
     if store_metrics.IN_WORKER:  # a gunicorn worker; a `flask buddy` command loads the same wsgi.py, and is none
         buddy.serving()
 
-    from buddy import admin, cli, views
+    from buddy import admin, cli, dashboard, views
 
     register_error_handlers(app)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(dashboard.bp)  # its page and login answer without a key; admin.bp's routes need one
     app.register_blueprint(views.bp)
     from buddy.fastpath import HitPath
 

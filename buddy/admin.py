@@ -3,9 +3,9 @@ use them: buddy.admin_auth)."""
 from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify, request
-from flask.blueprints import BlueprintSetupState
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from buddy import dashboard
 from buddy.admin_auth import authorize, deliberate
 from buddy.errors import StoreUnavailable
 from buddy.prometheus import exposition
@@ -13,14 +13,6 @@ from buddy.views import NAMESPACE
 
 bp = Blueprint("admin", __name__)
 OFFLINE_STATES = ("on", "off", "reset")
-
-
-@bp.record_once
-def _with_dashboard(state: BlueprintSetupState) -> None:
-    """The dashboard (its own blueprint: its page and login answer without a key) comes with the admin routes."""
-    from buddy import dashboard
-
-    state.app.register_blueprint(dashboard.bp)
 
 
 @bp.before_request
@@ -68,9 +60,7 @@ def clear(domain: str | None = None) -> Response:
 
 
 def _changed() -> None:
-    from buddy import dashboard
-
-    dashboard.forget_view()
+    dashboard.forget_view()  # the next page shows what the action did
 
 
 @bp.post("/admin/offline/<state>")
