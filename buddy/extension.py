@@ -1,5 +1,5 @@
 """The proxy's Flask extension: `Buddy`, every part one app wires together, built from the settings (`build`), started
-and stopped as one (buddy.lifecycle)."""
+and stopped as one (buddy.lifecycle); and every kind of background thread it runs, listed in one place."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +11,7 @@ import redis
 from flask import Flask
 
 from buddy.access import AccessControl
+from buddy.background import Watched
 from buddy.coalesce import Coalescer
 from buddy.counters import Counters
 from buddy.embedded import EmbeddedRedis
@@ -84,6 +85,20 @@ class Buddy:
         return self.lifecycle.closed
 
 
+def background_threads(service: ProxyService, access: AccessControl) -> dict[str, Watched]:
+    """Every kind of background thread a worker runs, by the name /admin/health gives it. Each starts when first
+    needed (the wake-ups and metrics as the app starts) and stops when the app is shut down."""
+    return {
+        "wakeup": service.coalescer.hub.thread,  # the pub/sub subscriber: wakes waiters, drops copies in memory
+        "redis_probe": service.cache.guard.prober,  # probes a Redis (or cluster primary) that stopped answering
+        "metrics": service.metrics.thread,  # flushes this process's counters to Redis once a second
+        "lock_keeper": service.coalescer.keeper.thread,  # extends the fill locks this process holds
+        "upstream_watchdog": service.fetcher.upstream.watchdog.thread,  # ends upstream calls at their deadline
+        "refreshers": service.refreshers,  # stale-while-revalidate: one short-lived thread per refresh
+        "key_failures": access.failures.flusher,  # logs the refusals counted per client address, once a minute
+    }
+
+
 def key_origin(settings: Settings, environ: Mapping[str, str], config: Mapping[str, Any] | None) -> str:
     """Where the configured access key was set (the later sources win, as in load_settings), or GENERATED."""
     if not settings.security.secure_key:
@@ -139,7 +154,8 @@ def build(
     secure_key = SecureKeyStore(client, guard, keys, settings.security.secure_key)
     access = access_control(settings, client, guard, keys, secure_key)
     lifecycle.add("the wrong-key log", stop=access.failures.stop)
-    monitoring = MonitoringManager(client, guard, keys, settings, service.cache, url, version, service.offline)
+    monitoring = MonitoringManager(client, guard, keys, settings, service.cache, url, version, service.offline,
+                                   threads=background_threads(service, access))
     if embedded is not None:
         monitoring.redis.embedded_problem = embedded.problem  # health says why it cannot run, in every worker
     hosts = HostCheck(settings, log_events=settings.security.log_security_events)
