@@ -19,6 +19,7 @@ from buddy.errors import StoreUnavailable
 from buddy.fetcher import Fetcher
 from buddy.hosts import HostCheck
 from buddy.lifecycle import Lifecycle
+from buddy.malloc import TrimWatch
 from buddy.monitoring import MonitoringManager
 from buddy.redis_keys import RedisKeys
 from buddy.service import ProxyService
@@ -87,7 +88,8 @@ class Buddy:
 
 def background_threads(service: ProxyService, access: AccessControl) -> dict[str, Watched]:
     """Every kind of background thread a worker runs, by the name /admin/health gives it. Each starts when first
-    needed (the wake-ups and metrics as the app starts) and stops when the app is shut down."""
+    needed (the wake-ups and metrics as the app starts) and stops when the app is shut down; the memory trimmer
+    starts as the worker does (before the app), and ends with it."""
     return {
         "wakeup": service.coalescer.hub.thread,  # the pub/sub subscriber: wakes waiters, drops copies in memory
         "redis_probe": service.cache.guard.prober,  # probes a Redis (or cluster primary) that stopped answering
@@ -96,6 +98,7 @@ def background_threads(service: ProxyService, access: AccessControl) -> dict[str
         "upstream_watchdog": service.fetcher.upstream.watchdog.thread,  # ends upstream calls at their deadline
         "refreshers": service.refreshers,  # stale-while-revalidate: one short-lived thread per refresh
         "key_failures": access.failures.flusher,  # logs the refusals counted per client address, once a minute
+        "malloc_trim": TrimWatch(),  # gives back the memory large answers used (buddy.malloc; the process's own)
     }
 
 

@@ -127,7 +127,7 @@ def test_hostile_requests_get_4xx_and_the_worker_stays_healthy(gunicorn, redis_u
     threads = {kind: (shown["state"], shown.get("restarts", 0)) for kind, shown in health["threads"].items()}
     assert threads == {"wakeup": ("alive", 0), "metrics": ("alive", 0), "lock_keeper": ("alive", 0),
                        "upstream_watchdog": ("alive", 0), "redis_probe": ("idle", 0), "refreshers": ("idle", 0),
-                       "key_failures": ("idle", 0)}
+                       "key_failures": ("idle", 0), "malloc_trim": ("alive", 0)}
 
 
 def test_starting_on_loopback_without_a_key_does_not_warn(gunicorn, redis_url, upstream) -> None:
