@@ -36,7 +36,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from buddy import connect_redis  # noqa: E402
+from buddy.extension import connect_redis  # noqa: E402
 from buddy.redis_keys import RedisKeys  # noqa: E402
 from buddy.settings import validate_config  # noqa: E402
 from buddy.store.guard import StoreGuard  # noqa: E402

@@ -1,128 +1,21 @@
 """reference-api-buddy: a caching, rate-limiting HTTP proxy for reference APIs, as a Flask app factory."""
 from __future__ import annotations
 
-import atexit
-import logging
 import os
-import weakref
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import redis
 from flask import Flask
 
-from buddy.access import AccessControl
-from buddy.coalesce import Coalescer
-from buddy.counters import Counters
-from buddy.embedded import EmbeddedRedis
-from buddy.errors import StoreUnavailable
-from buddy.fetcher import Fetcher
-from buddy.hosts import HostCheck
+from buddy import extension
+from buddy.extension import Buddy, key_origin
 from buddy.http_errors import register_error_handlers
+from buddy.lifecycle import close_all as shutdown_live_apps
 from buddy.logs import configure_logging
-from buddy.monitoring import MonitoringManager
-from buddy.redis_keys import RedisKeys
-from buddy.service import ProxyService
-from buddy.settings import Settings, load_settings
-from buddy.store import metrics as store_metrics
-from buddy.store.connect import LazyCluster, close_client, connect
-from buddy.store.guard import BUG_TTL_SECONDS, StoreGuard
-from buddy.store.key_failures import KeyFailures
-from buddy.store.memory_cache import MemoryCache
-from buddy.store.metrics import MetricsRecorder
-from buddy.store.offline import OfflineSwitch
-from buddy.store.rate_limiter import LocalLimiter, RateLimiter, WaitingRoom
-from buddy.store.response_cache import ResponseCache
-from buddy.store.secure_key import GENERATED, KeySource, SecureKeyStore
-from buddy.store.wakeup import WakeupHub
-from buddy.upstream import UpstreamClient
+from buddy.settings import load_settings
 
 __version__ = "0.4.0"
 __all__ = ["create_app", "Buddy", "CachingProxy", "shutdown_live_apps", "__version__"]
-
-log = logging.getLogger("buddy")
-
-
-@dataclass(eq=False)
-class Buddy:
-    """Everything one app instance wires together; lives in `app.extensions["buddy"]`."""
-
-    settings: Settings
-    redis: redis.Redis
-    service: ProxyService
-    access: AccessControl
-    secure_key: SecureKeyStore
-    monitoring: MonitoringManager
-    hosts: HostCheck
-    embedded: EmbeddedRedis | None = None
-    key_origin: str = GENERATED  # where a configured access key was set (see key_origin)
-
-    closed: bool = False
-
-    def serving(self) -> None:
-        """This process serves requests (a gunicorn worker, a CachingProxy): generate the access key now if one is
-        needed, so that the log filter knows it before the first request is logged (an operator command never
-        generates one), and say in Redis where the key comes from, for `api-buddy key`."""
-        required = self.settings.security.require_secure_key
-        try:
-            if required:
-                self.secure_key.get()
-            self.secure_key.announce(KeySource(required, self.key_origin))
-        except StoreUnavailable:
-            if required:
-                log.warning("the access key is in Redis, which is unreachable; requests get 503 until it is back")
-
-    def shutdown(self) -> None:
-        """Stop this app's threads, flush its counters, and leave the embedded Redis (stopping it if last).
-        Called again (at exit, say), it does nothing."""
-        if self.closed:
-            return
-        self.closed = True
-        _LIVE.discard(self)
-        self.service.coalescer.hub.stop()
-        self.service.coalescer.keeper.stop()
-        self.service.metrics.stop()
-        self.service.fetcher.upstream.watchdog.stop()
-        self.service.cache.guard.stop()
-        self.access.failures.stop()
-        close_client(self.redis)
-        if self.embedded is not None:
-            self.embedded.stop()
-
-
-
-_LIVE: "weakref.WeakSet[Buddy]" = weakref.WeakSet()
-
-
-@atexit.register
-def shutdown_live_apps() -> None:
-    """One exit hook for every app still open in this process: flush its counters, leave the embedded Redis."""
-    for buddy in list(_LIVE):
-        buddy.shutdown()
-
-
-def key_origin(settings: Settings, environ: Mapping[str, str], config: Mapping[str, Any] | None) -> str:
-    """Where the configured access key was set (the later sources win, as in load_settings), or GENERATED."""
-    if not settings.security.secure_key:
-        return GENERATED
-    if ((config or {}).get("security") or {}).get("secure_key"):
-        return "the configuration the program passed to the proxy"
-    if environ.get("BUDDY_SECURE_KEY"):
-        return "BUDDY_SECURE_KEY in the proxy's environment"
-    return f"security.secure_key in {os.path.abspath(environ.get('BUDDY_CONFIG') or 'its config file')}"
-
-
-def connect_redis(settings: Settings) -> tuple[redis.Redis, str, EmbeddedRedis | None]:
-    """The configured Redis (one server, a Redis Cluster or a Sentinel service), or the embedded one for this data
-    folder (started here if nobody runs it yet)."""
-    url, embedded = settings.redis.url, None
-    if not url:
-        embedded = EmbeddedRedis(settings.data_dir, settings.redis.maxmemory)
-        embedded.ensure()  # the app's shutdown() leaves it again; the last process to leave stops it
-        url = embedded.url
-    # One server, a Redis Cluster (made on first use) or Sentinel's primary, as the URL's scheme says; its commands
-    # give up after the short command timeout, a blocking read after socket_timeout (see store.connect).
-    return connect(url, settings.redis.socket_timeout, settings.redis.command_timeout), url, embedded
 
 
 def create_app(
@@ -132,63 +25,20 @@ def create_app(
     environ: Mapping[str, str] | None = None,
 ) -> Flask:
     """Build the proxy app: settings from defaults, BUDDY_CONFIG, environment, then `config`."""
-    settings = load_settings(config, os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    settings = load_settings(config, environ)
     configure_logging(settings.logging)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_request_body
     app.url_map.merge_slashes = False  # `/x//y` must reach the upstream as sent, not be redirected
     app.url_map.strict_slashes = False
+    extension.build(settings, redis_client, key_origin(settings, environ, config), __version__).init_app(app)
 
-    url, embedded = "(injected)", None
-    if redis_client is None:
-        redis_client, url, embedded = connect_redis(settings)
-    keys = RedisKeys(settings.redis.prefix)
-    guard = StoreGuard(
-        probe=redis_client.ping,
-        nodes=redis_client if isinstance(redis_client, LazyCluster) else None,  # a circuit per primary
-        on_bug=lambda text: redis_client.set(keys.last_bug, text, ex=BUG_TTL_SECONDS),
-    )
-    metrics = MetricsRecorder(redis_client, guard, keys)
-    hub = WakeupHub(redis_client, keys.fill_channel)
-    memory = MemoryCache(settings.cache.l1_max_bytes, hub)  # used while the hub's subscription holds
-    cache = ResponseCache(redis_client, guard, keys, {name: d.grace for name, d in settings.domains.items()}, memory)
-    hub.listeners.append(cache.heard)  # a write or removal anywhere drops this worker's copy
-    cache.on_memory_hit = lambda domain: metrics.count(domain, Counters.MEMORY_HITS)
-    max_delay = settings.throttling.progressive_max_delay
-    waiting = WaitingRoom(int(os.environ.get("BUDDY_THREADS", "64")))  # sleepers and followers alike
-    offline = OfflineSwitch(redis_client, guard, keys, settings.cache.offline)
-    limiter = RateLimiter(redis_client, guard, keys, max_delay)
-    fetcher = Fetcher(
-        settings, UpstreamClient(settings.cache.max_cache_response_size), limiter,
-        LocalLimiter(max_delay, int(os.environ.get("BUDDY_WORKERS", "1"))), waiting, metrics, offline,
-    )
-    service = ProxyService(
-        settings, keys, cache, fetcher,
-        Coalescer(redis_client, guard, keys, hub, relay_limit=settings.cache.max_relay_size, waiting=waiting),
-        limiter, metrics, offline,
-    )
-    secure_key = SecureKeyStore(redis_client, guard, keys, settings.security.secure_key)
-    security = settings.security
-    failures = KeyFailures(security.max_key_failures, security.key_lockout_max_seconds, client=redis_client,
-                           guard=guard, keys=keys, log_events=security.log_security_events)
-    access = AccessControl(security.require_secure_key, secure_key.get, security.log_security_events, failures)
-    monitoring = MonitoringManager(redis_client, guard, keys, settings, cache, url, __version__, service.offline)
-    if embedded is not None:
-        monitoring.redis.embedded_problem = embedded.problem  # health says why it cannot run, in every worker
-    hosts = HostCheck(settings, log_events=settings.security.log_security_events)
-    buddy = Buddy(settings, redis_client, service, access, secure_key, monitoring, hosts, embedded,
-                  key_origin=key_origin(settings, os.environ if environ is None else environ, config))
-    app.extensions["buddy"] = buddy
-    _LIVE.add(buddy)
-    hub.start()  # subscribe now (this runs in each worker after the fork), not on the first wait
-    metrics.start()
-    if store_metrics.IN_WORKER:  # a gunicorn worker; a `flask buddy` command loads the same wsgi.py, and is none
-        buddy.serving()
-
-    from buddy import admin, cli, views
+    from buddy import admin, cli, dashboard, views
 
     register_error_handlers(app)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(dashboard.bp)  # its page and login answer without a key; admin.bp's routes need one
     app.register_blueprint(views.bp)
     from buddy.fastpath import HitPath
 

@@ -12,7 +12,7 @@ from urllib.parse import unquote_plus
 from flask import Blueprint, Response, current_app, make_response, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response as BaseResponse
 
-from buddy import admin
+from buddy import admin_auth
 from buddy.access import LockedOut, Target, Unauthorized
 from buddy.counters import COLUMNS, PER_MINUTE, Section, Unit
 from buddy.errors import StoreUnavailable
@@ -46,13 +46,13 @@ def page() -> BaseResponse:
     and the browser is sent on to the bare URL, so that the key stays in no address bar or Referer."""
     buddy = current_app.extensions["buddy"]
     try:
-        how = admin.authorize()
+        how = admin_auth.authorize()
     except LockedOut as exc:
         return locked_page(exc)
     except Unauthorized:
         return login_page("wrong key" if _key_in_query() else None)
     if how in ("key", "cookie") and _key_in_query():  # signed in or not, the key leaves the address bar
-        return admin.start_session(redirect(url_for(".page"), 303), buddy.access.key())
+        return admin_auth.start_session(redirect(url_for(".page"), 303), buddy.access.key())
     return make_response(render_template(
         "dashboard/page.html", view=build_view(), refresh_seconds=REFRESH_SECONDS, open=how == "open",
         signed_in=how == "cookie",
@@ -62,7 +62,7 @@ def page() -> BaseResponse:
 @bp.get("/admin/panel")
 def panel() -> Response:
     """The live part of the page, re-fetched by the page's script."""
-    admin.authorize()
+    admin_auth.authorize()
     return make_response(render_template("dashboard/panel.html", view=build_view()))
 
 
@@ -78,18 +78,18 @@ def login() -> BaseResponse:
         return locked_page(exc)
     except Unauthorized:
         return login_page("wrong key")
-    return admin.start_session(redirect(url_for(".page"), 303), buddy.access.key())
+    return admin_auth.start_session(redirect(url_for(".page"), 303), buddy.access.key())
 
 
 @bp.post("/admin/logout")
 def logout() -> Response:
-    admin.deliberate("cookie")
+    admin_auth.deliberate("cookie")
     try:
-        admin.end_session()
+        admin_auth.end_session()
     except StoreUnavailable:
         pass  # the session ends with its TTL; the cookie goes now
     response = make_response("", 204)
-    response.delete_cookie(admin.SESSION_COOKIE, path="/admin", httponly=True, samesite="Strict")
+    response.delete_cookie(admin_auth.SESSION_COOKIE, path="/admin", httponly=True, samesite="Strict")
     return response
 
 

@@ -25,8 +25,9 @@ import ctypes.util
 import logging
 import os
 import threading
+from typing import Any
 
-from buddy.background import ProcessThread
+from buddy.background import IDLE, ProcessThread
 
 log = logging.getLogger("buddy.malloc")
 
@@ -35,6 +36,7 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 256 * 1024  # bytes: an allocation past this has a mapping of its own (glibc starts at 128 KiB)
 TRIM_EVERY = 2.0  # seconds between looks at what the arenas hold free
 TRIM_FREE = 8 * 1024 * 1024  # bytes held free, beyond what the last trim left, that are worth a trim
+TRIM_THREAD = "buddy-malloc-trim"
 
 
 _FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
@@ -74,7 +76,7 @@ class Trimmer:
         self._info.argtypes = []
         self.libc.malloc_trim.argtypes, self.libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
         self.trims = 0
-        self.thread = ProcessThread("buddy-malloc-trim", self._run)
+        self.thread = ProcessThread(TRIM_THREAD, self._run)
 
     def free_bytes(self) -> int:
         """What the arenas hold free (mallinfo's fordblks): freed, kept for later allocations."""
@@ -115,3 +117,15 @@ def tune() -> bool:
         _trimmer = Trimmer(libc)
     _trimmer.thread.ensure()
     return True
+
+
+class TrimWatch:
+    """This process's trimmer thread as /admin/health shows it: idle where nothing trims (not a gunicorn worker,
+    BUDDY_MALLOC=glibc, another C library)."""
+
+    name = TRIM_THREAD
+
+    def report(self) -> dict[str, Any]:
+        if _trimmer is None:
+            return {"name": self.name, "state": IDLE, "restarts": 0}
+        return _trimmer.thread.report()

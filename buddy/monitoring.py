@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import redis
 from redis.exceptions import RedisClusterException
 
+from buddy.background import DEAD, STOPPED, Watched
 from buddy.counters import COUNTERS, PER_MINUTE, Counters, Section, Tally, outcome
 from buddy.errors import StoreUnavailable
 from buddy.redis_health import RedisHealth
@@ -85,6 +86,7 @@ class MonitoringManager:
     def __init__(
         self, client: redis.Redis, guard: StoreGuard, keys: RedisKeys, settings: Settings, cache: ResponseCache,
         redis_url: str, version: str, offline: OfflineSwitch | None = None,
+        threads: Mapping[str, Watched] | None = None,
     ) -> None:
         self.client = client
         self.guard = guard
@@ -94,6 +96,7 @@ class MonitoringManager:
         self.redis_url = redis_url
         self.version = version
         self.offline = offline
+        self.threads = dict(threads or {})  # this process's kinds of background thread, by name (see health)
         self.redis = RedisHealth(client, guard, keys, redis_url, version, offline)
 
     def tallies(self) -> dict[str, Tally]:
@@ -170,8 +173,19 @@ class MonitoringManager:
         return self.redis.database()
 
     def health(self) -> dict[str, Any]:
-        """ok, or degraded with the reason (buddy.redis_health)."""
-        return self.redis.health()
+        """ok, or degraded with the reason: Redis (buddy.redis_health), or a background thread of the process that
+        answers (`pid`) that has died or was stopped; `threads` says how each kind is doing there."""
+        report = self.redis.health()
+        threads = {kind: thread.report() for kind, thread in self.threads.items()}
+        down = [f"{kind} ({shown['name']}) is {shown['state']}" for kind, shown in threads.items()
+                if shown["state"] in (DEAD, STOPPED)]
+        if down:
+            reason = f"background threads of process {os.getpid()} not running: {', '.join(down)}"
+            report["status"] = "degraded"
+            report["reason"] = f"{report['reason']}; {reason}" if report.get("reason") else reason
+        report["pid"] = os.getpid()
+        report["threads"] = threads
+        return report
 
     def get_proxy_health(self) -> dict[str, Any]:
         health = self.health()

@@ -10,12 +10,12 @@ client's own conditional (If-None-Match, If-Modified-Since) is answered: 304 whe
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import replace
 
 from buddy import answers, parking, policy
 from buddy.answers import from_cache, json_result
+from buddy.background import ShortLived
 from buddy.coalesce import Coalescer, Fill, NotShared, WaitingFull
 from buddy.errors import CoalesceTimeout, StoreUnavailable
 from buddy.fetcher import Fetcher
@@ -63,7 +63,7 @@ class ProxyService:
         self.metrics = metrics
         self.offline = offline
         self.leader = Leader(settings, keys, cache, fetcher, limiter, metrics)
-        self._refreshes = threading.BoundedSemaphore(REFRESHES_PER_PROCESS)
+        self.refreshers = ShortLived("buddy-refresh", REFRESHES_PER_PROCESS)  # stale-while-revalidate
 
     # -- answering ---------------------------------------------------------------------------------------
 
@@ -225,18 +225,15 @@ class ProxyService:
     def _refresh_later(self, request: ProxyRequest, found: Lookup) -> None:
         """Stale-while-revalidate: refresh the entry in a thread of this process, unless a refresh (or any
         fetch of it) runs anywhere already (the fill lock), or this process runs as many as it may."""
-        if not self._refreshes.acquire(blocking=False):
+        if not self.refreshers.reserve():
             return
         started = False
         try:
             fill = self.coalescer.try_lead(found.entry, LOCK_TTL_MS, request.domain.coalesce_timeout)
             if fill is not None:
                 detached = replace(request, client_gone=lambda: False)  # nobody waits on it to hang up
-                thread = threading.Thread(
-                    target=self._refresh, args=(detached, found, fill), name="buddy-refresh", daemon=True
-                )
                 try:
-                    thread.start()
+                    self.refreshers.run(self._refresh, detached, found, fill)
                 except RuntimeError:  # no thread to be had: let go at once, so that no request waits on it
                     log.warning("no thread for a background refresh of '%s'", request.domain.name)
                     fill.abandon()
@@ -246,7 +243,7 @@ class ProxyService:
             pass
         finally:
             if not started:
-                self._refreshes.release()
+                self.refreshers.release()
 
     def _refresh(self, request: ProxyRequest, found: Lookup, fill: Fill) -> None:
         domain = request.domain
@@ -262,5 +259,3 @@ class ProxyService:
                          result.status)
         except Exception:
             log.exception("background refresh for '%s' failed", domain.name)
-        finally:
-            self._refreshes.release()

@@ -198,11 +198,11 @@ class DeadlineWorker(HeldConnections, ThreadWorker):
 
     def _leave(self) -> None:
         """Exit now, as gunicorn's own exit path would say (its log line), once the app is shut down."""
-        from buddy import shutdown_live_apps  # the app's package, loaded in this worker by now
+        from buddy.lifecycle import close_all  # the app's package, loaded in this worker by now
 
         self.log.info("Worker exiting (pid: %s)", self.pid)
         try:
-            shutdown_live_apps()
+            close_all()  # every app of this process: threads stopped, counters flushed, embedded Redis left
         finally:
             self.tmp.close()
             logging.shutdown()

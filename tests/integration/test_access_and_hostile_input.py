@@ -122,6 +122,12 @@ def test_hostile_requests_get_4xx_and_the_worker_stays_healthy(gunicorn, redis_u
     assert healthy.status_code == 200 and healthy.headers["X-Cache"] == "MISS"
     assert "Traceback" not in proxy.log()
     assert "Booting worker" in proxy.log() and proxy.log().count("Booting worker") == 1  # no worker died
+    health = requests.get(f"{proxy.url}/admin/health", timeout=10).json()
+    assert health["status"] == "ok" and health["pid"] != proxy.process.pid  # the worker's own threads, all well
+    threads = {kind: (shown["state"], shown.get("restarts", 0)) for kind, shown in health["threads"].items()}
+    assert threads == {"wakeup": ("alive", 0), "metrics": ("alive", 0), "lock_keeper": ("alive", 0),
+                       "upstream_watchdog": ("alive", 0), "redis_probe": ("idle", 0), "refreshers": ("idle", 0),
+                       "key_failures": ("idle", 0), "malloc_trim": ("alive", 0)}
 
 
 def test_starting_on_loopback_without_a_key_does_not_warn(gunicorn, redis_url, upstream) -> None:

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.ports import free_port
 from tests.support.processes import ROOT
+from tests.support.threads import kill, started_since
 from tests.support.upstream_stub import UpstreamStub
 
 
@@ -209,3 +210,35 @@ def test_ctrl_c_stops_at_once_and_sigterm_lets_requests_in_flight_finish(gunicor
         idle.close()
         log = proxy.log()
         assert "SIGKILL" not in log and "Worker exiting" in log, log
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the SystemExit it died of
+def test_a_serving_proxy_whose_metrics_thread_dies_says_so_in_health_and_counts_on(redis_url, upstream) -> None:
+    import threading
+
+    from buddy import CachingProxy
+
+    port = free_port()
+    before = set(threading.enumerate())
+    proxy = CachingProxy({"domain_mappings": {"up": {"upstream": upstream.url}}, "server": {"port": port},
+                          "redis": {"url": redis_url, "prefix": f"dies-{port}:"},
+                          "logging": {"enable_console": False}})
+    proxy.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        health = requests.get(f"{base}/admin/health", timeout=10)
+        assert health.status_code == 200 and health.json()["threads"]["metrics"]["state"] == "alive"
+        (flusher,) = started_since(before, "buddy-metrics")
+        kill(flusher)
+        health = requests.get(f"{base}/admin/health", timeout=10)
+        assert health.status_code == 503
+        assert health.json()["threads"]["metrics"] == {"name": "buddy-metrics", "state": "dead", "restarts": 0,
+                                                       "error": "SystemExit"}
+        assert "metrics (buddy-metrics) is dead" in health.json()["reason"]
+        assert requests.get(f"{base}/up/a", timeout=10).headers["X-Cache"] == "MISS"  # counting starts it again
+        health = requests.get(f"{base}/admin/health", timeout=10)
+        assert health.status_code == 200
+        assert health.json()["threads"]["metrics"] == {"name": "buddy-metrics", "state": "alive", "restarts": 1}
+        assert settled_metrics(base, hits=0, misses=1)["cache"]["miss_count"] == 1
+    finally:
+        proxy.stop()

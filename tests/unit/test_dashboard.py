@@ -17,7 +17,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from buddy import create_app, dashboard
-from buddy.admin import SESSION_COOKIE, session_token
+from buddy.admin_auth import SESSION_COOKIE, session_token
 from buddy.errors import ConfigError
 from buddy.redis_keys import KEY_KINDS, RedisKeys
 from buddy.settings import validate_config
