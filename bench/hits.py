@@ -8,7 +8,12 @@ cached bodies to the keys the ceiling reads, then loads every target with the sa
 client and prints req/s, p50 and p99 for hits on one URL and on 1,000 URLs, and each proxy/ceiling ratio.
 Last, how long after a store every worker answers with the new entry (L1 invalidation by pub/sub).
 
+--against DIR: DIR is another checkout of this project (say `git worktree add --detach ../old <commit>`). Its
+code serves two more proxies in the same run (gunicorn from DIR, with DIR first on PYTHONPATH), on the same Redis
+under the key prefix "before:" and the same stub, timed in the same rotation: rows "before L1" and "before".
+
 Run from the repo root: python bench/hits.py [--seconds 5] [--rounds 2] [--workers 4] [--threads 64] [--clients 16]
+[--against DIR]
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ import time
 from collections import Counter
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -249,6 +256,56 @@ def invalidation_ms(port: int, url: str, connections: int, limit: float = 2.0) -
     return float("inf")
 
 
+def warm_against(port: int, many: list[str], redis_client) -> str:
+    """Every URL through a --against proxy (its own keys: MISS), again (HIT): the same bytes the ceiling serves."""
+    urls = [ONE_URL, *many]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for url in urls:
+            exchange(sock, request_bytes(url, port))
+        for url in urls:
+            head, body = exchange(sock, request_bytes(url, port))
+            if b"\r\nX-Cache: HIT\r\n" not in head:
+                raise RuntimeError(f"{url} is not a cache hit through the --against proxy:\n{head.decode()}")
+            if body != redis_client.get(f"ceiling:{url}"):
+                raise RuntimeError(f"the --against proxy's body for {url} differs from the proxy's")
+    return f"before: the same {len(urls)} URLs warmed on its own keys, all HIT afterwards, the same bodies"
+
+
+def against_root(value: str) -> Path:
+    """--against DIR: a checkout of this project, with its own wsgi.py, gunicorn.conf.py and buddy package."""
+    root = Path(value).resolve()
+    missing = [name for name in ("wsgi.py", "gunicorn.conf.py", "buddy/__init__.py") if not (root / name).is_file()]
+    if missing:
+        raise argparse.ArgumentTypeError(f"{root} is not a checkout of this project: no {', '.join(missing)}")
+    return root
+
+
+AGAINST_PREFIX = "before:"  # the --against proxies' keys: the old code's layout may differ from this one's
+
+
+def against_config(config: dict) -> dict:
+    """A proxy config for the --against code: the same, with its own keys in the same Redis."""
+    return {**config, "redis": {**config.get("redis", {}), "prefix": AGAINST_PREFIX}}
+
+
+def check_against(proxy: Gunicorn) -> str:
+    """Refuse unless the --against proxy runs DIR's code: its workers' folder and PYTHONPATH are DIR, and the same
+    interpreter, in that folder with that environment, imports `buddy` from DIR (not this checkout's editable
+    install). -> a line naming DIR's commit."""
+    root = Path(proxy.env["PYTHONPATH"].split(os.pathsep)[0])
+    master = psutil.Process(proxy.process.pid)
+    for one in [master, *master.children()]:
+        if Path(one.cwd()) != root or one.environ().get("PYTHONPATH", "").split(os.pathsep)[0] != str(root):
+            raise RuntimeError(f"gunicorn process {one.pid} does not run from {root}")
+    found = subprocess.run([sys.executable, "-c", "import buddy; print(buddy.__file__)"], cwd=root, env=proxy.env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    if Path(found).parent != root / "buddy":
+        raise RuntimeError(f"gunicorn in {root} would import buddy from {found}, not from {root}")
+    commit = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%h %s"], capture_output=True,
+                            text=True).stdout.strip()
+    return f"before = {root} ({commit or 'not a git checkout'}); its workers import buddy from {Path(found).parent}"
+
+
 def load_options(description: str) -> argparse.ArgumentParser:
     """The options of a load bench (this one and bench/misses.py): run length, rounds, worker shape, clients."""
     parser = argparse.ArgumentParser(description=description)
@@ -260,6 +317,9 @@ def load_options(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--procs", type=int, default=2, help="client processes the connections are spread over")
     parser.add_argument("--max-requests", type=int, default=2_000_000, help="cap per scenario and target")
     parser.add_argument("--smoke", action="store_true", help="tiny counts (bench/smoke.py): check that it runs")
+    parser.add_argument("--against", type=against_root, metavar="DIR",
+                        help="also time the proxy as served from DIR, another checkout of this project (rows "
+                             "labelled 'before'), on the same Redis and stub, in the same run")
     return parser
 
 
@@ -298,6 +358,15 @@ def main() -> None:
             redis_only = Gunicorn(workdir, {**config, "cache": {"l1_max_bytes": 0}}, env, workers=args.workers,
                                   extra_args=("--threads", str(args.threads)))
             started.append(redis_only.stop)
+            against: dict[str, Gunicorn] = {}
+            if args.against:
+                against["before L1"] = Gunicorn(workdir, against_config(config), env, workers=args.workers,
+                                                extra_args=("--threads", str(args.threads)), root=args.against)
+                started.append(against["before L1"].stop)
+                against["before"] = Gunicorn(workdir, against_config({**config, "cache": {"l1_max_bytes": 0}}), env,
+                                             workers=args.workers, extra_args=("--threads", str(args.threads)),
+                                             root=args.against)
+                started.append(against["before"].stop)
             ceiling, ceiling_port = start_ceiling(workdir, redis_server.url, args)
             started.append(lambda: stop_group(ceiling))
             print(f"workers={args.workers} threads={args.threads} (gthread) clients={args.clients} over "
@@ -306,6 +375,13 @@ def main() -> None:
             warm_only(redis_only.port, many)
             hit = b"\r\nX-Cache: HIT\r\n"
             targets = {"proxy L1": (proxy.port, hit), "proxy": (redis_only.port, hit), "ceiling": (ceiling_port, b"")}
+            if against:
+                print(warm_against(against["before L1"].port, many, redis_server.client()))
+                warm_only(against["before"].port, many)
+                print(check_against(against["before L1"]))
+                check_against(against["before"])
+                targets.update({name: (server.port, hit) for name, server in against.items()})
+            warmed = (1 + len(many)) * (1 + bool(against))
             rows, ratios = [], []
             for scenario, urls in (("1 URL", [ONE_URL]), (f"{len(many):,} URLs", many)):
                 runs: dict[str, list] = {name: [] for name in targets}
@@ -317,17 +393,22 @@ def main() -> None:
                 rates, p99s = {}, {}
                 for name in targets:
                     rates[name], p50, p99s[name], errors = summarize(runs[name])
-                    rows.append(f"{scenario:<10} | {name:<8} | {rates[name]:>8.0f} | {p50:>6.2f} | {p99s[name]:>6.2f}"
+                    rows.append(f"{scenario:<10} | {name:<9} | {rates[name]:>8.0f} | {p50:>6.2f} | {p99s[name]:>6.2f}"
                                 + (f"  ({errors} errors or non-hits)" if errors else ""))
-                for name in ("proxy", "proxy L1"):
+                for name in ("proxy", "proxy L1", *against):
                     ratios.append(f"{scenario}: {name}/ceiling req/s = {rates[name] / max(rates['ceiling'], 1e-9):.2f}"
                                   f", p99 {p99s[name]:.2f} vs {p99s['ceiling']:.2f} ms")
-            print("\nscenario   | target   |    req/s | p50 ms | p99 ms", *rows, "", *ratios, sep="\n")
-            print(f"upstream requests during the load runs: {len(stub.paths()) - 1 - len(many)}")
-            took = [invalidation_ms(proxy.port, ONE_URL, 4 * args.workers) for _ in range(3)]
-            print("L1 invalidation: every worker answered with a new entry "
-                  + ", ".join("not within 2 s" if ms == float("inf") else f"{ms:.1f}" for ms in took)
-                  + " ms after it was stored (3 tries)")
+                for name in ("proxy", "proxy L1") if against else ():
+                    ratios.append(f"{scenario}: {name}/{name.replace('proxy', 'before')} req/s = "
+                                  f"{rates[name] / max(rates[name.replace('proxy', 'before')], 1e-9):.2f}")
+            print("\nscenario   | target    |    req/s | p50 ms | p99 ms", *rows, "", *ratios, sep="\n")
+            print(f"upstream requests during the load runs: {len(stub.paths()) - warmed}")
+            invalidated = {"L1": proxy.port, **({"before L1": against["before L1"].port} if against else {})}
+            for name, port in invalidated.items():
+                took = [invalidation_ms(port, ONE_URL, 4 * args.workers) for _ in range(3)]
+                print(f"{name} invalidation: every worker answered with a new entry "
+                      + ", ".join("not within 2 s" if ms == float("inf") else f"{ms:.1f}" for ms in took)
+                      + " ms after it was stored (3 tries)")
         except KeyboardInterrupt:
             print("interrupted; stopping everything", file=sys.stderr)
         finally:

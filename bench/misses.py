@@ -11,8 +11,13 @@ and prints req/s, p50 and p99 for each, the ratios issue 13 names (proxy misses 
 the Redis commands one miss costs (INFO commandstats over a run of one-client misses, divided by the misses),
 and the commands of one miss in the order Redis saw them (MONITOR).
 
+--against DIR: DIR is another checkout of this project (say `git worktree add --detach ../old <commit>`). Its code
+serves one more proxy in the same run (gunicorn from DIR, with DIR first on PYTHONPATH), on the same Redis under
+the key prefix "before:" and the same stub: "before misses" in the same alternating order, and its one-client
+latency, CPU and Redis commands per miss beside the proxy's.
+
 Run from the repo root: python bench/misses.py [--seconds 5] [--rounds 2] [--workers 4] [--threads 64]
-[--clients 16] [--single 300]
+[--clients 16] [--single 300] [--against DIR]
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from hits import (  # noqa: E402
     MANY_URLS,
     BenchStub,
+    against_config,
+    check_against,
     exchange,
     load_options,
     parse_load_options,
@@ -124,9 +131,16 @@ def main() -> None:
             started.append(stub.stop)
             config = {"domain_mappings": {"bench": {"upstream": stub.url}}, "logging": {"enable_console": False},
                       "throttling": {"default_requests_per_hour": 100_000_000}}
-            proxy = Gunicorn(workdir, config, {"REDIS_URL": redis_server.url, "BUDDY_DATA_DIR": str(workdir / "data")},
-                             workers=args.workers, extra_args=("--threads", str(args.threads)))
+            env = {"REDIS_URL": redis_server.url, "BUDDY_DATA_DIR": str(workdir / "data")}
+            proxy = Gunicorn(workdir, config, env, workers=args.workers, extra_args=("--threads", str(args.threads)))
             started.append(proxy.stop)
+            # The proxies timed, by row label: this checkout's, and --against DIR's (its own keys, its own paths).
+            proxies = {"proxy misses": (proxy, "m", "proxy miss", "")}
+            if args.against:
+                before = Gunicorn(workdir, against_config(config), env, workers=args.workers,
+                                  extra_args=("--threads", str(args.threads)), root=args.against)
+                started.append(before.stop)
+                proxies["before misses"] = (before, "bm", "before miss", "before: ")
             ceiling, ceiling_port = start_ceiling(workdir, redis_server.url, args)
             started.append(lambda: stop_group(ceiling))
             client = redis_server.client()
@@ -134,24 +148,28 @@ def main() -> None:
             print(f"workers={args.workers} threads={args.threads} (gthread) clients={args.clients} over "
                   f"{args.procs} processes, {args.rounds} x {args.seconds:g} s per target, {os.cpu_count()} CPUs")
             # Every worker meets Redis and the upstream once before anything is timed.
-            sequential(proxy.port, [f"/bench/warm/{i}" for i in range(4 * args.workers)], b"")
+            for server, path, _, _ in proxies.values():
+                sequential(server.port, [f"/bench/{path}warm/{i}" for i in range(4 * args.workers)], b"")
+            if args.against:
+                print(check_against(proxies["before misses"][0]))
 
             rows: list[str] = []
-            runs: dict[str, list] = {"proxy misses": [], "direct": [], "ceiling hits": []}
-            before = len(stub.log)
+            runs: dict[str, list] = {**{name: [] for name in proxies}, "direct": [], "ceiling hits": []}
+            logged = len(stub.log)
             # The stub serves from threads of this process; the client processes and the servers are its children.
-            parts = {"proxy workers": lambda: cpu_seconds(psutil.Process(proxy.process.pid)),
-                     "Redis": lambda: cpu_seconds(psutil.Process(redis_server.process.pid)),
-                     "upstream stub": lambda: cpu_seconds(psutil.Process(), children=False)}
-            spent = dict.fromkeys(parts, 0.0)
+            spent: dict[str, dict[str, float]] = {}
             for r in range(args.rounds):
-                order = ["proxy misses", "direct", "ceiling hits"]
+                order = list(runs)
                 for name in (order if r % 2 == 0 else order[::-1]):
-                    if name == "proxy misses":
+                    if name in proxies:
+                        server, path, _, _ = proxies[name]
+                        parts = {"proxy workers": lambda: cpu_seconds(psutil.Process(server.process.pid)),
+                                 "Redis": lambda: cpu_seconds(psutil.Process(redis_server.process.pid)),
+                                 "upstream stub": lambda: cpu_seconds(psutil.Process(), children=False)}
                         before_cpu = {part: measure() for part, measure in parts.items()}
-                        got = run_load(proxy.port, f"/bench/m/r{r}", args, MISS)
+                        got = run_load(server.port, f"/bench/{path}/r{r}", args, MISS)
                         for part, measure in parts.items():
-                            spent[part] += measure() - before_cpu[part]
+                            spent.setdefault(name, dict.fromkeys(parts, 0.0))[part] += measure() - before_cpu[part]
                     elif name == "direct":
                         got = run_load(stub.port, f"/d/r{r}", args, b"")
                     else:
@@ -162,44 +180,59 @@ def main() -> None:
                 rates[name], p50, p99, errors = summarize(pooled)
                 rows.append(f"{args.clients:>3} clients | {name:<14} | {rates[name]:>8.0f} | {p50:>7.2f} | {p99:>7.2f}"
                             + (f"  ({errors} errors or non-misses)" if errors else ""))
-            proxy_misses = sum(len(lat) for lat, _, _ in runs["proxy misses"])
-            asked = Counter(seen.path for seen in stub.log[before:] if seen.path.startswith("/m/"))
-            twice = sum(1 for n in asked.values() if n > 1)
 
             # (d) one client, and the Redis commands one miss costs
             n = max(1, args.single)
             direct_lat, _ = sequential(stub.port, [f"/one/direct/{i}?limit=20" for i in range(n)], b"")
-            client.config_resetstat()
-            proxy_lat, proxy_errors = sequential(proxy.port, [f"/bench/one/{i}?limit=20" for i in range(n)], MISS)
-            stats = command_stats(client)
-            stats.pop("info", None)
+            single: dict[str, tuple[list[float], int]] = {}
+            stats: dict[str, dict[str, int]] = {}
+            for name, (server, path, _, _) in proxies.items():
+                client.config_resetstat()
+                single[name] = sequential(server.port, [f"/bench/{path}one/{i}?limit=20" for i in range(n)], MISS)
+                stats[name] = command_stats(client)
+                stats[name].pop("info", None)
             direct_lat2, _ = sequential(stub.port, [f"/one/direct2/{i}?limit=20" for i in range(n)], b"")
             direct_p50 = statistics.median(direct_lat + direct_lat2) * 1000
-            proxy_p50 = statistics.median(proxy_lat) * 1000 if proxy_lat else float("nan")
-            for name, lat, e in (("proxy miss", proxy_lat, proxy_errors), ("direct", direct_lat + direct_lat2, 0)):
+            for name, lat, e in (*((proxies[name][2], *single[name]) for name in proxies),
+                                 ("direct", direct_lat + direct_lat2, 0)):
                 rate, p50, p99, errors = summarize([(lat, e, sum(lat) or 1e-9)])
                 rows.append(f"  1 client  | {name:<14} | {rate:>8.0f} | {p50:>7.2f} | {p99:>7.2f}"
                             + (f"  ({errors} errors or non-misses)" if errors else ""))
-            sample = monitor_one(redis_server.port, proxy.port, "/bench/monitored/1?limit=20")
+            samples = {name: monitor_one(redis_server.port, server.port, f"/bench/{path}monitored/1?limit=20")
+                       for name, (server, path, _, _) in proxies.items()}
 
             print("\nscenario    | target         |    req/s |  p50 ms |  p99 ms", *rows, "", sep="\n")
-            ratio = rates["proxy misses"] / max(rates["ceiling hits"], 1e-9)
-            print(f"proxy misses / ceiling hits (req/s) = {ratio:.2f}   (goal >= 0.40)")
-            print(f"proxy misses / direct (req/s)       = {rates['proxy misses'] / max(rates['direct'], 1e-9):.2f}")
-            print(f"one client: miss p50 {proxy_p50:.2f} ms, direct p50 {direct_p50:.2f} ms, "
-                  f"over direct {proxy_p50 - direct_p50:.2f} ms   (goal <= 2.00)")
-            sent = proxy_misses + sum(e for _, e, _ in runs["proxy misses"])
-            print(f"CPU per miss at {args.clients} clients (warm-up and cut-off requests included): "
-                  + ", ".join(f"{part} {seconds / max(sent, 1) * 1000:.2f} ms" for part, seconds in spent.items()))
-            print(f"sanity: {proxy_misses} timed proxy misses (X-Cache: MISS, 200); the upstream saw {len(asked)} "
-                  f"distinct miss URLs (warm-up and cut-off requests included), {twice} of them more than once")
-            total = sum(stats.values())
-            per = ", ".join(f"{name.upper()} {calls / n:.2f}" for name, calls in
-                            sorted(stats.items(), key=lambda kv: (-kv[1], kv[0])))
-            print(f"\nRedis commands per miss (INFO commandstats over {n} one-client misses, background work "
-                  f"included): {total / n:.2f}\n  {per}")
-            print(f"one miss as Redis saw it (MONITOR, {len(sample)} commands; a worker's once-a-second counter "
-                  f"flush and wake-up PINGs in that moment included): {' '.join(sample)}")
+            for name in proxies:
+                ratio = rates[name] / max(rates["ceiling hits"], 1e-9)
+                print(f"{name} / ceiling hits (req/s) = {ratio:.2f}   (goal >= 0.40)")
+                print(f"{name} / direct (req/s)       = {rates[name] / max(rates['direct'], 1e-9):.2f}")
+            if args.against:
+                print(f"proxy misses / before misses (req/s) = "
+                      f"{rates['proxy misses'] / max(rates['before misses'], 1e-9):.2f}")
+            for name, (_, _, _, label) in proxies.items():
+                lat = single[name][0]
+                p50 = statistics.median(lat) * 1000 if lat else float("nan")
+                print(f"{label}one client: miss p50 {p50:.2f} ms, direct p50 {direct_p50:.2f} ms, "
+                      f"over direct {p50 - direct_p50:.2f} ms   (goal <= 2.00)")
+            for name, (_, path, _, label) in proxies.items():
+                timed = sum(len(lat) for lat, _, _ in runs[name])
+                sent = timed + sum(e for _, e, _ in runs[name])
+                print(f"{label}CPU per miss at {args.clients} clients (warm-up and cut-off requests included): "
+                      + ", ".join(f"{part} {seconds / max(sent, 1) * 1000:.2f} ms"
+                                  for part, seconds in spent[name].items()))
+                asked = Counter(seen.path for seen in stub.log[logged:] if seen.path.startswith(f"/{path}/"))
+                twice = sum(1 for count in asked.values() if count > 1)
+                print(f"{label}sanity: {timed} timed misses (X-Cache: MISS, 200); the upstream saw {len(asked)} "
+                      f"distinct miss URLs (warm-up and cut-off requests included), {twice} of them more than once")
+            for name, (_, _, _, label) in proxies.items():
+                total = sum(stats[name].values())
+                per = ", ".join(f"{command.upper()} {calls / n:.2f}" for command, calls in
+                                sorted(stats[name].items(), key=lambda kv: (-kv[1], kv[0])))
+                print(f"\n{label}Redis commands per miss (INFO commandstats over {n} one-client misses, background "
+                      f"work included): {total / n:.2f}\n  {per}")
+                print(f"{label}one miss as Redis saw it (MONITOR, {len(samples[name])} commands; a worker's "
+                      f"once-a-second counter flush and wake-up PINGs in that moment included): "
+                      f"{' '.join(samples[name])}")
         except KeyboardInterrupt:
             print("interrupted; stopping everything", file=sys.stderr)
         finally:

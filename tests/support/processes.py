@@ -105,7 +105,8 @@ class RedisServer:
 
 class Gunicorn:
     """`gunicorn wsgi:app` (or another `app`) from the project root, on a free port, with the given config dict and
-    environment."""
+    environment. `root`: another checkout of the project to serve instead (bench/hits.py --against): its wsgi.py,
+    gunicorn.conf.py and `buddy` package, first on PYTHONPATH so that it wins over the installed one."""
 
     def __init__(
         self,
@@ -115,6 +116,7 @@ class Gunicorn:
         workers: int = 2,
         extra_args: tuple[str, ...] = (),
         app: str = "wsgi:app",
+        root: Path = ROOT,
     ) -> None:
         for attempt in range(ATTEMPTS):
             self.port = free_port()
@@ -127,12 +129,14 @@ class Gunicorn:
                 config_path.write_text(json.dumps(config))
                 full_env["BUDDY_CONFIG"] = str(config_path)
             full_env.update(env)
+            if root != ROOT:
+                full_env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(root), full_env.get("PYTHONPATH"))))
             self.env = full_env
             args = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-b", f"127.0.0.1:{self.port}",
                     "-w", str(workers), *extra_args, app]
             self._log = open(self.log_path, "ab")
             self.process = subprocess.Popen(
-                args, cwd=ROOT, env=full_env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                args, cwd=root, env=full_env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
             try:
