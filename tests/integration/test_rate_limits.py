@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
+from buddy.store.rate_limiter import GUARD_MS
 from tests.support.upstream_stub import UpstreamStub
 
 
@@ -24,20 +25,33 @@ def fire(urls: list[str]) -> list[requests.Response]:
         return list(pool.map(lambda url: requests.get(url, timeout=60, headers={"Connection": "close"}), urls))
 
 
+def settled_throttling(url: str, refused: int, timeout: float = 15.0) -> dict:
+    """The mapping's throttling counters once `refused` refusals have landed (workers flush once a second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = requests.get(f"{url}/admin/metrics", timeout=10).json()["throttling"]["up"]
+        if stats["violations"] >= refused or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.2)
+
+
 def test_four_per_second_holds_across_two_instances(gunicorn, redis_url, upstream) -> None:
     config = config_for(upstream, max_requests_per_second=4)
     first = gunicorn(config, env={"REDIS_URL": redis_url}, workers=4)
     second = gunicorn(config, env={"REDIS_URL": redis_url}, workers=2)
-    started = time.monotonic()
     responses = fire([f"{(first, second)[i % 2].url}/up/item/{i}" for i in range(20)])
-    elapsed = time.monotonic() - started
     assert [r.status_code for r in responses] == [200] * 20
-    starts = [seen.started for seen in upstream.log]
+    # Every verdict from the upstream's own start times and the limiter's own numbers, never the client's clock.
+    starts = sorted(seen.started for seen in upstream.log)
     assert len(starts) == 20
     assert most_starts_in_any(1.0, starts) <= 4
-    assert elapsed < 20 / 4 + 1
+    window = 1 + GUARD_MS / 1000
+    assert starts[-1] - starts[0] >= 4.0  # paced: 20 at 4 a second take 4 s at least (the line above implies it)
     delayed = [float(r.headers["X-Throttle-Delay"]) for r in responses if "X-Throttle-Delay" in r.headers]
-    assert len(delayed) >= 16 and max(delayed) > 3.5
+    assert len(delayed) >= 16 and max(delayed) <= 4 * window  # held, and never longer than the windows need
+    # Not held past the slots: a time bound, so a generous one (twice the 4.4 s the slots span; a proxy that
+    # slept its delay twice, or let each request wait for the one before it, takes 8.8 s or far longer).
+    assert starts[-1] - starts[0] < 2 * 4 * window, [round(t - starts[0], 3) for t in starts]
 
 
 def test_a_slot_further_off_than_the_max_delay_is_refused_at_once(gunicorn, redis_url, upstream) -> None:
@@ -47,10 +61,14 @@ def test_a_slot_further_off_than_the_max_delay_is_refused_at_once(gunicorn, redi
     assert sorted(r.status_code for r in responses) == [200, 200, 200, 429, 429, 429]
     assert upstream.count() == 3
     for response in refused:
-        assert response.elapsed.total_seconds() < 1.5  # at once, not after holding them for the 2 s max delay
+        assert "X-Throttle-Delay" not in response.headers
         assert 55 <= int(response.headers["Retry-After"]) <= 61
         assert response.headers["X-RateLimit-Limit"] == "3" and response.headers["X-RateLimit-Remaining"] == "0"
         assert response.json()["error"] == "rate limited" and response.json()["domain"] == "up"
+    # At once, not after holding them for the 2 s max delay: judged by what the proxy counted (a request it held
+    # for a slot counts as delayed), not by how long the answers took on a busy machine.
+    stats = settled_throttling(proxy.url, refused=3)
+    assert (stats["violations"], stats["delayed_requests"]) == (3, 0), stats
 
 
 def test_upstream_retry_after_pauses_every_worker_of_every_instance(gunicorn, redis_url, upstream) -> None:
@@ -62,8 +80,9 @@ def test_upstream_retry_after_pauses_every_worker_of_every_instance(gunicorn, re
     responses = fire([f"{(first, second)[i % 2].url}/up/after/{i}" for i in range(6)])
     assert [r.status_code for r in responses] == [200] * 6
     later = [seen.started for seen in upstream.log[1:]]
-    assert len(later) == 6 and min(later) >= paused_at + 2.9
-    assert all(2 < float(r.headers["X-Throttle-Delay"]) <= 3.1 for r in responses)
+    assert len(later) == 6 and min(later) >= paused_at + 2.9  # the pause began after the 429 left the upstream
+    # Each was held, and for no more than the pause: how much less depends on when it reached the proxy.
+    assert all(0 < float(r.headers["X-Throttle-Delay"]) <= 3.1 for r in responses)
 
 
 def test_hits_on_a_saturated_domain_are_not_held(gunicorn, redis_url, upstream) -> None:

@@ -2,7 +2,7 @@
 
 The start time is when the kernel received the request's first byte (SO_TIMESTAMPNS, read with MSG_PEEK before
 the request is parsed): the upstream's own clock, which a busy machine cannot shift by delaying this stub's
-threads. (Where the kernel gives no timestamp, the time the handler began.)
+threads. (Where the kernel gives no timestamp, the time that first byte could be read, still before parsing.)
 
 Routes (anything else echoes the request as JSON):
   /status/<code>      answers with that status
@@ -85,17 +85,19 @@ class _Handler(BaseHTTPRequestHandler):
         super().handle_one_request()
 
     def _arrival(self) -> float | None:
-        """When the kernel received the next request's first byte; None without a timestamp (or a connection
-        that closed). The proxy never pipelines, so nothing of the next request is buffered in rfile yet."""
+        """When the kernel received the next request's first byte; without a kernel timestamp, the time that byte
+        could first be read (before the request line is parsed); None for a connection that closed. The proxy
+        never pipelines, so nothing of the next request is buffered in rfile yet."""
         try:
             data, ancillary, _, _ = self.connection.recvmsg(1, socket.CMSG_SPACE(16), socket.MSG_PEEK)
         except OSError:
             return None
+        read_at = time.time()
         for level, kind, stamp in ancillary:
             if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(stamp) >= 16:
                 seconds, nanoseconds = struct.unpack("qq", stamp[:16])
                 return seconds + nanoseconds / 1e9
-        return None
+        return read_at if data else None
 
     def _handle(self) -> None:
         started = self.arrived or time.time()

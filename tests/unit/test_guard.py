@@ -109,7 +109,9 @@ def test_with_a_probe_no_request_waits_on_a_hung_redis_and_the_probe_closes_the_
         with pytest.raises(StoreUnavailable):
             guard.run(lambda: tried.append(1))
     assert tried == []  # requests never reach a Redis that hangs; the prober does
-    time.sleep(0.35)
+    deadline = time.monotonic() + 5  # a probe every 0.1 s: waited for, not slept on (a busy machine runs it late)
+    while len(probes) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert len(probes) >= 2 and guard.open
     answering.set()
     deadline = time.monotonic() + 2
