@@ -154,7 +154,8 @@ def entries_per_mb(workdir: Path, n: int) -> None:
         print(f"{name:<10} {per_entry:>12,.0f} {2**20 / per_entry:>11,.0f} {baseline / per_entry:>10.0%}")
 
 
-def fill_past_maxmemory(workdir: Path, maxmemory: str, rounds: int) -> None:
+def fill_past_maxmemory(workdir: Path, maxmemory: str, rounds: int, most: int | None = None) -> None:
+    """`most`: stores per round at most (--smoke: that it runs, not how a full Redis behaves)."""
     print(f"\n2. Filling a {maxmemory} Redis (volatile-lru) past maxmemory: a miss takes the fill lock, stores and "
           f"releases;\n   {HOT} hot entries are read after every 100 stores. 'written' counts maxmemory's worth "
           "of blobs written so far.")
@@ -168,7 +169,7 @@ def fill_past_maxmemory(workdir: Path, maxmemory: str, rounds: int) -> None:
             limit = limit or client.config_get("maxmemory")["maxmemory"]
             layout, lock = Layout(name, client), FillLock(client, StoreGuard(), RedisKeys())
             blob = len(codec.encode(answer(0)))
-            per_round = int(int(limit) / blob)  # one maxmemory's worth of blobs per round
+            per_round = min(int(int(limit) / blob), most or 1 << 62)  # one maxmemory's worth of blobs per round
             for h in range(HOT):
                 layout.store(-1 - h)
             written = 0
@@ -248,7 +249,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         entries_per_mb(workdir, args.entries)
-        fill_past_maxmemory(workdir, args.maxmemory, args.rounds)
+        fill_past_maxmemory(workdir, args.maxmemory, args.rounds, 300 if args.smoke else None)
         census_cost(workdir, (300, 4_000) if args.smoke else (3_000, 30_000, 100_000, 500_000))
 
 
