@@ -343,6 +343,7 @@ def test_every_template_and_asset_ships_in_the_wheel() -> None:
         assert any(fnmatch.fnmatch(path, glob) and path.count("/") == glob.count("/") for glob in globs), path
 
 
+@pytest.mark.filterwarnings("ignore:The 'buddy_dashboard' cookie is too large")  # the forged one, on purpose
 def test_the_session_cookie_survives_no_tampering_and_the_key_never_stays_in_the_address_bar(
     upstream: UpstreamStub, fake_redis: fakeredis.FakeRedis
 ) -> None:
