@@ -336,6 +336,19 @@ def parse_load_options(parser: argparse.ArgumentParser) -> argparse.Namespace:
     return args
 
 
+def shared_servers(workdir: Path, started: list, per_hour: int) -> tuple[RedisServer, BenchStub, dict, dict]:
+    """The Redis and upstream stub a load bench's proxies share (each stop put on `started`), and the config and
+    environment of a proxy of the `bench` mapping with `per_hour` as its hourly limit."""
+    redis_server = RedisServer(workdir)
+    started.append(redis_server.stop)
+    stub = BenchStub()
+    started.append(stub.stop)
+    config = {"domain_mappings": {"bench": {"upstream": stub.url}}, "logging": {"enable_console": False},
+              "throttling": {"default_requests_per_hour": per_hour}}
+    env = {"REDIS_URL": redis_server.url, "BUDDY_DATA_DIR": str(workdir / "data")}
+    return redis_server, stub, config, env
+
+
 def main() -> None:
     parser = load_options(__doc__.splitlines()[0])
     parser.add_argument("--urls", type=int, default=len(MANY_URLS), help="URLs of the many-URLs scenario (<= 1,000)")
@@ -346,13 +359,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="buddy-bench-") as tmp:
         workdir = Path(tmp)
         try:
-            redis_server = RedisServer(workdir)
-            started.append(redis_server.stop)
-            stub = BenchStub()
-            started.append(stub.stop)
-            config = {"domain_mappings": {"bench": {"upstream": stub.url}}, "logging": {"enable_console": False},
-                      "throttling": {"default_requests_per_hour": 1_000_000}}  # warming makes 1,001 misses
-            env = {"REDIS_URL": redis_server.url, "BUDDY_DATA_DIR": str(workdir / "data")}
+            redis_server, stub, config, env = shared_servers(workdir, started, 1_000_000)  # warming: 1,001 misses
             proxy = Gunicorn(workdir, config, env, workers=args.workers, extra_args=("--threads", str(args.threads)))
             started.append(proxy.stop)
             redis_only = Gunicorn(workdir, {**config, "cache": {"l1_max_bytes": 0}}, env, workers=args.workers,

@@ -39,7 +39,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from hits import (  # noqa: E402
     MANY_URLS,
-    BenchStub,
     against_config,
     check_against,
     exchange,
@@ -48,11 +47,12 @@ from hits import (  # noqa: E402
     reference_body,
     request_bytes,
     run_load,
+    shared_servers,
     start_ceiling,
     summarize,
 )
 
-from tests.support.processes import Gunicorn, RedisServer, stop_group  # noqa: E402
+from tests.support.processes import Gunicorn, stop_group  # noqa: E402
 
 MISS = b"\r\nX-Cache: MISS\r\n"
 
@@ -125,13 +125,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="buddy-bench-") as tmp:
         workdir = Path(tmp)
         try:
-            redis_server = RedisServer(workdir)
-            started.append(redis_server.stop)
-            stub = BenchStub()
-            started.append(stub.stop)
-            config = {"domain_mappings": {"bench": {"upstream": stub.url}}, "logging": {"enable_console": False},
-                      "throttling": {"default_requests_per_hour": 100_000_000}}
-            env = {"REDIS_URL": redis_server.url, "BUDDY_DATA_DIR": str(workdir / "data")}
+            redis_server, stub, config, env = shared_servers(workdir, started, 100_000_000)
             proxy = Gunicorn(workdir, config, env, workers=args.workers, extra_args=("--threads", str(args.threads)))
             started.append(proxy.stop)
             # The proxies timed, by row label: this checkout's, and --against DIR's (its own keys, its own paths).

@@ -224,11 +224,11 @@ def main() -> None:
     from hits import (
         MANY_URLS,
         ONE_URL,
-        BenchStub,
         invalidation_ms,
         load_options,
         parse_load_options,
         run_load,
+        shared_servers,
         start_ceiling,
         summarize,
         warm,
@@ -236,7 +236,7 @@ def main() -> None:
     )
     from misses import MISS, command_stats, cpu_seconds, sequential
 
-    from tests.support.processes import Gunicorn, RedisServer, stop_group
+    from tests.support.processes import Gunicorn, stop_group
 
     parser = load_options(__doc__.splitlines()[0])
     parser.add_argument("--single", type=int, default=300, help="one-client misses timed per variant")
@@ -249,13 +249,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="buddy-spike-") as tmp:
         workdir = Path(tmp)
         try:
-            redis_server = RedisServer(workdir)
-            started.append(redis_server.stop)
-            stub = BenchStub()
-            started.append(stub.stop)
-            config = {"domain_mappings": {"bench": {"upstream": stub.url}}, "logging": {"enable_console": False},
-                      "throttling": {"default_requests_per_hour": 100_000_000}}
-            env = {"REDIS_URL": redis_server.url, "BUDDY_DATA_DIR": str(workdir / "data")}
+            redis_server, stub, config, env = shared_servers(workdir, started, 100_000_000)
             shape = ("--threads", str(args.threads))
             off = {**config, "cache": {"l1_max_bytes": 0}}
             spike = {**env, "SPIKE_TRACKING_APP": "1"}
